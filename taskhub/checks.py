@@ -1,0 +1,85 @@
+"""System checks for TaskHub's settings, one id per rule.
+
+=============  ===========================================================
+id             rule
+=============  ===========================================================
+taskhub.E001   PICKUP_TIMEOUT is a positive number of seconds or None
+taskhub.E002   COMPLETE_TIMEOUT is a positive number of seconds or None
+taskhub.E003   MAX_MESSAGE_SIZE, MAX_PAYLOAD_SIZE, INLINE_PAYLOAD_SIZE are positive integers
+taskhub.E004   INLINE_PAYLOAD_SIZE <= MAX_PAYLOAD_SIZE < MAX_MESSAGE_SIZE
+taskhub.E005   INSTANCE_LEASE, SWEEP_INTERVAL, AUTH_TIMEOUT are positive numbers
+taskhub.E006   INSTANCE_LEASE is at least three SWEEP_INTERVALs (leases are renewed by the sweeper)
+taskhub.E007   a channel layer is configured
+=============  ===========================================================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, register
+
+from .conf import conf
+
+
+def _positive(value: Any, *, integer: bool = False) -> bool:
+    kinds = (int,) if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@register()
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    for name, check_id in (("PICKUP_TIMEOUT", "taskhub.E001"), ("COMPLETE_TIMEOUT", "taskhub.E002")):
+        value = getattr(conf, name)
+        if value is not None and not _positive(value):
+            errors.append(
+                Error(
+                    f"TASKHUB_{name} must be a positive number of seconds or None, not {value!r}.",
+                    hint="For example 30.0; None waits forever.",
+                    id=check_id,
+                )
+            )
+    sizes_ok = True
+    for name in ("MAX_MESSAGE_SIZE", "MAX_PAYLOAD_SIZE", "INLINE_PAYLOAD_SIZE"):
+        value = getattr(conf, name)
+        if not _positive(value, integer=True):
+            sizes_ok = False
+            errors.append(
+                Error(f"TASKHUB_{name} must be a positive integer number of bytes, not {value!r}.", id="taskhub.E003")
+            )
+    if sizes_ok and not conf.INLINE_PAYLOAD_SIZE <= conf.MAX_PAYLOAD_SIZE < conf.MAX_MESSAGE_SIZE:
+        errors.append(
+            Error(
+                "TASKHUB_INLINE_PAYLOAD_SIZE <= TASKHUB_MAX_PAYLOAD_SIZE < TASKHUB_MAX_MESSAGE_SIZE must hold.",
+                hint="A payload travels inside a message, with room for the envelope.",
+                id="taskhub.E004",
+            )
+        )
+    times_ok = True
+    for name in ("INSTANCE_LEASE", "SWEEP_INTERVAL", "AUTH_TIMEOUT"):
+        value = getattr(conf, name)
+        if not _positive(value):
+            times_ok = False
+            errors.append(
+                Error(f"TASKHUB_{name} must be a positive number of seconds, not {value!r}.", id="taskhub.E005")
+            )
+    if times_ok and conf.INSTANCE_LEASE < 3 * conf.SWEEP_INTERVAL:
+        errors.append(
+            Error(
+                "TASKHUB_INSTANCE_LEASE must be at least three TASKHUB_SWEEP_INTERVALs.",
+                hint="Each process renews its instances' leases from its sweeper.",
+                id="taskhub.E006",
+            )
+        )
+    if not getattr(settings, "CHANNEL_LAYERS", None):
+        errors.append(
+            Error(
+                "TaskHub needs a channel layer: CHANNEL_LAYERS is not set.",
+                hint="Use channels.layers.InMemoryChannelLayer for one process, channels_redis for several.",
+                id="taskhub.E007",
+            )
+        )
+    return errors

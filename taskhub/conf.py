@@ -1,0 +1,52 @@
+"""TaskHub's settings, read from Django settings on every access.
+
+Reading on access (not at import) keeps ``override_settings`` working in tests. Each
+property documents its unit and default; :mod:`taskhub.checks` validates them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+DEFAULTS: dict[str, Any] = {
+    # Seconds a task waits for a subscriber, and then for a service to pick it up; None: forever.
+    "PICKUP_TIMEOUT": 30.0,
+    # Seconds a picked-up task may run before it fails with complete_timeout; None: forever.
+    "COMPLETE_TIMEOUT": 300.0,
+    # Bytes: the largest WebSocket text frame the hub reads (daphne refuses > 1 MiB by default).
+    "MAX_MESSAGE_SIZE": 1024 * 1024,
+    # Bytes: the largest JSON-encoded payload, result or update data.
+    "MAX_PAYLOAD_SIZE": 512 * 1024,
+    # Bytes: payloads up to this size travel inline in the offer; larger ones via get_payload.
+    "INLINE_PAYLOAD_SIZE": 16 * 1024,
+    # Seconds an instance's lease lasts; its process renews it. A crashed process's
+    # instances stop counting against max_instances after this.
+    "INSTANCE_LEASE": 30.0,
+    # Seconds between two runs of each process's sweeper (deadlines, leases).
+    "SWEEP_INTERVAL": 1.0,
+    # Seconds a connection without handshake credentials has to send its hello.
+    "AUTH_TIMEOUT": 10.0,
+}
+
+
+class Settings:
+    """``conf.PICKUP_TIMEOUT`` reads ``settings.TASKHUB_PICKUP_TIMEOUT`` or its default."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(f"unknown TaskHub setting {name!r}")
+        return getattr(settings, f"TASKHUB_{name}", DEFAULTS[name])
+
+    PICKUP_TIMEOUT: float | None
+    COMPLETE_TIMEOUT: float | None
+    MAX_MESSAGE_SIZE: int
+    MAX_PAYLOAD_SIZE: int
+    INLINE_PAYLOAD_SIZE: int
+    INSTANCE_LEASE: float
+    SWEEP_INTERVAL: float
+    AUTH_TIMEOUT: float
+
+
+conf = Settings()

@@ -1,0 +1,213 @@
+"""The WebSocket consumer: one connection of a service (an *instance*).
+
+Thin by design: frames are decoded and validated by :mod:`taskhub.core.messages`, each
+command is one call into :mod:`taskhub.services` (in the ORM thread), and the notices it
+returns go out on the channel layer after commit. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import uuid
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.utils import timezone
+
+from . import services, sweeper
+from .conf import conf
+from .core.errors import AuthenticationFailed, InvalidMessage, ProtocolError
+from .core.messages import PROTOCOL_VERSION, Command, decode_frame, encode, error_message, parse_command, read_ref
+from .models import Credential
+from .notify import send_notices
+
+log = logging.getLogger(__name__)
+
+# Close codes (docs/protocol.md, "Closing").
+CLOSE_AUTH_TIMEOUT = 4000
+CLOSE_AUTH_FAILED = 4001
+CLOSE_DISABLED = 4002
+CLOSE_TOO_MANY_INSTANCES = 4003
+_AUTH_CLOSE_CODES = {
+    "authentication_failed": CLOSE_AUTH_FAILED,
+    "credential_disabled": CLOSE_DISABLED,
+    "too_many_instances": CLOSE_TOO_MANY_INSTANCES,
+}
+
+WORKER_COMMANDS = frozenset({"pickup", "update", "return", "drop", "fail"})
+
+
+def basic_credentials(scope: dict[str, Any]) -> tuple[str, str] | None:
+    """``(name, key)`` from an ``Authorization: Basic`` handshake header, if any."""
+    for header, value in scope.get("headers", ()):
+        if header == b"authorization" and value[:6].lower() == b"basic ":
+            try:
+                name, _, key = base64.b64decode(value[6:].strip(), validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                return ("", "")
+            return (name, key)
+    return None
+
+
+class TaskHubConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
+    """Serves ``/ws/taskhub/``."""
+
+    credential: Credential | None = None
+    instance_id: uuid.UUID | None = None
+
+    async def connect(self) -> None:
+        sweeper.ensure_started()
+        self.followed: set[str] = set()
+        self.auth_timer: asyncio.TimerHandle | None = None
+        await self.accept()
+        credentials = basic_credentials(self.scope)
+        if credentials is not None:
+            await self.login(*credentials, ref=None)
+        else:
+            loop = asyncio.get_running_loop()
+            self.auth_timer = loop.call_later(conf.AUTH_TIMEOUT, lambda: asyncio.ensure_future(self.auth_timed_out()))
+
+    async def auth_timed_out(self) -> None:
+        if self.credential is None:
+            await self.reply(error_message("authentication_timeout", "no hello within the authentication timeout"))
+            await self.close(CLOSE_AUTH_TIMEOUT)
+
+    async def login(self, name: str, key: str, ref: str | int | None) -> None:
+        if self.auth_timer is not None:
+            self.auth_timer.cancel()
+        now = timezone.now()
+        client = self.scope.get("client") or ("", 0)
+        try:
+            credential = await database_sync_to_async(services.authenticate)(name, key)
+            instance = await database_sync_to_async(services.register_instance)(
+                credential, self.channel_name, sweeper.PROCESS, str(client[0]), now
+            )
+        except AuthenticationFailed as exc:
+            await self.reply(error_message(exc.code, exc.detail, ref))
+            await self.close(_AUTH_CLOSE_CODES.get(exc.code, CLOSE_AUTH_FAILED))
+            return
+        self.credential, self.instance_id = credential, instance.pk
+        welcome = {
+            "type": "welcome",
+            "v": PROTOCOL_VERSION,
+            "service": credential.name,
+            "instance": str(instance.pk),
+            "max_message_size": conf.MAX_MESSAGE_SIZE,
+            "max_payload_size": conf.MAX_PAYLOAD_SIZE,
+        }
+        if ref is not None:
+            welcome["ref"] = ref
+        await self.reply(welcome)
+
+    async def disconnect(self, code: int) -> None:
+        if getattr(self, "auth_timer", None) is not None:
+            self.auth_timer.cancel()  # type: ignore[union-attr]
+        for group in getattr(self, "followed", ()):
+            await self.channel_layer.group_discard(group, self.channel_name)
+        if self.instance_id is not None:
+            notices = await database_sync_to_async(services.disconnect)(self.instance_id, timezone.now())
+            await send_notices(self.channel_layer, notices)
+
+    async def reply(self, message: dict[str, Any]) -> None:
+        await self.send(text_data=encode(message))
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        obj: Any = None
+        try:
+            if text_data is None:
+                raise InvalidMessage("binary frames are not supported: send JSON text frames", "invalid_frame")
+            obj = decode_frame(text_data, conf.MAX_MESSAGE_SIZE)
+            cmd = parse_command(obj)
+        except InvalidMessage as exc:
+            await self.reply(error_message(exc.code, exc.detail, read_ref(obj)))
+            return
+        try:
+            await self.dispatch_command(cmd)
+        except ProtocolError as exc:
+            await self.reply(error_message(exc.code, exc.detail, cmd.ref))
+        except Exception:
+            log.exception("command %s failed", cmd.type)
+            await self.reply(error_message("internal_error", "the hub could not process this command", cmd.ref))
+
+    async def dispatch_command(self, cmd: Command) -> None:
+        if cmd.type == "hello":
+            if self.credential is not None:
+                raise InvalidMessage("already authenticated", "already_authenticated")
+            await self.login(cmd.name, cmd.key, cmd.ref)  # type: ignore[attr-defined]
+            return
+        if self.credential is None:
+            raise ProtocolError("send hello (or authenticate at the handshake) first", "not_authenticated")
+        ack: dict[str, Any] = {"type": "ack", "ref": cmd.ref} if cmd.ref is not None else {"type": "ack"}
+        now = timezone.now()
+        notices: list[services.Notice] = []
+        if cmd.type == "ping":
+            ack["type"] = "pong"
+        elif cmd.type == "sub":
+            started, notices = await database_sync_to_async(services.subscribe)(
+                self.instance_id,
+                self.credential,
+                cmd.action,
+                now,  # type: ignore[attr-defined]
+            )
+            ack.update(action=cmd.action, waiting=started)  # type: ignore[attr-defined]
+        elif cmd.type == "unsub":
+            await database_sync_to_async(services.unsubscribe)(self.instance_id, cmd.action)  # type: ignore[attr-defined]
+            ack["action"] = cmd.action  # type: ignore[attr-defined]
+        elif cmd.type == "pub":
+            # Follow the task before it exists, so that no notice can outrun us.
+            task_id, created, notices = await self.publish(cmd, now)
+            ack.update(task=task_id, created=created)
+        elif cmd.type in WORKER_COMMANDS:
+            notices = await database_sync_to_async(services.act)(self.credential, cmd, now)
+            ack["task"] = cmd.task  # type: ignore[attr-defined]
+        elif cmd.type == "get_payload":
+            payload = await database_sync_to_async(services.get_payload)(self.credential, cmd.task)  # type: ignore[attr-defined]
+            ack.update(type="payload", task=cmd.task, payload=payload)  # type: ignore[attr-defined]
+        elif cmd.type == "watch":
+            since = 0 if not isinstance(cmd.since, int) else cmd.since  # type: ignore[attr-defined]
+            await self.follow(cmd.task)  # type: ignore[attr-defined]
+            state = await database_sync_to_async(services.watch)(self.credential, cmd.task, since)  # type: ignore[attr-defined]
+            ack.update(type="state", **state)
+        await self.reply(ack)
+        await send_notices(self.channel_layer, notices)
+
+    async def publish(self, cmd: Command, now: Any) -> tuple[str, bool, list[services.Notice]]:
+        task_id = getattr(cmd, "task_id", None)
+        if isinstance(task_id, str):
+            await self.follow(task_id)
+        task_id, created, notices = await database_sync_to_async(services.publish)(self.credential, cmd, now)
+        await self.follow(task_id)
+        return task_id, created, notices
+
+    async def follow(self, task_id: str) -> None:
+        group = services.task_group(task_id)
+        if group not in self.followed:
+            self.followed.add(group)
+            await self.channel_layer.group_add(group, self.channel_name)
+
+    # -- channel-layer messages ------------------------------------------------------------
+
+    async def taskhub_offer(self, event: dict[str, Any]) -> None:
+        """A task offered to this instance."""
+        await self.follow(event["message"]["task"])
+        await self.reply(event["message"])
+
+    async def taskhub_relay(self, event: dict[str, Any]) -> None:
+        """A task event for everyone following the task (the sender excluded)."""
+        if self.instance_id is not None and event.get("exclude") == str(self.instance_id):
+            return
+        message = event["message"]
+        await self.reply(message)
+        if message["type"] == "end":
+            group = services.task_group(message["task"])
+            self.followed.discard(group)
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def taskhub_close(self, event: dict[str, Any]) -> None:
+        """An operator disabled this instance's credential."""
+        await self.reply(error_message(event.get("code", "credential_disabled"), "the credential was disabled"))
+        await self.close(CLOSE_DISABLED)

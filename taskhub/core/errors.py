@@ -1,0 +1,88 @@
+"""Errors shared by the hub and the client.
+
+The hierarchy::
+
+    TaskHubError
+    ├── ProtocolError                 an error with a stable wire ``code``
+    │   ├── InvalidMessage            a frame or command that does not parse
+    │   ├── InvalidTransition         a command the task's state does not allow
+    │   ├── PermissionDenied          the credential may not do this
+    │   └── UnknownTask               no such task, or not one of yours
+    ├── AuthenticationFailed          wrong name or key, disabled, no free slot
+    ├── TaskFailed                    the task failed; ``.reason`` says why
+    └── NoResult                      the task ended without a result
+
+Every :class:`ProtocolError` maps to an ``error`` message on the wire with its
+``code``; the client turns an ``error`` back into the matching class.
+"""
+
+from __future__ import annotations
+
+
+class TaskHubError(Exception):
+    """Base class of every error TaskHub raises."""
+
+
+class ProtocolError(TaskHubError):
+    """An error reported to the peer as ``{"type": "error", "code": ..., "detail": ...}``.
+
+    ``code`` is stable and machine-readable; ``detail`` is a human sentence.
+    """
+
+    default_code = "protocol_error"
+
+    def __init__(self, detail: str, code: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.code = code or self.default_code
+
+
+class InvalidMessage(ProtocolError):
+    """A frame that is not valid JSON, not an object, or a command with bad fields."""
+
+    default_code = "invalid_message"
+
+
+class InvalidTransition(ProtocolError):
+    """A command that the task (or this service's part in it) cannot take now."""
+
+    default_code = "invalid_transition"
+
+
+class PermissionDenied(ProtocolError):
+    """The credential's permissions do not allow this action."""
+
+    default_code = "permission_denied"
+
+
+class UnknownTask(ProtocolError):
+    """No such task, or a task this connection neither published nor works on."""
+
+    default_code = "unknown_task"
+
+
+class AuthenticationFailed(TaskHubError):
+    """Wrong name or key, a disabled credential, or no free instance slot."""
+
+    def __init__(self, detail: str, code: str = "authentication_failed") -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.code = code
+
+
+class TaskFailed(TaskHubError):
+    """The task failed. ``reason`` is one of :data:`taskhub.core.states.FAILURE_REASONS`."""
+
+    def __init__(self, task_id: str, reason: str, detail: str = "") -> None:
+        super().__init__(f"task {task_id} failed ({reason}){': ' + detail if detail else ''}")
+        self.task_id = task_id
+        self.reason = reason
+        self.detail = detail
+
+
+class NoResult(TaskHubError):
+    """The task ended without a result: every service saw or dropped it."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id} ended without a result")
+        self.task_id = task_id

@@ -1,0 +1,147 @@
+"""The task state machine, as data.
+
+Rule 1: everything that changes a task's or an assignment's state is listed in the two
+tables below. Code elsewhere calls :func:`advance_task` or :func:`advance_assignment`
+and never assigns a state itself.
+
+Rule 2: an illegal move is rejected in one place, with a message that names the event
+and the state (``cannot drop an assignment in state 'told'``).
+
+A *task* moves ``pending -> started -> success | failed | ended``. Each service the
+hub offers the task to gets an *assignment* (its part in the task, for one attempt),
+which moves ``offered -> picked_up -> returned | dropped | failed | ...``. A started
+task settles when every assignment of its current attempt is finished.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from .errors import InvalidTransition
+
+
+class TaskStatus(StrEnum):
+    PENDING = "pending"  # persisted, waiting for a subscriber (or for its retry)
+    STARTED = "started"  # offered to the subscribed services
+    SUCCESS = "success"  # a service returned a result
+    FAILED = "failed"  # see Task.failure_reason
+    ENDED = "ended"  # every service saw or dropped it: no result
+
+
+class TaskTrigger(StrEnum):
+    START = "start"  # offered to at least one service
+    SUCCEED = "succeed"  # the first return
+    SETTLE_EMPTY = "settle_empty"  # all assignments finished, none returned or failed
+    SETTLE_FAILED = "settle_failed"  # all finished, none returned, at least one failed
+    PICKUP_TIMEOUT = "pickup_timeout"  # nobody subscribed in time
+    COMPLETE_TIMEOUT = "complete_timeout"  # picked up, but no end in time
+    CANCEL = "cancel"  # the caller or an operator cancelled it
+    RETRY = "retry"  # a failed attempt is offered again
+
+
+TASK_TRANSITIONS: dict[TaskStatus, dict[TaskTrigger, TaskStatus]] = {
+    TaskStatus.PENDING: {
+        TaskTrigger.START: TaskStatus.STARTED,
+        TaskTrigger.PICKUP_TIMEOUT: TaskStatus.FAILED,
+        TaskTrigger.CANCEL: TaskStatus.FAILED,
+    },
+    TaskStatus.STARTED: {
+        TaskTrigger.SUCCEED: TaskStatus.SUCCESS,
+        TaskTrigger.SETTLE_EMPTY: TaskStatus.ENDED,
+        TaskTrigger.SETTLE_FAILED: TaskStatus.FAILED,
+        TaskTrigger.COMPLETE_TIMEOUT: TaskStatus.FAILED,
+        TaskTrigger.CANCEL: TaskStatus.FAILED,
+        TaskTrigger.RETRY: TaskStatus.PENDING,
+    },
+    TaskStatus.SUCCESS: {},
+    TaskStatus.FAILED: {TaskTrigger.RETRY: TaskStatus.PENDING},
+    TaskStatus.ENDED: {},
+}
+
+TERMINAL_TASK_STATUSES = frozenset({TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.ENDED})
+
+
+class AssignmentState(StrEnum):
+    OFFERED = "offered"  # sent to one instance of the service
+    PICKED_UP = "picked_up"  # the service works on it; the hub waits
+    RETURNED = "returned"  # the service returned a result
+    DROPPED = "dropped"  # the service finished without a result
+    FAILED = "failed"  # the service reported an error
+    LOST = "lost"  # its instance disconnected while holding it
+    SEEN = "seen"  # not picked up within the pickup timeout: a passive listener
+    TOLD = "told"  # another service completed the task
+    ABORTED = "aborted"  # the hub failed or cancelled the task
+
+
+class AssignmentTrigger(StrEnum):
+    PICKUP = "pickup"
+    UPDATE = "update"
+    RETURN = "return"
+    DROP = "drop"
+    FAIL = "fail"
+    LOSE = "lose"
+    PICKUP_TIMEOUT = "pickup_timeout"
+    TELL = "tell"
+    ABORT = "abort"
+
+
+_FINISH = {
+    AssignmentTrigger.RETURN: AssignmentState.RETURNED,
+    AssignmentTrigger.DROP: AssignmentState.DROPPED,
+    AssignmentTrigger.FAIL: AssignmentState.FAILED,
+    AssignmentTrigger.LOSE: AssignmentState.LOST,
+    AssignmentTrigger.TELL: AssignmentState.TOLD,
+    AssignmentTrigger.ABORT: AssignmentState.ABORTED,
+}
+
+ASSIGNMENT_TRANSITIONS: dict[AssignmentState, dict[AssignmentTrigger, AssignmentState]] = {
+    AssignmentState.OFFERED: {
+        AssignmentTrigger.PICKUP: AssignmentState.PICKED_UP,
+        # An update implies work: it picks the task up.
+        AssignmentTrigger.UPDATE: AssignmentState.PICKED_UP,
+        AssignmentTrigger.PICKUP_TIMEOUT: AssignmentState.SEEN,
+        **_FINISH,
+    },
+    AssignmentState.PICKED_UP: {
+        AssignmentTrigger.UPDATE: AssignmentState.PICKED_UP,
+        **_FINISH,
+    },
+    **{state: {} for state in AssignmentState if state not in (AssignmentState.OFFERED, AssignmentState.PICKED_UP)},
+}
+
+ACTIVE_ASSIGNMENT_STATES = frozenset({AssignmentState.OFFERED, AssignmentState.PICKED_UP})
+FAILED_ASSIGNMENT_STATES = frozenset({AssignmentState.FAILED, AssignmentState.LOST})
+
+# Why a task failed (TaskRecord.failure_reason, TaskFailed.reason).
+FAILURE_REASONS = (
+    "error",  # a service reported a failure (its handler raised)
+    "worker_lost",  # the instance holding it disconnected
+    "pickup_timeout",  # no service subscribed within the pickup timeout
+    "complete_timeout",  # picked up, but not finished within the complete timeout
+    "heartbeat_timeout",  # no update or touch within the heartbeat timeout
+    "cancelled",  # the caller or an operator cancelled it
+)
+
+
+def advance_task(status: TaskStatus, event: TaskTrigger) -> TaskStatus:
+    """Return the status a task in ``status`` moves to on ``event``.
+
+    Raises:
+        InvalidTransition: if the table has no such move.
+    """
+    try:
+        return TASK_TRANSITIONS[status][event]
+    except KeyError:
+        raise InvalidTransition(f"cannot {event.value} a task in state {status.value!r}") from None
+
+
+def advance_assignment(state: AssignmentState, event: AssignmentTrigger) -> AssignmentState:
+    """Return the state an assignment in ``state`` moves to on ``event``.
+
+    Raises:
+        InvalidTransition: if the table has no such move.
+    """
+    try:
+        return ASSIGNMENT_TRANSITIONS[state][event]
+    except KeyError:
+        raise InvalidTransition(f"cannot {event.value} an assignment in state {state.value!r}") from None

@@ -1,0 +1,543 @@
+"""The hub's operations on the database: the sans-I/O core applied to the ORM.
+
+Every function here is synchronous and runs its writes in ``transaction.atomic()``
+(the async ORM cannot). Call them from async code through :func:`asyncio`-safe wrappers
+(``channels.db.database_sync_to_async``), as the consumer and the sweeper do.
+
+Functions that change tasks return :data:`Notice` lists: what to send on the channel
+layer *after* the transaction committed. A lost notice is recovered from the database.
+
+A task transition loads the task, lets :mod:`taskhub.core.machine` decide, and writes
+back with ``UPDATE ... WHERE version = <loaded version>``; if another process got there
+first the transition is retried on the fresh row, so every transition happens once.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import F
+
+from .auth import verify_key
+from .conf import conf
+from .core import machine
+from .core.actions import permits
+from .core.errors import AuthenticationFailed, InvalidMessage, PermissionDenied, UnknownTask
+from .core.messages import MISSING, Command, encode
+from .core.states import ACTIVE_ASSIGNMENT_STATES, AssignmentState, TaskStatus
+from .models import Assignment, Credential, Instance, Subscription, TaskEvent, TaskRecord
+
+log = logging.getLogger(__name__)
+
+# ("channel", channel_name, layer message) or ("group", group_name, layer message)
+Notice = tuple[str, str, dict[str, Any]]
+
+MAX_TRANSITION_RETRIES = 10
+DISPATCH_BATCH = 200
+
+
+class Conflict(Exception):
+    """Another process changed the task between our read and our write."""
+
+
+def task_group(task_id: str | uuid.UUID) -> str:
+    """The channel-layer group of everyone following a task (caller and services)."""
+    return f"taskhub.task.{uuid.UUID(str(task_id)).hex}"
+
+
+def json_size(value: Any) -> int:
+    return len(encode(value).encode())
+
+
+def check_size(value: Any, what: str) -> int:
+    """Return the encoded size of ``value``.
+
+    Raises:
+        InvalidMessage: ``payload_too_large`` over ``TASKHUB_MAX_PAYLOAD_SIZE``.
+    """
+    size = json_size(value)
+    if size > conf.MAX_PAYLOAD_SIZE:
+        raise InvalidMessage(
+            f"{what} of {size} bytes is over the limit of {conf.MAX_PAYLOAD_SIZE} bytes", "payload_too_large"
+        )
+    return size
+
+
+# -- credentials and instances ------------------------------------------------------------
+
+
+def authenticate(name: str, key: str) -> Credential:
+    """Return the active credential for ``name`` and ``key``.
+
+    Raises:
+        AuthenticationFailed: ``authentication_failed`` for an unknown name or a wrong key
+            (the same answer for both), ``credential_disabled`` for a disabled one.
+    """
+    credential = Credential.objects.filter(name=name).first()
+    if credential is None or not verify_key(key, credential.key_hash):
+        raise AuthenticationFailed("invalid name or key")
+    if not credential.is_active:
+        raise AuthenticationFailed(f"credential {name!r} is disabled", "credential_disabled")
+    return credential
+
+
+def register_instance(
+    credential: Credential, channel_name: str, process: str, remote_addr: str, now: datetime
+) -> Instance:
+    """Take one of the credential's instance slots, counted across all hub processes.
+
+    Raises:
+        AuthenticationFailed: ``too_many_instances`` when every slot has a live lease.
+    """
+    with transaction.atomic():
+        # Locks the credential row (PostgreSQL) so racing connects count one at a time;
+        # SQLite's IMMEDIATE transactions serialise them anyway.
+        locked = Credential.objects.select_for_update().get(pk=credential.pk)
+        live = Instance.objects.filter(credential=locked, lease_expires_at__gt=now).count()
+        if live >= locked.max_instances:
+            raise AuthenticationFailed(
+                f"{credential.name} already has {live} live instance(s) of {locked.max_instances} allowed",
+                "too_many_instances",
+            )
+        return Instance.objects.create(
+            credential=locked,
+            channel_name=channel_name,
+            process=process,
+            remote_addr=remote_addr[:100],
+            connected_at=now,
+            lease_expires_at=now + timedelta(seconds=conf.INSTANCE_LEASE),
+        )
+
+
+def disconnect(instance_id: uuid.UUID, now: datetime) -> list[Notice]:
+    """The instance is gone: its active assignments are lost, its slot is freed."""
+    notices: list[Notice] = []
+    task_ids = (
+        Assignment.objects.filter(instance=instance_id, state__in=ACTIVE_ASSIGNMENT_STATES)
+        .values_list("task_id", flat=True)
+        .distinct()
+    )
+    for task_id in list(task_ids):
+        notices += transition(task_id, lambda task: machine.lose_instance(task, str(instance_id), now), now)
+    Instance.objects.filter(pk=instance_id).delete()
+    return notices
+
+
+# -- task transitions ---------------------------------------------------------------------
+
+
+def _load(record: TaskRecord) -> machine.Task:
+    return machine.Task(
+        id=str(record.id),
+        status=TaskStatus(record.status),
+        attempt=record.attempt,
+        pickup_timeout=record.pickup_timeout,
+        complete_timeout=record.complete_timeout,
+        pickup_deadline=record.pickup_deadline,
+        complete_deadline=record.complete_deadline,
+        failure_reason=record.failure_reason,
+        failure_detail=record.failure_detail,
+        has_result=record.has_result,
+        result=record.result,
+        progress=record.progress,
+        assignments=[
+            machine.Assignment(
+                a.service, str(a.instance) if a.instance else None, a.attempt, AssignmentState(a.state), a.detail
+            )
+            for a in record.assignments.all()
+        ],
+    )
+
+
+def _save(
+    record: TaskRecord, task: machine.Task, events: list[machine.Event], now: datetime, *, created: bool = False
+) -> None:
+    """Write the task's new state and its events. Raises :class:`Conflict` on a lost race."""
+    fields: dict[str, Any] = {
+        "status": task.status.value,
+        "attempt": task.attempt,
+        "pickup_deadline": task.pickup_deadline,
+        "complete_deadline": task.complete_deadline,
+        "deadline": machine.next_deadline(task),
+        "failure_reason": task.failure_reason,
+        "failure_detail": task.failure_detail,
+        "has_result": task.has_result,
+        "result": task.result,
+        "progress": task.progress,
+    }
+    if record.started_at is None and task.status is not TaskStatus.PENDING:
+        fields["started_at"] = now
+    if task.finished and record.finished_at is None:
+        fields["finished_at"] = now
+    if created:
+        for name, value in fields.items():
+            setattr(record, name, value)
+        record.save(force_insert=True)
+    else:
+        fields["version"] = record.version + 1
+        if not TaskRecord.objects.filter(pk=record.pk, version=record.version).update(**fields):
+            raise Conflict(record.pk)
+        for name, value in fields.items():
+            setattr(record, name, value)
+    existing = {(a.service, a.attempt): a for a in record.assignments.all()} if not created else {}
+    for a in task.assignments:
+        if not a.changed:
+            continue
+        row = existing.get((a.service, a.attempt))
+        if row is None:
+            Assignment.objects.create(
+                task=record,
+                service=a.service,
+                instance=a.instance,
+                attempt=a.attempt,
+                state=a.state.value,
+                detail=a.detail,
+                created_at=now,
+                updated_at=now,
+            )
+        else:
+            Assignment.objects.filter(pk=row.pk).update(state=a.state.value, detail=a.detail, updated_at=now)
+    TaskEvent.objects.bulk_create(
+        TaskEvent(
+            task=record,
+            kind=e.kind,
+            service=e.service,
+            instance=e.instance,
+            attempt=e.attempt,
+            data=e.data,
+            created_at=now,
+        )
+        for e in events
+    )
+
+
+def transition(
+    task_id: uuid.UUID | str, decide: Callable[[machine.Task], list[machine.Event]], now: datetime
+) -> list[Notice]:
+    """Apply one decision of the core to a task, once, whatever other processes do.
+
+    ``decide`` gets the loaded task, mutates it and returns the events; if it raises,
+    nothing is written and the exception propagates.
+
+    Raises:
+        UnknownTask: no such task.
+        ProtocolError: whatever ``decide`` raises.
+    """
+    for _ in range(MAX_TRANSITION_RETRIES):
+        try:
+            with transaction.atomic():
+                record = TaskRecord.objects.select_for_update().filter(pk=task_id).first()
+                if record is None:
+                    raise UnknownTask(f"no task {task_id}")
+                task = _load(record)
+                events = decide(task)
+                if not events:
+                    return []
+                offers = _offer_channels(task)
+                _save(record, task, events, now)
+        except Conflict:
+            continue
+        return notices_for(record, events, offers)
+    raise RuntimeError(f"task {task_id}: gave up after {MAX_TRANSITION_RETRIES} conflicting updates")
+
+
+def _offer_channels(task: machine.Task) -> dict[str, str]:
+    """Channel names of the instances the task is (being) offered to."""
+    ids = {a.instance for a in task.assignments if a.changed and a.instance}
+    return {str(i): c for i, c in Instance.objects.filter(pk__in=ids).values_list("id", "channel_name")} if ids else {}
+
+
+def notices_for(record: TaskRecord, events: Iterable[machine.Event], offer_channels: dict[str, str]) -> list[Notice]:
+    """What to tell whom about ``events``, once they are committed."""
+    group = task_group(record.id)
+    task_id = str(record.id)
+    notices: list[Notice] = []
+    for e in events:
+        if e.kind == "start" and e.instance in offer_channels:
+            offer: dict[str, Any] = {
+                "type": "task",
+                "task": task_id,
+                "action": record.action,
+                "attempt": e.attempt,
+                "publisher": record.publisher_name,
+                "payload_size": record.payload_size,
+            }
+            if record.payload_size <= conf.INLINE_PAYLOAD_SIZE:
+                offer["payload"] = record.payload
+            notices.append(("channel", offer_channels[e.instance], {"type": "taskhub.offer", "message": offer}))
+        elif e.kind == "update":
+            message = {"type": "update", "task": task_id, "service": e.service, **e.data}
+            notices.append(("group", group, {"type": "taskhub.relay", "message": message, "exclude": e.instance}))
+        elif e.kind == "success":
+            message = {"type": "success", "task": task_id, "service": e.service, "result": e.data["result"]}
+            notices.append(("group", group, {"type": "taskhub.relay", "message": message}))
+        elif e.kind == "fail":
+            message = {"type": "fail", "task": task_id, **e.data}
+            notices.append(("group", group, {"type": "taskhub.relay", "message": message}))
+        elif e.kind == "end":
+            message = {"type": "end", "task": task_id, "status": e.data["status"]}
+            notices.append(("group", group, {"type": "taskhub.relay", "message": message}))
+    return notices
+
+
+def _choose_offers(action: str, now: datetime) -> list[tuple[str, str]]:
+    """One live instance per subscribed service, least recently assigned first.
+
+    Marks the chosen instances as assigned at ``now``. Call inside the transaction that
+    starts the task.
+    """
+    subs = (
+        Subscription.objects.filter(
+            action=action, instance__lease_expires_at__gt=now, instance__credential__is_active=True
+        )
+        .select_related("instance__credential")
+        .order_by(F("instance__last_assigned_at").asc(nulls_first=True), "instance__connected_at")
+    )
+    chosen: dict[int, Instance] = {}
+    for sub in subs:
+        credential = sub.instance.credential
+        if credential.pk not in chosen and permits(credential.sub_permissions, action):
+            chosen[credential.pk] = sub.instance
+    if chosen:
+        Instance.objects.filter(pk__in=[i.pk for i in chosen.values()]).update(last_assigned_at=now)
+    return [(i.credential.name, str(i.pk)) for i in chosen.values()]
+
+
+def _start(task_id: uuid.UUID | str, action: str, now: datetime) -> list[Notice]:
+    def decide(task: machine.Task) -> list[machine.Event]:
+        if task.status is not TaskStatus.PENDING:
+            return []
+        return machine.start(task, _choose_offers(action, now), now)
+
+    return transition(task_id, decide, now)
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def publish(credential: Credential, cmd: Command, now: datetime) -> tuple[str, bool, list[Notice]]:
+    """Persist a new task (with its ``init`` event) and offer it to subscribers.
+
+    Re-publishing a task id the same credential already published is a no-op that
+    answers ``created=False``, so a client can safely re-send after a reconnect.
+
+    Returns:
+        ``(task_id, created, notices)``.
+
+    Raises:
+        PermissionDenied: the credential may not publish the action.
+        InvalidMessage: ``payload_too_large``, or ``task_exists`` for another
+            publisher's or another action's task id.
+    """
+    action: str = cmd.action  # type: ignore[attr-defined]
+    if not permits(credential.pub_permissions, action):
+        raise PermissionDenied(f"{credential.name} may not publish {action}")
+    payload = None if cmd.payload is MISSING else cmd.payload  # type: ignore[attr-defined]
+    size = check_size(payload, "payload")
+    task_id = str(uuid.uuid4()) if cmd.task_id is MISSING else cmd.task_id  # type: ignore[attr-defined]
+    pickup_timeout = conf.PICKUP_TIMEOUT if cmd.pickup_timeout is MISSING else cmd.pickup_timeout  # type: ignore[attr-defined]
+    complete_timeout = conf.COMPLETE_TIMEOUT if cmd.timeout is MISSING else cmd.timeout  # type: ignore[attr-defined]
+
+    existing = TaskRecord.objects.filter(pk=task_id).values_list("publisher_id", "action").first()
+    if existing is not None:
+        return task_id, False, _same_task(existing, credential, action, task_id)
+    task, events = machine.new_task(task_id, now, pickup_timeout=pickup_timeout, complete_timeout=complete_timeout)
+    record = TaskRecord(
+        id=task_id,
+        action=action,
+        publisher=credential,
+        publisher_name=credential.name,
+        payload=payload,
+        payload_size=size,
+        pickup_timeout=pickup_timeout,
+        complete_timeout=complete_timeout,
+        created_at=now,
+    )
+    try:
+        with transaction.atomic():
+            events[0] = machine.Event("init", credential.name, data={"action": action, "payload_size": size})
+            events += machine.start(task, _choose_offers(action, now), now)
+            offers = _offer_channels(task)
+            _save(record, task, events, now, created=True)
+    except IntegrityError:
+        # Another connection published the same id between our check and our insert.
+        existing = TaskRecord.objects.filter(pk=task_id).values_list("publisher_id", "action").first()
+        if existing is None:
+            raise
+        return task_id, False, _same_task(existing, credential, action, task_id)
+    return task_id, True, notices_for(record, events, offers)
+
+
+def _same_task(existing: tuple[int | None, str], credential: Credential, action: str, task_id: str) -> list[Notice]:
+    if existing != (credential.pk, action):
+        raise InvalidMessage(f"task id {task_id} is already taken by another task", "task_exists")
+    return []
+
+
+def subscribe(instance_id: uuid.UUID, credential: Credential, action: str, now: datetime) -> tuple[int, list[Notice]]:
+    """Subscribe an instance; waiting tasks of the action are then offered.
+
+    Returns:
+        ``(number of waiting tasks started, notices)``.
+
+    Raises:
+        PermissionDenied: the credential may not subscribe to the action.
+    """
+    if not permits(credential.sub_permissions, action):
+        raise PermissionDenied(f"{credential.name} may not subscribe to {action}")
+    Subscription.objects.get_or_create(instance_id=instance_id, action=action)
+    return dispatch_waiting(now, actions=[action])
+
+
+def unsubscribe(instance_id: uuid.UUID, action: str) -> bool:
+    """Stop offering new tasks of ``action`` to the instance; whether it was subscribed."""
+    deleted, _ = Subscription.objects.filter(instance_id=instance_id, action=action).delete()
+    return bool(deleted)
+
+
+def dispatch_waiting(now: datetime, actions: Iterable[str] | None = None) -> tuple[int, list[Notice]]:
+    """Offer pending tasks whose action has a live subscriber, oldest first.
+
+    Called when a service subscribes, and by the sweeper to recover from races and from
+    notices the layer dropped.
+    """
+    live = Subscription.objects.filter(instance__lease_expires_at__gt=now).values("action")
+    pending = TaskRecord.objects.filter(status=TaskStatus.PENDING, action__in=live)
+    if actions is not None:
+        pending = pending.filter(action__in=list(actions))
+    started, notices = 0, []
+    for task_id, action in list(pending.order_by("created_at").values_list("id", "action")[:DISPATCH_BATCH]):
+        more = _start(task_id, action, now)
+        started += bool(more)
+        notices += more
+    return started, notices
+
+
+def act(credential: Credential, cmd: Command, now: datetime) -> list[Notice]:
+    """Apply a worker's ``pickup``, ``update``, ``return``, ``drop`` or ``fail``.
+
+    Raises:
+        UnknownTask: no such task, or not offered to this service.
+        InvalidTransition: the command does not fit the task's state (``stale_attempt``
+            for an attempt the hub gave up on).
+        InvalidMessage: ``payload_too_large`` for update data or a result.
+    """
+    service, attempt = credential.name, cmd.attempt  # type: ignore[attr-defined]
+    decide: Callable[[machine.Task], list[machine.Event]]
+    if cmd.type == "pickup":
+        decide = lambda task: machine.pickup(task, service, attempt, now)  # noqa: E731
+    elif cmd.type == "update":
+        data = None if cmd.data is MISSING else cmd.data  # type: ignore[attr-defined]
+        progress = None if cmd.progress is MISSING else cmd.progress  # type: ignore[attr-defined]
+        check_size(data, "update data")
+        decide = lambda task: machine.update(task, service, attempt, data, progress, now)  # noqa: E731
+    elif cmd.type == "return":
+        result = None if cmd.result is MISSING else cmd.result  # type: ignore[attr-defined]
+        check_size(result, "result")
+        decide = lambda task: machine.return_result(task, service, attempt, result, now)  # noqa: E731
+    elif cmd.type == "drop":
+        decide = lambda task: machine.drop(task, service, attempt, now)  # noqa: E731
+    elif cmd.type == "fail":
+        decide = lambda task: machine.fail(task, service, attempt, cmd.error, now)  # type: ignore[attr-defined]  # noqa: E731
+    else:
+        raise ValueError(f"not a worker command: {cmd.type}")
+    return transition(cmd.task, decide, now)  # type: ignore[attr-defined]
+
+
+def _visible_task(credential: Credential, task_id: str) -> TaskRecord:
+    """The task, if the credential published it or works on it.
+
+    Raises:
+        UnknownTask: otherwise (the same answer as for a task that does not exist).
+    """
+    record = TaskRecord.objects.filter(pk=task_id).first()
+    if record is None or not (
+        record.publisher_id == credential.pk or record.assignments.filter(service=credential.name).exists()
+    ):
+        raise UnknownTask(f"no task {task_id} of yours")
+    return record
+
+
+def get_payload(credential: Credential, task_id: str) -> Any:
+    """The task's payload, for its publisher or a service it was offered to.
+
+    Raises:
+        UnknownTask: as :func:`_visible_task`.
+    """
+    return _visible_task(credential, task_id).payload
+
+
+def watch(credential: Credential, task_id: str, since: int) -> dict[str, Any]:
+    """The task's current state and its events with a sequence number above ``since``.
+
+    Raises:
+        UnknownTask: as :func:`_visible_task`.
+    """
+    record = _visible_task(credential, task_id)
+    events = [
+        {
+            "seq": e.id,
+            "kind": e.kind,
+            "service": e.service,
+            "attempt": e.attempt,
+            "data": e.data,
+            "at": e.created_at.isoformat(),
+        }
+        for e in record.events.filter(id__gt=since).order_by("id")
+    ]
+    return {"task": task_snapshot(record), "events": events}
+
+
+def task_snapshot(record: TaskRecord) -> dict[str, Any]:
+    """A task as the protocol shows it (``watch``)."""
+    return {
+        "id": str(record.id),
+        "action": record.action,
+        "status": record.status,
+        "attempt": record.attempt,
+        "publisher": record.publisher_name,
+        "progress": record.progress,
+        "has_result": record.has_result,
+        "result": record.result,
+        "failure_reason": record.failure_reason,
+        "failure_detail": record.failure_detail,
+        "created_at": record.created_at.isoformat(),
+        "finished_at": record.finished_at.isoformat() if record.finished_at else None,
+    }
+
+
+# -- the sweeper --------------------------------------------------------------------------
+
+
+def sweep(process: str, now: datetime) -> tuple[list[Notice], list[str]]:
+    """One pass of a hub process's sweeper. Any process may run it; they race safely.
+
+    Renews the leases of ``process``'s instances, reaps instances whose lease lapsed
+    (their tasks are lost), expires overdue tasks, and offers waiting tasks that have a
+    subscriber.
+
+    Returns:
+        ``(notices, channel names of this process's instances to close)``; those are
+        instances of credentials an operator disabled.
+    """
+    lease = now + timedelta(seconds=conf.INSTANCE_LEASE)
+    Instance.objects.filter(process=process).update(lease_expires_at=lease)
+    to_close = list(
+        Instance.objects.filter(process=process, credential__is_active=False).values_list("channel_name", flat=True)
+    )
+    notices: list[Notice] = []
+    for instance_id in list(
+        Instance.objects.filter(lease_expires_at__lte=now).values_list("id", flat=True)[:DISPATCH_BATCH]
+    ):
+        log.warning("instance %s lost its lease; releasing its tasks", instance_id)
+        notices += disconnect(instance_id, now)
+    overdue = TaskRecord.objects.filter(deadline__lte=now, status__in=[TaskStatus.PENDING, TaskStatus.STARTED])
+    for task_id in list(overdue.order_by("deadline").values_list("id", flat=True)[:DISPATCH_BATCH]):
+        notices += transition(task_id, lambda task: machine.expire(task, now), now)
+    notices += dispatch_waiting(now)[1]
+    return notices, to_close

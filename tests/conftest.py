@@ -1,0 +1,90 @@
+"""Shared fixtures. Every wait is bounded by :data:`TIMEOUT`, scaled by one constant."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+import pytest
+from channels.testing import WebsocketCommunicator
+
+#: Multiply every timeout in the suite (slow machines: TASKHUB_TEST_SCALE=3).
+SCALE = float(os.environ.get("TASKHUB_TEST_SCALE", "1"))
+TIMEOUT = 5 * SCALE
+
+
+@pytest.fixture(autouse=True)
+async def _stop_sweeper():
+    yield
+    from taskhub import sweeper
+
+    await sweeper.stop()
+
+
+def make_credential(
+    name: str, *, sub: list[str] = (), pub: list[str] = (), max_instances: int = 1, active: bool = True
+):
+    """Create a credential and return ``(credential, key)``."""
+    from taskhub.auth import generate_key, hash_key
+    from taskhub.models import Credential
+
+    key = generate_key()
+    credential = Credential.objects.create(
+        name=name,
+        key_hash=hash_key(key),
+        sub_permissions=list(sub),
+        pub_permissions=list(pub),
+        max_instances=max_instances,
+        is_active=active,
+    )
+    return credential, key
+
+
+class Peer:
+    """A WebsocketCommunicator speaking JSON, with bounded waits."""
+
+    def __init__(self, communicator: WebsocketCommunicator) -> None:
+        self.comm = communicator
+
+    async def send(self, message: dict[str, Any] | str) -> None:
+        await self.comm.send_to(text_data=message if isinstance(message, str) else json.dumps(message))
+
+    async def recv(self) -> dict[str, Any]:
+        return json.loads(await self.comm.receive_from(timeout=TIMEOUT))
+
+    async def call(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send a command and return the answer carrying its ref (other messages are kept)."""
+        message = {"ref": "r", **message}
+        await self.send(message)
+        return await self.expect(lambda m: m.get("ref") == message["ref"])
+
+    async def expect(self, predicate) -> dict[str, Any]:
+        """The next message matching ``predicate``; earlier ones are skipped."""
+        while True:
+            m = await self.recv()
+            if predicate(m):
+                return m
+
+    async def nothing(self) -> bool:
+        return await self.comm.receive_nothing(timeout=0.2 * SCALE)
+
+    async def close(self) -> None:
+        await self.comm.disconnect()
+
+
+async def open_peer(name: str | None = None, key: str | None = None, *, expect_welcome: bool = True) -> Peer:
+    from hubproject.asgi import application
+
+    headers = []
+    if name is not None:
+        headers.append((b"authorization", b"Basic " + base64.b64encode(f"{name}:{key}".encode())))
+    communicator = WebsocketCommunicator(application, "/ws/taskhub/", headers=headers)
+    connected, _ = await communicator.connect(timeout=TIMEOUT)
+    assert connected
+    peer = Peer(communicator)
+    if expect_welcome:
+        welcome = await peer.recv()
+        assert welcome["type"] == "welcome", welcome
+    return peer
