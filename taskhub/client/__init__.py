@@ -1,0 +1,50 @@
+"""The Python client for TaskHub: workers and callers.
+
+Imports only ``websockets`` and :mod:`taskhub.core`, never Django::
+
+    from taskhub.client import Client
+
+    client = Client("ws://localhost:8000/ws/taskhub/", name="mailer", key="...")
+
+    @client.sub("mail:send-bulk")
+    async def send_bulk(task):
+        await task.pickup()
+        return await task.get_payload()
+
+    async with client:
+        result = await client.pub("mail:send-bulk", emails).get_result()
+"""
+
+from __future__ import annotations
+
+from taskhub.core.errors import (
+    AuthenticationFailed,
+    InvalidMessage,
+    InvalidTransition,
+    NoResult,
+    PermissionDenied,
+    ProtocolError,
+    TaskFailed,
+    TaskHubError,
+    UnknownTask,
+)
+
+from .client import Client, backoff
+from .tasks import Task, TaskHandle, Update
+
+__all__ = [
+    "AuthenticationFailed",
+    "Client",
+    "InvalidMessage",
+    "InvalidTransition",
+    "NoResult",
+    "PermissionDenied",
+    "ProtocolError",
+    "Task",
+    "TaskFailed",
+    "TaskHandle",
+    "TaskHubError",
+    "UnknownTask",
+    "Update",
+    "backoff",
+]

@@ -1,0 +1,212 @@
+"""What the client hands to user code: a worker's :class:`Task` and a caller's :class:`TaskHandle`."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from taskhub.core.errors import NoResult, TaskFailed
+
+if TYPE_CHECKING:
+    from .client import Client
+
+log = logging.getLogger("taskhub.client")
+
+_RAISE: Any = object()
+
+
+@dataclass(frozen=True)
+class Update:
+    """A progress update: any JSON ``data``, an optional ``progress`` fraction, who sent it."""
+
+    data: Any
+    progress: float | None
+    service: str
+
+
+def _call(callback: Callable[..., Any], *args: Any) -> None:
+    """Run a user callback; a coroutine is scheduled, an exception logged."""
+    try:
+        outcome = callback(*args)
+        if inspect.isawaitable(outcome):
+            asyncio.ensure_future(outcome)
+    except Exception:
+        log.exception("task callback %r raised", callback)
+
+
+class Task:
+    """A task offered to this worker. Handlers receive one.
+
+    Call :meth:`pickup` first for work that takes a while: it tells the hub to wait for
+    this service (up to the task's complete timeout). Return a value from the handler to
+    return the result, raise to fail the task, or call :meth:`drop` to finish without one.
+    """
+
+    def __init__(self, client: Client, offer: dict[str, Any]) -> None:
+        self._client = client
+        self.id: str = offer["task"]
+        self.action: str = offer["action"]
+        self.attempt: int = offer["attempt"]
+        self.publisher: str = offer.get("publisher", "")
+        self.payload_size: int = offer.get("payload_size", 0)
+        self._payload: Any = offer.get("payload", _RAISE)
+        self._callbacks: dict[str, list[Callable[..., Any]]] = {"update": [], "success": [], "fail": []}
+        #: Set once this service returned, dropped or failed, or the task ended.
+        self.done = False
+
+    async def _command(self, type_: str, **fields: Any) -> dict[str, Any]:
+        return await self._client._request({"type": type_, "task": self.id, "attempt": self.attempt, **fields})
+
+    async def pickup(self) -> None:
+        """Tell the hub this service works on the task.
+
+        Raises:
+            InvalidTransition: the task is no longer this service's to work on.
+        """
+        await self._command("pickup")
+
+    async def get_payload(self) -> Any:
+        """The task's payload (fetched from the hub when it was too large to come inline)."""
+        if self._payload is _RAISE:
+            answer = await self._client._request({"type": "get_payload", "task": self.id})
+            self._payload = answer["payload"]
+        return self._payload
+
+    async def update(self, data: Any = None, progress: float | None = None) -> None:
+        """Send progress to the caller and to the other services on the task.
+
+        Args:
+            data: any JSON value.
+            progress: a fraction from 0 to 1, for progress bars.
+        """
+        fields: dict[str, Any] = {"data": data}
+        if progress is not None:
+            fields["progress"] = progress
+        await self._command("update", **fields)
+
+    async def drop(self) -> None:
+        """Finish without a result; the handler's return value is then ignored."""
+        self.done = True
+        await self._command("drop")
+
+    def on(self, event: str, callback: Callable[..., Any]) -> Task:
+        """Call ``callback(task, update)`` on another service's ``"update"``,
+        ``callback(task, result)`` on ``"success"`` (another service completed the task), or
+        ``callback(task, reason)`` on ``"fail"``. Returns the task, for chaining.
+        """
+        if event not in self._callbacks:
+            raise ValueError(f"unknown task event {event!r}: use 'update', 'success' or 'fail'")
+        self._callbacks[event].append(callback)
+        return self
+
+    def _notify(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "update":
+            arg: Any = Update(message.get("data"), message.get("progress"), message.get("service", ""))
+        elif kind == "success":
+            arg = message.get("result")
+            self.done = True
+        elif kind == "fail":
+            arg = message.get("reason")
+            self.done = True
+        else:
+            self.done = True
+            return
+        for callback in self._callbacks.get(kind, ()):
+            _call(callback, self, arg)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.action} {self.id} attempt {self.attempt}>"
+
+
+class TaskHandle:
+    """A published task, as its caller sees it. Returned by :meth:`Client.pub` at once."""
+
+    def __init__(self, client: Client, task_id: str, message: dict[str, Any]) -> None:
+        self._client = client
+        self.task_id = task_id
+        self._message = message  # the pub command, re-sent as is after a reconnect
+        self.published = asyncio.get_running_loop().create_future()
+        self._outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._callbacks: list[Callable[[Update], Any]] = []
+        self.status: str = "pending"
+
+    def on(self, event: str, callback: Callable[[Update], Any]) -> TaskHandle:
+        """Call ``callback(update)`` for each ``"update"``. Returns the handle, for chaining."""
+        if event != "update":
+            raise ValueError(f"unknown event {event!r}: a caller can follow 'update'")
+        self._callbacks.append(callback)
+        return self
+
+    async def get_result(self, default: Any = _RAISE) -> Any:
+        """Wait for the task to finish and return its result.
+
+        Args:
+            default: returned instead of raising :class:`TaskFailed` or :class:`NoResult`.
+
+        Raises:
+            TaskFailed: the task failed (``.reason``: ``error``, ``pickup_timeout``, ...).
+            NoResult: every service saw or dropped the task without a result.
+            PermissionDenied, InvalidMessage: the hub refused the ``pub``.
+        """
+        await asyncio.shield(self.published)
+        while not self._outcome.done():
+            # The layer may drop a notice: after a quiet spell, ask the database.
+            done, _ = await asyncio.wait([self._outcome], timeout=self._client.resync_interval)
+            if not done:
+                await self._client._resync(self)
+        try:
+            return self._outcome.result()
+        except (TaskFailed, NoResult):
+            if default is _RAISE:
+                raise
+            return default
+
+    def _notify(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "update":
+            update = Update(message.get("data"), message.get("progress"), message.get("service", ""))
+            for callback in self._callbacks:
+                _call(callback, update)
+        elif kind == "success":
+            self._finish("success", result=message.get("result"))
+        elif kind == "fail":
+            self._finish("failed", reason=message.get("reason", ""), detail=message.get("detail", ""))
+        elif kind == "end":
+            status = message.get("status", "ended")
+            if status == "success":
+                # The result travels in "success"; if that notice was lost, read it back.
+                asyncio.ensure_future(self._client._resync(self))
+            else:
+                self._finish(status)
+
+    def _finish(self, status: str, *, result: Any = None, reason: str = "", detail: str = "") -> None:
+        if self._outcome.done():
+            return
+        self.status = status
+        if status == "success":
+            self._outcome.set_result(result)
+        elif status == "failed":
+            self._outcome.set_exception(TaskFailed(self.task_id, reason, detail))
+        elif status == "ended":
+            self._outcome.set_exception(NoResult(self.task_id))
+        else:
+            return
+        self._client._forget(self)
+
+    def _apply_snapshot(self, snapshot: dict[str, Any]) -> None:
+        status = snapshot["status"]
+        if status in ("success", "failed", "ended"):
+            self._finish(
+                status,
+                result=snapshot.get("result"),
+                reason=snapshot.get("failure_reason", ""),
+                detail=snapshot.get("failure_detail", ""),
+            )
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.task_id} {self.status}>"

@@ -1,0 +1,86 @@
+"""``python -m taskhub.client``: a worker from a Python function, and pub with a progress bar."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from tests.conftest import TIMEOUT
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.timeout(60 * TIMEOUT)
+
+
+def cli(*args: str, **kwargs) -> list[str]:
+    return [sys.executable, "-m", "taskhub.client", *args]
+
+
+def test_worker_and_pub_from_the_command_line(hub, credential, tmp_path):
+    action = f"t{uuid.uuid4().hex[:10]}:double"
+    w_name, w_key = credential(sub=[action])
+    c_name, c_key = credential(pub=[action])
+    (tmp_path / "jobs.py").write_text(
+        "async def double(task):\n"
+        "    await task.pickup()\n"
+        "    await task.update('half', progress=0.5)\n"
+        "    return (await task.get_payload())['n'] * 2\n"
+    )
+    worker = subprocess.Popen(
+        cli("--url", hub.url, "--name", w_name, "--key", w_key, "worker", "jobs:double", "--action", action),
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert "serving" in worker.stderr.readline()
+        done = subprocess.run(
+            cli(
+                "--url", hub.url, "--name", c_name, "--key", c_key, "pub", action, '{"n": 21}', "--pickup-timeout", "10"
+            ),
+            capture_output=True,
+            text=True,
+            timeout=10 * TIMEOUT,
+            env={"PYTHONPATH": str(ROOT)},
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == 42
+        assert "[###############...............]  50%" in done.stderr
+    finally:
+        worker.terminate()
+        worker.wait(timeout=TIMEOUT)
+
+
+def test_pub_exit_codes(hub, credential):
+    action = f"t{uuid.uuid4().hex[:10]}:nobody"
+    c_name, c_key = credential(pub=[action])
+    base = cli("--url", hub.url, "--name", c_name, "--key", c_key)
+    failed = subprocess.run(
+        [*base, "pub", action, "--pickup-timeout", "0.3"],
+        capture_output=True,
+        text=True,
+        timeout=10 * TIMEOUT,
+        env={"PYTHONPATH": str(ROOT)},
+    )
+    assert failed.returncode == 1 and "pickup_timeout" in failed.stderr
+    denied = subprocess.run(
+        [*base, "pub", "other:thing"],
+        capture_output=True,
+        text=True,
+        timeout=10 * TIMEOUT,
+        env={"PYTHONPATH": str(ROOT)},
+    )
+    assert denied.returncode == 3 and "may not publish" in denied.stderr
+    bad = subprocess.run(
+        [*base, "pub", action, "{nope"],
+        capture_output=True,
+        text=True,
+        timeout=10 * TIMEOUT,
+        env={"PYTHONPATH": str(ROOT)},
+    )
+    assert bad.returncode != 0 and "not JSON" in bad.stderr

@@ -1,0 +1,200 @@
+"""The real client against a real daphne process over a real Redis channel layer."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+
+import pytest
+
+from taskhub.client import AuthenticationFailed, Client, NoResult, PermissionDenied, TaskFailed
+from tests.conftest import TIMEOUT
+
+pytestmark = pytest.mark.timeout(60 * TIMEOUT)
+
+
+def unique_action(verb: str = "run") -> str:
+    return f"t{uuid.uuid4().hex[:10]}:{verb}"
+
+
+async def test_round_trip_with_pickup_payload_progress_and_result(hub, credential):
+    action = unique_action()
+    w_name, w_key = credential(sub=[action])
+    c_name, c_key = credential(pub=[action.split(":")[0]])
+    worker = Client(hub.url, name=w_name, key=w_key)
+
+    @worker.sub(action)
+    async def handle(task):
+        await task.pickup()
+        data = await task.get_payload()
+        for i in range(3):
+            await task.update({"step": i}, progress=(i + 1) / 3)
+        return {"echo": data, "publisher": task.publisher}
+
+    updates = []
+    async with worker, Client(hub.url, name=c_name, key=c_key) as caller:
+        handle_ = caller.pub(action, {"emails": ["a@example.org"]}).on("update", updates.append)
+        result = await asyncio.wait_for(handle_.get_result(), TIMEOUT)
+    assert result == {"echo": {"emails": ["a@example.org"]}, "publisher": c_name}
+    assert [(u.data, u.progress, u.service) for u in updates] == [
+        ({"step": 0}, 1 / 3, w_name),
+        ({"step": 1}, 2 / 3, w_name),
+        ({"step": 2}, 1.0, w_name),
+    ]
+
+
+async def test_a_handler_that_raises_fails_the_task_with_its_error(hub, credential):
+    action = unique_action()
+    w_name, w_key = credential(sub=[action])
+    c_name, c_key = credential(pub=[action])
+    worker = Client(hub.url, name=w_name, key=w_key)
+
+    @worker.sub(action)
+    async def handle(task):
+        raise ValueError("no such mailbox")
+
+    async with worker, Client(hub.url, name=c_name, key=c_key) as caller:
+        with pytest.raises(TaskFailed) as info:
+            await asyncio.wait_for(caller.pub(action).get_result(), TIMEOUT)
+        assert info.value.reason == "error"
+        assert "ValueError: no such mailbox" in str(info.value)
+        assert await asyncio.wait_for(caller.pub(action).get_result("fallback"), TIMEOUT) == "fallback"
+
+
+async def test_drop_ends_without_result(hub, credential):
+    action = unique_action()
+    w_name, w_key = credential(sub=[action])
+    c_name, c_key = credential(pub=[action])
+    worker = Client(hub.url, name=w_name, key=w_key)
+
+    @worker.sub(action)
+    async def handle(task):
+        await task.drop()
+
+    async with worker, Client(hub.url, name=c_name, key=c_key) as caller:
+        with pytest.raises(NoResult):
+            await asyncio.wait_for(caller.pub(action).get_result(), TIMEOUT)
+        assert await asyncio.wait_for(caller.pub(action).get_result(default=None), TIMEOUT) is None
+
+
+async def test_pickup_timeout_without_subscriber(hub, credential):
+    action = unique_action()
+    c_name, c_key = credential(pub=[action])
+    async with Client(hub.url, name=c_name, key=c_key) as caller:
+        with pytest.raises(TaskFailed) as info:
+            await asyncio.wait_for(caller.pub(action, pickup_timeout=0.5).get_result(), TIMEOUT)
+    assert info.value.reason == "pickup_timeout"
+
+
+async def test_complete_timeout_when_the_worker_hangs(hub, credential):
+    action = unique_action()
+    w_name, w_key = credential(sub=[action])
+    c_name, c_key = credential(pub=[action])
+    worker = Client(hub.url, name=w_name, key=w_key)
+    told = asyncio.Event()
+
+    @worker.sub(action)
+    async def handle(task):
+        task.on("fail", lambda t, reason: told.set())
+        await task.pickup()
+        await asyncio.Event().wait()  # hang until cancelled
+
+    async with worker, Client(hub.url, name=c_name, key=c_key) as caller:
+        with pytest.raises(TaskFailed) as info:
+            await asyncio.wait_for(caller.pub(action, timeout=0.5).get_result(), TIMEOUT)
+        assert info.value.reason == "complete_timeout"
+        await asyncio.wait_for(told.wait(), TIMEOUT)
+
+
+async def test_waiting_task_is_delivered_to_a_late_subscriber(hub, credential):
+    action = unique_action()
+    w_name, w_key = credential(sub=[action])
+    c_name, c_key = credential(pub=[action])
+    async with Client(hub.url, name=c_name, key=c_key) as caller:
+        handle = caller.pub(action, 21, pickup_timeout=math.inf)
+        await asyncio.wait_for(handle.published, TIMEOUT)
+        worker = Client(hub.url, name=w_name, key=w_key)
+        worker.sub(action, lambda task: task.get_payload())
+        async with worker:
+            assert await asyncio.wait_for(handle.get_result(), TIMEOUT) == 21
+
+
+async def test_fan_out_first_return_wins_and_the_other_is_told(hub, credential):
+    action = unique_action()
+    fast_name, fast_key = credential(sub=[action])
+    slow_name, slow_key = credential(sub=[action.split(":")[0]])
+    c_name, c_key = credential(pub=["*"])
+    fast, slow = Client(hub.url, name=fast_name, key=fast_key), Client(hub.url, name=slow_name, key=slow_key)
+    slow_saw = asyncio.get_running_loop().create_future()
+
+    @fast.sub(action)
+    async def fast_handler(task):
+        return "fast"
+
+    @slow.sub(action)
+    async def slow_handler(task):
+        task.on("success", lambda t, result: slow_saw.set_result(result))
+        await task.pickup()
+        await slow_saw
+        return "slow"
+
+    async with fast, slow, Client(hub.url, name=c_name, key=c_key) as caller:
+        assert await asyncio.wait_for(caller.pub(action).get_result(), TIMEOUT) == "fast"
+        assert await asyncio.wait_for(slow_saw, TIMEOUT) == "fast"
+
+
+async def test_max_instances_distributes_one_instance_per_task(hub, credential):
+    action = unique_action()
+    w_name, w_key = credential(sub=[action], max_instances=2)
+    c_name, c_key = credential(pub=[action])
+    seen: dict[str, list[int]] = {}
+    workers = [Client(hub.url, name=w_name, key=w_key) for _ in range(2)]
+    for w in workers:
+
+        def handler(task, w=w):
+            seen.setdefault(w.instance, []).append(task.attempt)
+            return w.instance
+
+        w.sub(action, handler)
+    async with workers[0], workers[1], Client(hub.url, name=c_name, key=c_key) as caller:
+        with pytest.raises(AuthenticationFailed, match="live instance"):
+            async with Client(hub.url, name=w_name, key=w_key):
+                pass
+        results = [await asyncio.wait_for(caller.pub(action).get_result(), TIMEOUT) for _ in range(6)]
+    assert sorted(len(v) for v in seen.values()) == [3, 3]
+    assert sorted(results) == sorted([w.instance for w in workers] * 3)
+
+
+async def test_permissions_and_credentials(hub, credential):
+    action = unique_action()
+    name, key = credential(sub=[action], pub=["log"])
+    async with Client(hub.url, name=name, key=key) as client:
+        with pytest.raises(PermissionDenied):
+            await asyncio.wait_for(client.pub(action).get_result(), TIMEOUT)
+        # A namespace grants every action below it.
+        handle = client.pub("log/app:error", {"m": 1}, pickup_timeout=0.3)
+        with pytest.raises(TaskFailed):
+            await asyncio.wait_for(handle.get_result(), TIMEOUT)
+    denied = Client(hub.url, name=name, key=key)
+    denied.sub("mail:send", lambda task: None)
+    with pytest.raises(PermissionDenied):
+        await asyncio.wait_for(denied.connect(), TIMEOUT)
+    await denied.close()
+    for bad in (Client(hub.url, name=name, key="not-the-key-at-all"), Client(hub.url, name="nobody", key=key)):
+        with pytest.raises(AuthenticationFailed, match="invalid name or key"):
+            await asyncio.wait_for(bad.connect(), TIMEOUT)
+        await bad.close()
+
+
+async def test_idle_connection_survives_beyond_redis_socket_timeout(hub, credential):
+    """redis-py 8 with channels-redis 4.3 closed idle sockets after 5 s (see requirements.txt)."""
+    action = unique_action()
+    w_name, w_key = credential(sub=[action])
+    c_name, c_key = credential(pub=[action])
+    worker = Client(hub.url, name=w_name, key=w_key)
+    worker.sub(action, lambda task: "still here")
+    async with worker, Client(hub.url, name=c_name, key=c_key) as caller:
+        await asyncio.sleep(6.5)  # the idle time is what this test is about
+        assert await asyncio.wait_for(caller.pub(action).get_result(), TIMEOUT) == "still here"
+        assert worker._connected.is_set() and caller._connected.is_set()
