@@ -1,0 +1,224 @@
+"""Django admin for operators: credentials, the task history, live instances."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import Count, Q, QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.html import format_html
+
+from .auth import MIN_KEY_LENGTH, generate_key, hash_key
+from .models import Assignment, Credential, Instance, TaskEvent, TaskRecord, validate_patterns
+
+
+class PatternsField(forms.CharField):
+    """A list of permission patterns, edited one per line."""
+
+    widget = forms.Textarea(attrs={"rows": 3, "cols": 40})
+
+    def prepare_value(self, value: Any) -> Any:
+        return "\n".join(value) if isinstance(value, list) else value
+
+    def to_python(self, value: Any) -> list[str]:
+        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+
+    def validate(self, value: Any) -> None:
+        validate_patterns(value)
+
+
+class CredentialForm(forms.ModelForm):  # type: ignore[type-arg]
+    key = forms.CharField(
+        required=False,
+        min_length=MIN_KEY_LENGTH,
+        widget=forms.PasswordInput(render_value=False),
+        help_text="Leave empty to generate a key. It is shown once, after saving; only a hash is stored.",
+    )
+    regenerate_key = forms.BooleanField(required=False, help_text="Replace the key with a new generated one.")
+    sub_permissions = PatternsField(required=False, help_text=Credential._meta.get_field("sub_permissions").help_text)
+    pub_permissions = PatternsField(required=False, help_text=Credential._meta.get_field("pub_permissions").help_text)
+
+    class Meta:
+        model = Credential
+        fields = [
+            "name",
+            "key",
+            "regenerate_key",
+            "sub_permissions",
+            "pub_permissions",
+            "max_instances",
+            "is_active",
+            "description",
+        ]
+
+
+@admin.register(Credential)
+class CredentialAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    form = CredentialForm
+    list_display = ["name", "is_active", "max_instances", "subscribes", "publishes", "live_instances", "updated_at"]
+    list_filter = ["is_active"]
+    search_fields = ["name", "description"]
+    actions = ["disable", "enable"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Credential]:
+        live = Count("instances", filter=Q(instances__lease_expires_at__gt=timezone.now()))
+        return super().get_queryset(request).annotate(live=live)
+
+    @admin.display(description="sub")
+    def subscribes(self, obj: Credential) -> str:
+        return ", ".join(obj.sub_permissions) or "-"
+
+    @admin.display(description="pub")
+    def publishes(self, obj: Credential) -> str:
+        return ", ".join(obj.pub_permissions) or "-"
+
+    @admin.display(description="live instances", ordering="live")
+    def live_instances(self, obj: Credential) -> int:
+        return getattr(obj, "live", 0)
+
+    def save_model(self, request: HttpRequest, obj: Credential, form: Any, change: bool) -> None:
+        key = form.cleaned_data.get("key")
+        generated = not key and (not change or form.cleaned_data.get("regenerate_key"))
+        if generated:
+            key = generate_key()
+        if key:
+            obj.key_hash = hash_key(key)
+        super().save_model(request, obj, form, change)
+        if generated:
+            messages.warning(request, f"The key of {obj.name} is {key} — copy it now, it is not shown again.")
+
+    @admin.action(description="Disable selected credentials (disconnects their instances)")
+    def disable(self, request: HttpRequest, queryset: QuerySet[Credential]) -> None:
+        count = queryset.update(is_active=False, updated_at=timezone.now())
+        self.message_user(request, f"Disabled {count} credential(s); their instances are disconnected within seconds.")
+
+    @admin.action(description="Enable selected credentials")
+    def enable(self, request: HttpRequest, queryset: QuerySet[Credential]) -> None:
+        count = queryset.update(is_active=True, updated_at=timezone.now())
+        self.message_user(request, f"Enabled {count} credential(s).")
+
+
+def pretty_json(value: Any) -> str:
+    return format_html(
+        "<pre style='margin:0;white-space:pre-wrap'>{}</pre>", json.dumps(value, indent=2, ensure_ascii=False)
+    )
+
+
+class ReadOnlyMixin:
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class TaskEventInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type-arg]
+    model = TaskEvent
+    fields = ["created_at", "kind", "service", "attempt", "event_data", "instance"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    verbose_name_plural = "timeline"
+
+    @admin.display(description="data")
+    def event_data(self, obj: TaskEvent) -> str:
+        return pretty_json(obj.data) if obj.data is not None else "-"
+
+
+class AssignmentInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type-arg]
+    model = Assignment
+    fields = ["service", "attempt", "state", "detail", "instance", "created_at", "updated_at"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    verbose_name_plural = "services on the task"
+
+
+@admin.register(TaskRecord)
+class TaskRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ["id", "action", "status", "publisher_name", "progress_bar", "created_at", "finished_at"]
+    list_filter = ["status", "action", "publisher_name", "failure_reason", "created_at"]
+    search_fields = ["id", "action"]
+    date_hierarchy = "created_at"
+    inlines = [AssignmentInline, TaskEventInline]
+    readonly_fields = [
+        "id",
+        "action",
+        "status",
+        "publisher_name",
+        "attempt",
+        "progress",
+        "failure_reason",
+        "failure_detail",
+        "payload_pretty",
+        "payload_size",
+        "result_pretty",
+        "has_result",
+        "pickup_timeout",
+        "complete_timeout",
+        "pickup_deadline",
+        "complete_deadline",
+        "created_at",
+        "started_at",
+        "finished_at",
+    ]
+    fieldsets = [
+        (None, {"fields": ["id", "action", "status", "publisher_name", "attempt", "progress"]}),
+        ("Outcome", {"fields": ["result_pretty", "has_result", "failure_reason", "failure_detail"]}),
+        ("Payload", {"fields": ["payload_pretty", "payload_size"]}),
+        (
+            "Timing",
+            {
+                "fields": [
+                    "created_at",
+                    "started_at",
+                    "finished_at",
+                    "pickup_timeout",
+                    "complete_timeout",
+                    "pickup_deadline",
+                    "complete_deadline",
+                ]
+            },
+        ),
+    ]
+
+    @admin.display(description="payload")
+    def payload_pretty(self, obj: TaskRecord) -> str:
+        return pretty_json(obj.payload)
+
+    @admin.display(description="result")
+    def result_pretty(self, obj: TaskRecord) -> str:
+        return pretty_json(obj.result) if obj.has_result else "-"
+
+    @admin.display(description="progress", ordering="progress")
+    def progress_bar(self, obj: TaskRecord) -> str:
+        if obj.progress is None:
+            return "-"
+        return format_html("<progress max='1' value='{}'></progress> {}%", obj.progress, round(obj.progress * 100))
+
+
+@admin.register(Instance)
+class InstanceAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ["id", "credential", "process", "remote_addr", "connected_at", "lease_expires_at", "subscribed_to"]
+    list_filter = ["credential"]
+    readonly_fields = [
+        "id",
+        "credential",
+        "channel_name",
+        "process",
+        "remote_addr",
+        "connected_at",
+        "lease_expires_at",
+        "last_assigned_at",
+    ]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Instance]:
+        return super().get_queryset(request).select_related("credential").prefetch_related("subscriptions")
+
+    @admin.display(description="subscribed to")
+    def subscribed_to(self, obj: Instance) -> str:
+        return ", ".join(s.action for s in obj.subscriptions.all()) or "-"

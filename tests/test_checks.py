@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import pytest
+from django.test import override_settings
+
+from taskhub.checks import check_settings
+from taskhub.conf import conf
+
+
+def ids(**settings):
+    with override_settings(**settings):
+        return [e.id for e in check_settings()]
+
+
+def test_defaults_pass():
+    assert ids() == []
+
+
+@pytest.mark.parametrize("value", [0, -1, "30", True, float("inf")])
+def test_e001_pickup_timeout(value):
+    assert ids(TASKHUB_PICKUP_TIMEOUT=value) == ["taskhub.E001"]
+
+
+def test_e001_accepts_none():
+    assert ids(TASKHUB_PICKUP_TIMEOUT=None, TASKHUB_COMPLETE_TIMEOUT=None) == []
+
+
+@pytest.mark.parametrize("value", [0, "x", -5.0])
+def test_e002_complete_timeout(value):
+    assert ids(TASKHUB_COMPLETE_TIMEOUT=value) == ["taskhub.E002"]
+
+
+@pytest.mark.parametrize("name", ["MAX_MESSAGE_SIZE", "MAX_PAYLOAD_SIZE", "INLINE_PAYLOAD_SIZE"])
+def test_e003_sizes(name):
+    assert ids(**{f"TASKHUB_{name}": 1.5}) == ["taskhub.E003"]
+
+
+def test_e004_size_order():
+    assert ids(TASKHUB_MAX_PAYLOAD_SIZE=2 * 1024 * 1024) == ["taskhub.E004"]
+    assert ids(TASKHUB_INLINE_PAYLOAD_SIZE=600 * 1024) == ["taskhub.E004"]
+
+
+@pytest.mark.parametrize("name", ["INSTANCE_LEASE", "SWEEP_INTERVAL", "AUTH_TIMEOUT"])
+def test_e005_durations(name):
+    assert ids(**{f"TASKHUB_{name}": 0}) == ["taskhub.E005"]
+
+
+def test_e006_lease_outlives_sweeps():
+    assert ids(TASKHUB_INSTANCE_LEASE=2.0, TASKHUB_SWEEP_INTERVAL=1.0) == ["taskhub.E006"]
+
+
+def test_e007_channel_layer():
+    assert ids(CHANNEL_LAYERS={}) == ["taskhub.E007"]
+
+
+def test_settings_are_read_on_access_and_unknown_names_fail():
+    with override_settings(TASKHUB_PICKUP_TIMEOUT=7.0):
+        assert conf.PICKUP_TIMEOUT == 7.0
+    assert conf.PICKUP_TIMEOUT == 30.0
+    with pytest.raises(AttributeError, match="unknown TaskHub setting"):
+        _ = conf.PICKUP_TIMEOTU
