@@ -10,6 +10,7 @@ taskhub.E004   INLINE_PAYLOAD_SIZE <= MAX_PAYLOAD_SIZE < MAX_MESSAGE_SIZE
 taskhub.E005   INSTANCE_LEASE, SWEEP_INTERVAL, AUTH_TIMEOUT are positive numbers
 taskhub.E006   INSTANCE_LEASE is at least three SWEEP_INTERVALs (leases are renewed by the sweeper)
 taskhub.E007   a channel layer is configured
+taskhub.W001   MAX_MESSAGE_SIZE is below daphne's default frame limit (1 MiB)
 =============  ===========================================================
 """
 
@@ -19,9 +20,11 @@ import math
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import CheckMessage, Error, register
+from django.core.checks import CheckMessage, Error, Warning, register
 
 from .conf import conf
+
+DAPHNE_MAX_MESSAGE_SIZE = 1024 * 1024
 
 
 def _positive(value: Any, *, integer: bool = False) -> bool:
@@ -56,6 +59,15 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 "TASKHUB_INLINE_PAYLOAD_SIZE <= TASKHUB_MAX_PAYLOAD_SIZE < TASKHUB_MAX_MESSAGE_SIZE must hold.",
                 hint="A payload travels inside a message, with room for the envelope.",
                 id="taskhub.E004",
+            )
+        )
+    if sizes_ok and conf.MAX_MESSAGE_SIZE >= DAPHNE_MAX_MESSAGE_SIZE:
+        errors.append(
+            Warning(
+                "TASKHUB_MAX_MESSAGE_SIZE is not below daphne's default --websocket_max_message_size (1 MiB).",
+                hint="Start daphne with a larger --websocket_max_message_size, or oversized frames drop the "
+                "connection instead of getting a message_too_large error.",
+                id="taskhub.W001",
             )
         )
     times_ok = True

@@ -15,8 +15,10 @@ DEFAULTS: dict[str, Any] = {
     "PICKUP_TIMEOUT": 30.0,
     # Seconds a picked-up task may run before it fails with complete_timeout; None: forever.
     "COMPLETE_TIMEOUT": 300.0,
-    # Bytes: the largest WebSocket text frame the hub reads (daphne refuses > 1 MiB by default).
-    "MAX_MESSAGE_SIZE": 1024 * 1024,
+    # Bytes: the largest text frame the hub answers; larger ones get a message_too_large
+    # error. Keep it below daphne's --websocket_max_message_size (1 MiB by default), over
+    # which daphne drops the connection without a close frame.
+    "MAX_MESSAGE_SIZE": 768 * 1024,
     # Bytes: the largest JSON-encoded payload, result or update data.
     "MAX_PAYLOAD_SIZE": 512 * 1024,
     # Bytes: payloads up to this size travel inline in the offer; larger ones via get_payload.

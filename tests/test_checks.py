@@ -36,7 +36,7 @@ def test_e003_sizes(name):
 
 
 def test_e004_size_order():
-    assert ids(TASKHUB_MAX_PAYLOAD_SIZE=2 * 1024 * 1024) == ["taskhub.E004"]
+    assert ids(TASKHUB_MAX_PAYLOAD_SIZE=800 * 1024) == ["taskhub.E004"]
     assert ids(TASKHUB_INLINE_PAYLOAD_SIZE=600 * 1024) == ["taskhub.E004"]
 
 
@@ -47,6 +47,10 @@ def test_e005_durations(name):
 
 def test_e006_lease_outlives_sweeps():
     assert ids(TASKHUB_INSTANCE_LEASE=2.0, TASKHUB_SWEEP_INTERVAL=1.0) == ["taskhub.E006"]
+
+
+def test_w001_message_size_over_daphnes_limit():
+    assert ids(TASKHUB_MAX_MESSAGE_SIZE=2 * 1024 * 1024) == ["taskhub.W001"]
 
 
 def test_e007_channel_layer():

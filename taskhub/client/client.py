@@ -105,6 +105,7 @@ class Client:
         self.resync_interval = resync_interval
         self.max_size = max_size
         self.instance: str | None = None
+        self._max_message_size: int | None = None
         self._handlers: dict[str, Handler] = {}
         self._refs = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -246,10 +247,18 @@ class Client:
 
     async def _send_request(self, ws: Any, message: dict[str, Any]) -> dict[str, Any]:
         ref = next(self._refs)
+        frame = json.dumps({**message, "ref": ref}, separators=(",", ":"), ensure_ascii=False)
+        size = len(frame.encode())
+        if self._max_message_size and size > self._max_message_size:
+            # The hub would refuse it (or its server drop the connection): refuse it here.
+            raise InvalidMessage(
+                f"message of {size} bytes is over the hub's limit of {self._max_message_size} bytes",
+                "message_too_large",
+            )
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[ref] = future
         try:
-            await ws.send(json.dumps({**message, "ref": ref}, separators=(",", ":")))
+            await ws.send(frame)
             answer = await future
         except ConnectionClosed:
             raise ConnectionLost("connection closed") from None
@@ -306,6 +315,7 @@ class Client:
             if welcome.get("type") == "error":
                 raise error_from(welcome)
             self.instance = welcome.get("instance")
+            self._max_message_size = welcome.get("max_message_size")
             self._ws = ws
             reader = asyncio.create_task(self._read(ws))
             try:

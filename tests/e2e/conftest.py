@@ -113,8 +113,10 @@ def manage(*args: str, database_url: str) -> str:
 class Hub:
     """One daphne process serving the project."""
 
-    def __init__(self, database_url: str, redis_url: str | None, log_path: Path, **settings: str) -> None:
-        self.port = free_port()
+    def __init__(
+        self, database_url: str, redis_url: str | None, log_path: Path, port: int | None = None, **settings: str
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"ws://127.0.0.1:{self.port}/ws/taskhub/"
         self.log_path = log_path
         self._log = log_path.open("wb")
@@ -163,8 +165,9 @@ def make_hub(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[obje
     """Start extra daphne processes for one test; all are stopped after it."""
     hubs: list[Hub] = []
 
-    def start(**settings: str) -> Hub:
-        h = Hub(database_url, redis_url, tmp_path / f"hub{len(hubs)}.log", **{**FAST, **settings})
+    def start(*, port: int | None = None, redis: bool = True, **settings: str) -> Hub:
+        log = tmp_path / f"hub{len(hubs)}.log"
+        h = Hub(database_url, redis_url if redis else None, log, port, **{**FAST, **settings})
         hubs.append(h)
         return h
 
