@@ -3,7 +3,7 @@
 daphne runs no ASGI lifespan, so the consumer starts the sweeper lazily on the first
 connection of each event loop (:func:`ensure_started`). Deadlines live in the database,
 so a task still times out when the process that accepted it has died: any surviving
-process's sweeper expires it. ``manage.py taskhub_sweep`` runs the same pass by hand.
+process's sweeper expires it.
 """
 
 from __future__ import annotations
