@@ -146,6 +146,13 @@ class TaskHubConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         notices: list[services.Notice] = []
         if cmd.type == "ping":
             ack["type"] = "pong"
+        elif cmd.type == "bye":
+            instance_id, self.instance_id = self.instance_id, None
+            notices = await database_sync_to_async(services.disconnect)(instance_id, now)
+            await self.reply(ack)
+            await send_notices(self.channel_layer, notices)
+            await self.close(1000)
+            return
         elif cmd.type == "sub":
             started, notices = await database_sync_to_async(services.subscribe)(
                 self.instance_id,

@@ -475,3 +475,13 @@ async def test_oversized_messages_and_payloads():
     assert (await task_row(task_id)).status == "started"
     await w.close()
     await c.close()
+
+
+async def test_bye_frees_the_slot_before_answering():
+    _, key = await credential("svc")
+    peer = await open_peer("svc", key)
+    assert await peer.call({"type": "bye"}) == {"type": "ack", "ref": "r"}
+    assert await database_sync_to_async(Instance.objects.count)() == 0
+    assert (await peer.comm.receive_output(timeout=5))["type"] == "websocket.close"
+    again = await open_peer("svc", key)
+    await again.close()

@@ -145,6 +145,9 @@ class Client:
         """Close the connection and stop reconnecting. Running handlers are cancelled."""
         self._closing = True
         if self._ws is not None:
+            # Leave gracefully, so that the instance's slot is free once close() returns.
+            with contextlib.suppress(TaskHubError, ConnectionClosed, TimeoutError):
+                await asyncio.wait_for(self._send_request(self._ws, {"type": "bye"}), 5)
             await self._ws.close()
         for task in [*self._background, *([self._runner] if self._runner else [])]:
             task.cancel()

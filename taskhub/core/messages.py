@@ -262,8 +262,15 @@ class Ping(Command):
     type = "ping"
 
 
+@dataclass(frozen=True, slots=True)
+class Bye(Command):
+    """Leave: the hub releases the instance (its slot and its tasks), answers, and closes."""
+
+    type = "bye"
+
+
 COMMANDS: dict[str, type[Command]] = {
-    cls.type: cls for cls in (Hello, Sub, Unsub, Pub, Pickup, Update, Return, Drop, Fail, GetPayload, Watch, Ping)
+    cls.type: cls for cls in (Hello, Sub, Unsub, Pub, Pickup, Update, Return, Drop, Fail, GetPayload, Watch, Ping, Bye)
 }
 
 
