@@ -12,4 +12,5 @@ if ! command -v redis-server >/dev/null; then
   fi
 fi
 .venv/bin/ruff check taskhub tests hubproject manage.py
+.venv/bin/mypy taskhub
 exec .venv/bin/python -m pytest "$@"

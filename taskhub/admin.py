@@ -24,7 +24,7 @@ class PatternsField(forms.CharField):
     def prepare_value(self, value: Any) -> Any:
         return "\n".join(value) if isinstance(value, list) else value
 
-    def to_python(self, value: Any) -> list[str]:
+    def to_python(self, value: Any) -> list[str]:  # type: ignore[override]
         return [line.strip() for line in str(value or "").splitlines() if line.strip()]
 
     def validate(self, value: Any) -> None:
@@ -66,7 +66,8 @@ class CredentialAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Credential]:
         live = Count("instances", filter=Q(instances__lease_expires_at__gt=timezone.now()))
-        return super().get_queryset(request).annotate(live=live)
+        queryset: QuerySet[Credential] = super().get_queryset(request).annotate(live=live)
+        return queryset
 
     @admin.display(description="sub")
     def subscribes(self, obj: Credential) -> str:
@@ -118,8 +119,7 @@ class ReadOnlyMixin:
 
 class TaskEventInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type-arg]
     model = TaskEvent
-    fields = ["created_at", "kind", "service", "attempt", "event_data", "instance"]
-    readonly_fields = fields
+    fields = readonly_fields = ("created_at", "kind", "service", "attempt", "event_data", "instance")
     extra = 0
     can_delete = False
     verbose_name_plural = "timeline"
@@ -131,8 +131,7 @@ class TaskEventInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type-
 
 class AssignmentInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type-arg]
     model = Assignment
-    fields = ["service", "attempt", "state", "detail", "instance", "created_at", "updated_at"]
-    readonly_fields = fields
+    fields = readonly_fields = ("service", "attempt", "state", "detail", "instance", "created_at", "updated_at")
     extra = 0
     can_delete = False
     verbose_name_plural = "services on the task"

@@ -12,6 +12,7 @@ import base64
 import binascii
 import logging
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -21,7 +22,28 @@ from django.utils import timezone
 from . import services, sweeper
 from .conf import conf
 from .core.errors import AuthenticationFailed, InvalidMessage, ProtocolError
-from .core.messages import PROTOCOL_VERSION, Command, decode_frame, encode, error_message, parse_command, read_ref
+from .core.messages import (
+    PROTOCOL_VERSION,
+    Bye,
+    Command,
+    Drop,
+    Fail,
+    GetPayload,
+    Hello,
+    Pickup,
+    Ping,
+    Pub,
+    Return,
+    Sub,
+    Unsub,
+    Update,
+    Watch,
+    decode_frame,
+    encode,
+    error_message,
+    parse_command,
+    read_ref,
+)
 from .models import Credential
 from .notify import send_notices
 
@@ -38,10 +60,8 @@ _AUTH_CLOSE_CODES = {
     "too_many_instances": CLOSE_TOO_MANY_INSTANCES,
 }
 
-WORKER_COMMANDS = frozenset({"pickup", "update", "return", "drop", "fail"})
 
-
-def basic_credentials(scope: dict[str, Any]) -> tuple[str, str] | None:
+def basic_credentials(scope: Mapping[str, Any]) -> tuple[str, str] | None:
     """``(name, key)`` from an ``Authorization: Basic`` handshake header, if any."""
     for header, value in scope.get("headers", ()):
         if header == b"authorization" and value[:6].lower() == b"basic ":
@@ -53,7 +73,7 @@ def basic_credentials(scope: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-class TaskHubConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
+class TaskHubConsumer(AsyncWebsocketConsumer):
     """Serves ``/ws/taskhub/``."""
 
     credential: Credential | None = None
@@ -134,61 +154,56 @@ class TaskHubConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             await self.reply(error_message("internal_error", "the hub could not process this command", cmd.ref))
 
     async def dispatch_command(self, cmd: Command) -> None:
-        if cmd.type == "hello":
+        if isinstance(cmd, Hello):
             if self.credential is not None:
                 raise InvalidMessage("already authenticated", "already_authenticated")
-            await self.login(cmd.name, cmd.key, cmd.ref)  # type: ignore[attr-defined]
+            await self.login(cmd.name, cmd.key, cmd.ref)
             return
-        if self.credential is None:
+        credential, instance_id = self.credential, self.instance_id
+        if credential is None or instance_id is None:
             raise ProtocolError("send hello (or authenticate at the handshake) first", "not_authenticated")
         ack: dict[str, Any] = {"type": "ack", "ref": cmd.ref} if cmd.ref is not None else {"type": "ack"}
         now = timezone.now()
         notices: list[services.Notice] = []
-        if cmd.type == "ping":
-            ack["type"] = "pong"
-        elif cmd.type == "bye":
-            instance_id, self.instance_id = self.instance_id, None
-            notices = await database_sync_to_async(services.disconnect)(instance_id, now)
-            await self.reply(ack)
-            await send_notices(self.channel_layer, notices)
-            await self.close(1000)
-            return
-        elif cmd.type == "sub":
-            started, notices = await database_sync_to_async(services.subscribe)(
-                self.instance_id,
-                self.credential,
-                cmd.action,
-                now,  # type: ignore[attr-defined]
-            )
-            ack.update(action=cmd.action, waiting=started)  # type: ignore[attr-defined]
-        elif cmd.type == "unsub":
-            await database_sync_to_async(services.unsubscribe)(self.instance_id, cmd.action)  # type: ignore[attr-defined]
-            ack["action"] = cmd.action  # type: ignore[attr-defined]
-        elif cmd.type == "pub":
-            # Follow the task before it exists, so that no notice can outrun us.
-            task_id, created, notices = await self.publish(cmd, now)
-            ack.update(task=task_id, created=created)
-        elif cmd.type in WORKER_COMMANDS:
-            notices = await database_sync_to_async(services.act)(self.credential, cmd, now)
-            ack["task"] = cmd.task  # type: ignore[attr-defined]
-        elif cmd.type == "get_payload":
-            payload = await database_sync_to_async(services.get_payload)(self.credential, cmd.task)  # type: ignore[attr-defined]
-            ack.update(type="payload", task=cmd.task, payload=payload)  # type: ignore[attr-defined]
-        elif cmd.type == "watch":
-            since = 0 if not isinstance(cmd.since, int) else cmd.since  # type: ignore[attr-defined]
-            await self.follow(cmd.task)  # type: ignore[attr-defined]
-            state = await database_sync_to_async(services.watch)(self.credential, cmd.task, since)  # type: ignore[attr-defined]
-            ack.update(type="state", **state)
+        match cmd:
+            case Ping():
+                ack["type"] = "pong"
+            case Bye():
+                self.instance_id = None
+                notices = await database_sync_to_async(services.disconnect)(instance_id, now)
+                await self.reply(ack)
+                await send_notices(self.channel_layer, notices)
+                await self.close(1000)
+                return
+            case Sub(action=action):
+                started, notices = await database_sync_to_async(services.subscribe)(
+                    instance_id, credential, action, now
+                )
+                ack.update(action=action, waiting=started)
+            case Unsub(action=action):
+                await database_sync_to_async(services.unsubscribe)(instance_id, action)
+                ack["action"] = action
+            case Pub():
+                # Follow the task before it exists, so that no notice can outrun us.
+                if isinstance(cmd.task_id, str):
+                    await self.follow(cmd.task_id)
+                task_id, created, notices = await database_sync_to_async(services.publish)(credential, cmd, now)
+                await self.follow(task_id)
+                ack.update(task=task_id, created=created)
+            case Pickup() | Update() | Return() | Drop() | Fail():
+                notices = await database_sync_to_async(services.act)(credential, cmd, now)
+                ack["task"] = cmd.task
+            case GetPayload(task=task_id):
+                payload = await database_sync_to_async(services.get_payload)(credential, task_id)
+                ack.update(type="payload", task=task_id, payload=payload)
+            case Watch(task=task_id, since=since):
+                await self.follow(task_id)
+                state = await database_sync_to_async(services.watch)(
+                    credential, task_id, since if isinstance(since, int) else 0
+                )
+                ack.update(type="state", **state)
         await self.reply(ack)
         await send_notices(self.channel_layer, notices)
-
-    async def publish(self, cmd: Command, now: Any) -> tuple[str, bool, list[services.Notice]]:
-        task_id = getattr(cmd, "task_id", None)
-        if isinstance(task_id, str):
-            await self.follow(task_id)
-        task_id, created, notices = await database_sync_to_async(services.publish)(self.credential, cmd, now)
-        await self.follow(task_id)
-        return task_id, created, notices
 
     async def follow(self, task_id: str) -> None:
         group = services.task_group(task_id)

@@ -7,5 +7,5 @@ from django.urls import path
 from .consumers import TaskHubConsumer
 
 websocket_urlpatterns = [
-    path("ws/taskhub/", TaskHubConsumer.as_asgi()),
+    path("ws/taskhub/", TaskHubConsumer.as_asgi()),  # type: ignore[arg-type]  # an ASGI app, as Channels routes them
 ]

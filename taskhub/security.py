@@ -8,7 +8,7 @@ from channels.security.websocket import OriginValidator
 from django.conf import settings
 
 
-class BrowserOriginValidator(OriginValidator):  # type: ignore[misc]
+class BrowserOriginValidator(OriginValidator):
     """Check the ``Origin`` of browser handshakes against ``ALLOWED_HOSTS``.
 
     Channels' own validator refuses handshakes without an ``Origin``; service clients

@@ -28,7 +28,7 @@ from .conf import conf
 from .core import machine
 from .core.actions import permits
 from .core.errors import AuthenticationFailed, InvalidMessage, PermissionDenied, UnknownTask
-from .core.messages import MISSING, Command, encode
+from .core.messages import MISSING, Drop, Fail, Pickup, Pub, Return, Update, encode
 from .core.states import ACTIVE_ASSIGNMENT_STATES, AssignmentState, TaskStatus
 from .models import Assignment, Credential, Instance, Subscription, TaskEvent, TaskRecord
 
@@ -320,7 +320,7 @@ def _start(task_id: uuid.UUID | str, action: str, now: datetime) -> list[Notice]
 # -- commands -----------------------------------------------------------------------------
 
 
-def publish(credential: Credential, cmd: Command, now: datetime) -> tuple[str, bool, list[Notice]]:
+def publish(credential: Credential, cmd: Pub, now: datetime) -> tuple[str, bool, list[Notice]]:
     """Persist a new task (with its ``init`` event) and offer it to subscribers.
 
     Re-publishing a task id the same credential already published is a no-op that
@@ -334,14 +334,14 @@ def publish(credential: Credential, cmd: Command, now: datetime) -> tuple[str, b
         InvalidMessage: ``payload_too_large``, or ``task_exists`` for another
             publisher's or another action's task id.
     """
-    action: str = cmd.action  # type: ignore[attr-defined]
+    action = cmd.action
     if not permits(credential.pub_permissions, action):
         raise PermissionDenied(f"{credential.name} may not publish {action}")
-    payload = None if cmd.payload is MISSING else cmd.payload  # type: ignore[attr-defined]
+    payload = None if cmd.payload is MISSING else cmd.payload
     size = check_size(payload, "payload")
-    task_id = str(uuid.uuid4()) if cmd.task_id is MISSING else cmd.task_id  # type: ignore[attr-defined]
-    pickup_timeout = conf.PICKUP_TIMEOUT if cmd.pickup_timeout is MISSING else cmd.pickup_timeout  # type: ignore[attr-defined]
-    complete_timeout = conf.COMPLETE_TIMEOUT if cmd.timeout is MISSING else cmd.timeout  # type: ignore[attr-defined]
+    task_id = str(uuid.uuid4()) if cmd.task_id is MISSING else cmd.task_id
+    pickup_timeout = conf.PICKUP_TIMEOUT if cmd.pickup_timeout is MISSING else cmd.pickup_timeout
+    complete_timeout = conf.COMPLETE_TIMEOUT if cmd.timeout is MISSING else cmd.timeout
 
     existing = TaskRecord.objects.filter(pk=task_id).values_list("publisher_id", "action").first()
     if existing is not None:
@@ -418,7 +418,7 @@ def dispatch_waiting(now: datetime, actions: Iterable[str] | None = None) -> tup
     return started, notices
 
 
-def act(credential: Credential, cmd: Command, now: datetime) -> list[Notice]:
+def act(credential: Credential, cmd: Pickup | Update | Return | Drop | Fail, now: datetime) -> list[Notice]:
     """Apply a worker's ``pickup``, ``update``, ``return``, ``drop`` or ``fail``.
 
     Raises:
@@ -427,26 +427,25 @@ def act(credential: Credential, cmd: Command, now: datetime) -> list[Notice]:
             for an attempt the hub gave up on).
         InvalidMessage: ``payload_too_large`` for update data or a result.
     """
-    service, attempt = credential.name, cmd.attempt  # type: ignore[attr-defined]
+    service, attempt = credential.name, cmd.attempt
     decide: Callable[[machine.Task], list[machine.Event]]
-    if cmd.type == "pickup":
-        decide = lambda task: machine.pickup(task, service, attempt, now)  # noqa: E731
-    elif cmd.type == "update":
-        data = None if cmd.data is MISSING else cmd.data  # type: ignore[attr-defined]
-        progress = None if cmd.progress is MISSING else cmd.progress  # type: ignore[attr-defined]
-        check_size(data, "update data")
-        decide = lambda task: machine.update(task, service, attempt, data, progress, now)  # noqa: E731
-    elif cmd.type == "return":
-        result = None if cmd.result is MISSING else cmd.result  # type: ignore[attr-defined]
-        check_size(result, "result")
-        decide = lambda task: machine.return_result(task, service, attempt, result, now)  # noqa: E731
-    elif cmd.type == "drop":
-        decide = lambda task: machine.drop(task, service, attempt, now)  # noqa: E731
-    elif cmd.type == "fail":
-        decide = lambda task: machine.fail(task, service, attempt, cmd.error, now)  # type: ignore[attr-defined]  # noqa: E731
-    else:
-        raise ValueError(f"not a worker command: {cmd.type}")
-    return transition(cmd.task, decide, now)  # type: ignore[attr-defined]
+    match cmd:
+        case Pickup():
+            decide = lambda task: machine.pickup(task, service, attempt, now)  # noqa: E731
+        case Update():
+            data = None if cmd.data is MISSING else cmd.data
+            progress = None if cmd.progress is MISSING else cmd.progress
+            check_size(data, "update data")
+            decide = lambda task: machine.update(task, service, attempt, data, progress, now)  # noqa: E731
+        case Return():
+            result = None if cmd.result is MISSING else cmd.result
+            check_size(result, "result")
+            decide = lambda task: machine.return_result(task, service, attempt, result, now)  # noqa: E731
+        case Drop():
+            decide = lambda task: machine.drop(task, service, attempt, now)  # noqa: E731
+        case Fail(error=error):
+            decide = lambda task: machine.fail(task, service, attempt, error, now)  # noqa: E731
+    return transition(cmd.task, decide, now)
 
 
 def _visible_task(credential: Credential, task_id: str) -> TaskRecord:

@@ -63,6 +63,8 @@ def error_from(message: dict[str, Any]) -> TaskHubError:
     code, detail = message.get("code", "error"), message.get("detail", "")
     if code in _AUTH_CODES:
         return AuthenticationFailed(detail, code)
+    if code in _ERRORS:
+        return _ERRORS[code](detail, code)
     if code.startswith("invalid_") or code in (
         "message_too_large",
         "payload_too_large",

@@ -55,6 +55,9 @@ class Task:
         self.payload_size: int = offer.get("payload_size", 0)
         self._payload: Any = offer.get("payload", _RAISE)
         self._callbacks: dict[str, list[Callable[..., Any]]] = {"update": [], "success": [], "fail": []}
+        # "success" or "fail" with its argument, once it happened: like a settled promise,
+        # a callback registered later is still called.
+        self._outcome: tuple[str, Any] | None = None
         #: Set once this service returned, dropped or failed, or the task ended.
         self.done = False
 
@@ -101,18 +104,18 @@ class Task:
         if event not in self._callbacks:
             raise ValueError(f"unknown task event {event!r}: use 'update', 'success' or 'fail'")
         self._callbacks[event].append(callback)
+        if self._outcome is not None and self._outcome[0] == event:
+            _call(callback, self, self._outcome[1])
         return self
 
     def _notify(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         if kind == "update":
             arg: Any = Update(message.get("data"), message.get("progress"), message.get("service", ""))
-        elif kind == "success":
-            arg = message.get("result")
+        elif kind in ("success", "fail"):
+            arg = message.get("result") if kind == "success" else message.get("reason")
             self.done = True
-        elif kind == "fail":
-            arg = message.get("reason")
-            self.done = True
+            self._outcome = (kind, arg)
         else:
             self.done = True
             return
@@ -178,11 +181,12 @@ class TaskHandle:
             self._finish("failed", reason=message.get("reason", ""), detail=message.get("detail", ""))
         elif kind == "end":
             status = message.get("status", "ended")
-            if status == "success":
-                # The result travels in "success"; if that notice was lost, read it back.
-                asyncio.ensure_future(self._client._resync(self))
-            else:
+            if status == "ended":
                 self._finish(status)
+            else:
+                # The result or the failure reason travels in "success"/"fail", which the
+                # layer may have lost or delivered late: read the outcome back.
+                asyncio.ensure_future(self._client._resync(self))
 
     def _finish(self, status: str, *, result: Any = None, reason: str = "", detail: str = "") -> None:
         if self._outcome.done():

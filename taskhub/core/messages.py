@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,8 +24,14 @@ PROTOCOL_VERSION = 1
 MAX_REF_LENGTH = 100
 MAX_ERROR_LENGTH = 10_000
 
-# Marks an optional field the client did not send (as opposed to an explicit null).
-MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+#: Marks an optional field the client did not send (as opposed to an explicit null).
+MISSING: Any = _Missing()
 
 
 def _reject_constant(name: str) -> Any:
@@ -77,7 +84,7 @@ def _task_id(name: str, value: Any) -> str:
 def _attempt(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _bad(name, "a positive integer")
-    return value
+    return int(value)
 
 
 def _timeout(name: str, value: Any) -> float | None:
@@ -105,14 +112,14 @@ def _text(name: str, value: Any) -> str:
 def _since(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise _bad(name, "a non-negative integer")
-    return value
+    return int(value)
 
 
 def _action(name: str, value: Any) -> str:
     return validate_action(value)
 
 
-_CHECKERS = {
+_CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "task": _task_id,
     "attempt": _attempt,
     "timeout": _timeout,

@@ -67,7 +67,7 @@ def test_pub_exit_codes(hub, credential):
         timeout=10 * TIMEOUT,
         env={"PYTHONPATH": str(ROOT)},
     )
-    assert failed.returncode == 1 and "pickup_timeout" in failed.stderr
+    assert (failed.returncode, "pickup_timeout" in failed.stderr) == (1, True), failed.stderr
     denied = subprocess.run(
         [*base, "pub", "other:thing"],
         capture_output=True,
@@ -75,7 +75,7 @@ def test_pub_exit_codes(hub, credential):
         timeout=10 * TIMEOUT,
         env={"PYTHONPATH": str(ROOT)},
     )
-    assert denied.returncode == 3 and "may not publish" in denied.stderr
+    assert (denied.returncode, "may not publish" in denied.stderr) == (3, True), denied.stderr
     bad = subprocess.run(
         [*base, "pub", action, "{nope"],
         capture_output=True,
@@ -83,4 +83,4 @@ def test_pub_exit_codes(hub, credential):
         timeout=10 * TIMEOUT,
         env={"PYTHONPATH": str(ROOT)},
     )
-    assert bad.returncode != 0 and "not JSON" in bad.stderr
+    assert bad.returncode != 0 and "not JSON" in bad.stderr, bad.stderr
