@@ -20,6 +20,8 @@ async def send_notices(layer: BaseChannelLayer | None, notices: Iterable[Notice]
         try:
             if kind == "group":
                 await layer.group_send(name, message)
+            elif kind == "join":
+                await layer.group_add(name, message["channel"])
             else:
                 await layer.send(name, message)
         except Exception:  # the layer is a best-effort bus; callers recover from the database

@@ -34,7 +34,8 @@ from .models import Assignment, Credential, Instance, Subscription, TaskEvent, T
 
 log = logging.getLogger(__name__)
 
-# ("channel", channel_name, layer message) or ("group", group_name, layer message)
+# ("channel", channel_name, layer message), ("group", group_name, layer message), or
+# ("join", group_name, {"channel": channel_name}) to add a channel to a group.
 Notice = tuple[str, str, dict[str, Any]]
 
 MAX_TRANSITION_RETRIES = 10
@@ -269,7 +270,11 @@ def notices_for(record: TaskRecord, events: Iterable[machine.Event], offer_chann
             }
             if record.payload_size <= conf.INLINE_PAYLOAD_SIZE:
                 offer["payload"] = record.payload
-            notices.append(("channel", offer_channels[e.instance], {"type": "taskhub.offer", "message": offer}))
+            channel = offer_channels[e.instance]
+            # Join the instance to the task's group before it hears of the task, so that
+            # no event of the task (another service's quick return) can pass it by.
+            notices.append(("join", group, {"channel": channel}))
+            notices.append(("channel", channel, {"type": "taskhub.offer", "message": offer}))
         elif e.kind == "update":
             message = {"type": "update", "task": task_id, "service": e.service, **e.data}
             notices.append(("group", group, {"type": "taskhub.relay", "message": message, "exclude": e.instance}))

@@ -16,6 +16,7 @@ task settles when every assignment of its current attempt is finished.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from .errors import InvalidTransition
 
@@ -123,25 +124,26 @@ FAILURE_REASONS = (
 )
 
 
-def advance_task(status: TaskStatus, event: TaskTrigger) -> TaskStatus:
-    """Return the status a task in ``status`` moves to on ``event``.
+def _advance(table: dict[Any, dict[Any, Any]], state: Any, trigger: Any, what: str) -> Any:
+    try:
+        return table[state][trigger]
+    except KeyError:
+        raise InvalidTransition(f"cannot {trigger.value} {what} in state {state.value!r}") from None
+
+
+def advance_task(status: TaskStatus, trigger: TaskTrigger) -> TaskStatus:
+    """Return the status a task in ``status`` moves to on ``trigger``.
 
     Raises:
         InvalidTransition: if the table has no such move.
     """
-    try:
-        return TASK_TRANSITIONS[status][event]
-    except KeyError:
-        raise InvalidTransition(f"cannot {event.value} a task in state {status.value!r}") from None
+    return TaskStatus(_advance(TASK_TRANSITIONS, status, trigger, "a task"))
 
 
-def advance_assignment(state: AssignmentState, event: AssignmentTrigger) -> AssignmentState:
-    """Return the state an assignment in ``state`` moves to on ``event``.
+def advance_assignment(state: AssignmentState, trigger: AssignmentTrigger) -> AssignmentState:
+    """Return the state an assignment in ``state`` moves to on ``trigger``.
 
     Raises:
         InvalidTransition: if the table has no such move.
     """
-    try:
-        return ASSIGNMENT_TRANSITIONS[state][event]
-    except KeyError:
-        raise InvalidTransition(f"cannot {event.value} an assignment in state {state.value!r}") from None
+    return AssignmentState(_advance(ASSIGNMENT_TRANSITIONS, state, trigger, "an assignment"))

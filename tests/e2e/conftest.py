@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from taskhub.client import Client
 from tests.conftest import TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,3 +194,28 @@ def credential(database_url: str):
         return name, key
 
     return create
+
+
+def unique_action(verb: str = "run") -> str:
+    """A fresh action, so that tests sharing a hub never see each other's tasks."""
+    return f"t{uuid.uuid4().hex[:10]}:{verb}"
+
+
+class Parties:
+    """A fresh action with a worker credential that may subscribe to it and a caller that may publish it."""
+
+    def __init__(self, credential) -> None:
+        self.action = unique_action()
+        self.worker_name, self.worker_key = credential(sub=[self.action])
+        self.caller_name, self.caller_key = credential(pub=[self.action])
+
+    def worker(self, url: str, **options) -> Client:
+        return Client(url, name=self.worker_name, key=self.worker_key, **options)
+
+    def caller(self, url: str, **options) -> Client:
+        return Client(url, name=self.caller_name, key=self.caller_key, **options)
+
+
+@pytest.fixture
+def parties(credential) -> Parties:
+    return Parties(credential)

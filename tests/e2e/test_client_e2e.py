@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import math
-import uuid
 
 import pytest
 
 from taskhub.client import AuthenticationFailed, Client, NoResult, PermissionDenied, TaskFailed
 from tests.conftest import TIMEOUT
+from tests.e2e.conftest import unique_action
 
 pytestmark = pytest.mark.timeout(60 * TIMEOUT)
-
-
-def unique_action(verb: str = "run") -> str:
-    return f"t{uuid.uuid4().hex[:10]}:{verb}"
 
 
 async def test_round_trip_with_pickup_payload_progress_and_result(hub, credential):
     action = unique_action()
     w_name, w_key = credential(sub=[action])
-    c_name, c_key = credential(pub=[action.split(":")[0]])
+    c_name, c_key = credential(pub=[action.split(":")[0]])  # a namespace grants the action
     worker = Client(hub.url, name=w_name, key=w_key)
 
     @worker.sub(action)
@@ -44,17 +40,15 @@ async def test_round_trip_with_pickup_payload_progress_and_result(hub, credentia
     ]
 
 
-async def test_a_handler_that_raises_fails_the_task_with_its_error(hub, credential):
-    action = unique_action()
-    w_name, w_key = credential(sub=[action])
-    c_name, c_key = credential(pub=[action])
-    worker = Client(hub.url, name=w_name, key=w_key)
+async def test_a_handler_that_raises_fails_the_task_with_its_error(hub, credential, parties):
+    action = parties.action
+    worker = parties.worker(hub.url)
 
     @worker.sub(action)
     async def handle(task):
         raise ValueError("no such mailbox")
 
-    async with worker, Client(hub.url, name=c_name, key=c_key) as caller:
+    async with worker, parties.caller(hub.url) as caller:
         with pytest.raises(TaskFailed) as info:
             await asyncio.wait_for(caller.pub(action).get_result(), TIMEOUT)
         assert info.value.reason == "error"
@@ -62,36 +56,31 @@ async def test_a_handler_that_raises_fails_the_task_with_its_error(hub, credenti
         assert await asyncio.wait_for(caller.pub(action).get_result("fallback"), TIMEOUT) == "fallback"
 
 
-async def test_drop_ends_without_result(hub, credential):
-    action = unique_action()
-    w_name, w_key = credential(sub=[action])
-    c_name, c_key = credential(pub=[action])
-    worker = Client(hub.url, name=w_name, key=w_key)
+async def test_drop_ends_without_result(hub, credential, parties):
+    action = parties.action
+    worker = parties.worker(hub.url)
 
     @worker.sub(action)
     async def handle(task):
         await task.drop()
 
-    async with worker, Client(hub.url, name=c_name, key=c_key) as caller:
+    async with worker, parties.caller(hub.url) as caller:
         with pytest.raises(NoResult):
             await asyncio.wait_for(caller.pub(action).get_result(), TIMEOUT)
         assert await asyncio.wait_for(caller.pub(action).get_result(default=None), TIMEOUT) is None
 
 
-async def test_pickup_timeout_without_subscriber(hub, credential):
-    action = unique_action()
-    c_name, c_key = credential(pub=[action])
-    async with Client(hub.url, name=c_name, key=c_key) as caller:
+async def test_pickup_timeout_without_subscriber(hub, parties):
+    action = parties.action  # nobody runs the worker
+    async with parties.caller(hub.url) as caller:
         with pytest.raises(TaskFailed) as info:
             await asyncio.wait_for(caller.pub(action, pickup_timeout=0.5).get_result(), TIMEOUT)
     assert info.value.reason == "pickup_timeout"
 
 
-async def test_complete_timeout_when_the_worker_hangs(hub, credential):
-    action = unique_action()
-    w_name, w_key = credential(sub=[action])
-    c_name, c_key = credential(pub=[action])
-    worker = Client(hub.url, name=w_name, key=w_key)
+async def test_complete_timeout_when_the_worker_hangs(hub, credential, parties):
+    action = parties.action
+    worker = parties.worker(hub.url)
     told = asyncio.Event()
 
     @worker.sub(action)
@@ -100,32 +89,28 @@ async def test_complete_timeout_when_the_worker_hangs(hub, credential):
         await task.pickup()
         await asyncio.Event().wait()  # hang until cancelled
 
-    async with worker, Client(hub.url, name=c_name, key=c_key) as caller:
+    async with worker, parties.caller(hub.url) as caller:
         with pytest.raises(TaskFailed) as info:
             await asyncio.wait_for(caller.pub(action, timeout=0.5).get_result(), TIMEOUT)
         assert info.value.reason == "complete_timeout"
         await asyncio.wait_for(told.wait(), TIMEOUT)
 
 
-async def test_waiting_task_is_delivered_to_a_late_subscriber(hub, credential):
-    action = unique_action()
-    w_name, w_key = credential(sub=[action])
-    c_name, c_key = credential(pub=[action])
-    async with Client(hub.url, name=c_name, key=c_key) as caller:
+async def test_waiting_task_is_delivered_to_a_late_subscriber(hub, credential, parties):
+    action = parties.action
+    async with parties.caller(hub.url) as caller:
         handle = caller.pub(action, 21, pickup_timeout=math.inf)
         await asyncio.wait_for(handle.published, TIMEOUT)
-        worker = Client(hub.url, name=w_name, key=w_key)
+        worker = parties.worker(hub.url)
         worker.sub(action, lambda task: task.get_payload())
         async with worker:
             assert await asyncio.wait_for(handle.get_result(), TIMEOUT) == 21
 
 
-async def test_fan_out_first_return_wins_and_the_other_is_told(hub, credential):
-    action = unique_action()
-    fast_name, fast_key = credential(sub=[action])
+async def test_fan_out_first_return_wins_and_the_other_is_told(hub, credential, parties):
+    action = parties.action
     slow_name, slow_key = credential(sub=[action.split(":")[0]])
-    c_name, c_key = credential(pub=["*"])
-    fast, slow = Client(hub.url, name=fast_name, key=fast_key), Client(hub.url, name=slow_name, key=slow_key)
+    fast, slow = parties.worker(hub.url), Client(hub.url, name=slow_name, key=slow_key)
     slow_saw = asyncio.get_running_loop().create_future()
 
     @fast.sub(action)
@@ -139,7 +124,7 @@ async def test_fan_out_first_return_wins_and_the_other_is_told(hub, credential):
         await slow_saw
         return "slow"
 
-    async with fast, slow, Client(hub.url, name=c_name, key=c_key) as caller:
+    async with fast, slow, parties.caller(hub.url) as caller:
         assert await asyncio.wait_for(caller.pub(action).get_result(), TIMEOUT) == "fast"
         assert await asyncio.wait_for(slow_saw, TIMEOUT) == "fast"
 
@@ -187,14 +172,12 @@ async def test_permissions_and_credentials(hub, credential):
         await bad.close()
 
 
-async def test_idle_connection_survives_beyond_redis_socket_timeout(hub, credential):
+async def test_idle_connection_survives_beyond_redis_socket_timeout(hub, credential, parties):
     """redis-py 8 with channels-redis 4.3 closed idle sockets after 5 s (see requirements.txt)."""
-    action = unique_action()
-    w_name, w_key = credential(sub=[action])
-    c_name, c_key = credential(pub=[action])
-    worker = Client(hub.url, name=w_name, key=w_key)
+    action = parties.action
+    worker = parties.worker(hub.url)
     worker.sub(action, lambda task: "still here")
-    async with worker, Client(hub.url, name=c_name, key=c_key) as caller:
+    async with worker, parties.caller(hub.url) as caller:
         await asyncio.sleep(6.5)  # the idle time is what this test is about
         assert await asyncio.wait_for(caller.pub(action).get_result(), TIMEOUT) == "still here"
         assert worker._connected.is_set() and caller._connected.is_set()

@@ -5,49 +5,41 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import uuid
 
 import pytest
 import websockets
 
 from taskhub.client import Client, InvalidMessage
 from tests.conftest import TIMEOUT
+from tests.e2e.conftest import unique_action
 
 pytestmark = pytest.mark.timeout(60 * TIMEOUT)
 
 
-def unique_action() -> str:
-    return f"t{uuid.uuid4().hex[:10]}:run"
-
-
-async def round_trip(worker_url: str, caller_url: str, credential, payload=7):
-    action = unique_action()
-    w_name, w_key = credential(sub=[action])
-    c_name, c_key = credential(pub=[action])
-    worker = Client(worker_url, name=w_name, key=w_key)
+async def round_trip(worker_url: str, caller_url: str, parties, payload=7):
+    action = parties.action
+    worker = parties.worker(worker_url)
     worker.sub(action, lambda task: task.get_payload())
-    async with worker, Client(caller_url, name=c_name, key=c_key) as caller:
+    async with worker, parties.caller(caller_url) as caller:
         return await asyncio.wait_for(caller.pub(action, payload).get_result(), TIMEOUT)
 
 
-async def test_embedded_default_in_memory_layer(make_hub, credential):
+async def test_embedded_default_in_memory_layer(make_hub, credential, parties):
     hub = make_hub(redis=False)
-    assert await round_trip(hub.url, hub.url, credential) == 7
+    assert await round_trip(hub.url, hub.url, parties) == 7
 
 
-async def test_redis_pubsub_layer_across_two_processes(make_hub, credential):
+async def test_redis_pubsub_layer_across_two_processes(make_hub, credential, parties):
     a, b = make_hub(TASKHUB_LAYER="pubsub"), make_hub(TASKHUB_LAYER="pubsub")
-    assert await round_trip(a.url, b.url, credential, {"n": 1}) == {"n": 1}
+    assert await round_trip(a.url, b.url, parties, {"n": 1}) == {"n": 1}
 
 
-async def test_clients_reconnect_resubscribe_and_publish_once_after_a_hub_restart(make_hub, credential):
+async def test_clients_reconnect_resubscribe_and_publish_once_after_a_hub_restart(make_hub, credential, parties):
     first = make_hub()
-    action = unique_action()
-    w_name, w_key = credential(sub=[action])
-    c_name, c_key = credential(pub=[action])
-    worker = Client(first.url, name=w_name, key=w_key, backoff=lambda n: 0.2)
+    action = parties.action
+    worker = parties.worker(first.url, backoff=lambda n: 0.2)
     worker.sub(action, lambda task: "after restart")
-    caller = Client(first.url, name=c_name, key=c_key, backoff=lambda n: 0.2)
+    caller = parties.caller(first.url, backoff=lambda n: 0.2)
     async with worker, caller:
         first.kill()
         handle = caller.pub(action)  # while the hub is down: sent once it is back

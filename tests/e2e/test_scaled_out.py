@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 
@@ -13,16 +12,10 @@ from tests.conftest import TIMEOUT
 pytestmark = pytest.mark.timeout(60 * TIMEOUT)
 
 
-def unique_action() -> str:
-    return f"t{uuid.uuid4().hex[:10]}:run"
-
-
-async def test_worker_on_one_process_caller_on_the_other(make_hub, credential):
+async def test_worker_on_one_process_caller_on_the_other(make_hub, credential, parties):
     a, b = make_hub(), make_hub()
-    action = unique_action()
-    w_name, w_key = credential(sub=[action])
-    c_name, c_key = credential(pub=[action])
-    worker = Client(a.url, name=w_name, key=w_key)
+    action = parties.action
+    worker = parties.worker(a.url)
 
     @worker.sub(action)
     async def handler(task):
@@ -30,7 +23,7 @@ async def test_worker_on_one_process_caller_on_the_other(make_hub, credential):
         return (await task.get_payload()) * 2
 
     updates = []
-    async with worker, Client(b.url, name=c_name, key=c_key) as caller:
+    async with worker, parties.caller(b.url) as caller:
         handles = [caller.pub(action, i).on("update", updates.append) for i in range(5)]
         results = await asyncio.wait_for(asyncio.gather(*(h.get_result() for h in handles)), TIMEOUT)
     assert results == [0, 2, 4, 6, 8]
@@ -45,13 +38,11 @@ async def test_max_instances_holds_across_processes(make_hub, credential):
             await asyncio.wait_for(Client(b.url, name=name, key=key).connect(), TIMEOUT)
 
 
-async def test_deadline_enforced_after_the_accepting_process_died(make_hub, credential):
+async def test_deadline_enforced_after_the_accepting_process_died(make_hub, credential, parties):
     """The caller's process accepts the task and dies; the other process still fails it on time."""
     a, b = make_hub(), make_hub()
-    action = unique_action()
-    w_name, w_key = credential(sub=[action])
-    c_name, c_key = credential(pub=[action])
-    worker = Client(b.url, name=w_name, key=w_key)
+    action = parties.action
+    worker = parties.worker(b.url)
     picked_up, failed = asyncio.Event(), asyncio.get_running_loop().create_future()
 
     @worker.sub(action)
@@ -61,7 +52,7 @@ async def test_deadline_enforced_after_the_accepting_process_died(make_hub, cred
         picked_up.set()
         await asyncio.Event().wait()
 
-    caller = Client(a.url, name=c_name, key=c_key, backoff=lambda n: 3600)
+    caller = parties.caller(a.url, backoff=lambda n: 3600)
     async with worker:
         await caller.connect()
         await asyncio.wait_for(caller.pub(action, timeout=1.5).published, TIMEOUT)

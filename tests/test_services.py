@@ -1,0 +1,64 @@
+"""The services layer directly: what it persists and what it tells whom."""
+
+from __future__ import annotations
+
+import pytest
+from django.utils import timezone
+
+from taskhub import services
+from taskhub.core.messages import parse_command
+from taskhub.models import Instance, Subscription, TaskRecord
+
+from .conftest import make_credential
+
+pytestmark = pytest.mark.django_db
+
+
+def live_instance(credential, channel):
+    now = timezone.now()
+    instance = Instance.objects.create(
+        credential=credential,
+        channel_name=channel,
+        process="p",
+        connected_at=now,
+        lease_expires_at=now + timezone.timedelta(seconds=60),
+    )
+    Subscription.objects.create(instance=instance, action="mail:send")
+    return instance
+
+
+def test_offered_instances_join_the_task_group_before_they_are_offered():
+    a, _ = make_credential("a", sub=["mail"])
+    b, _ = make_credential("b", sub=["mail"])
+    app, _ = make_credential("app", pub=["mail"])
+    live_instance(a, "chan-a")
+    live_instance(b, "chan-b")
+    task_id, created, notices = services.publish(
+        app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now()
+    )
+    group = services.task_group(task_id)
+    assert created
+    for channel in ("chan-a", "chan-b"):
+        join = notices.index(("join", group, {"channel": channel}))
+        offer = next(i for i, n in enumerate(notices) if n[0] == "channel" and n[1] == channel)
+        assert join < offer
+
+
+def test_a_conflicting_write_is_retried_on_the_fresh_row():
+    app, _ = make_credential("app", pub=["mail"])
+    task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
+    calls = []
+
+    def decide(task):
+        calls.append(task.status)
+        if len(calls) == 1:  # another process moves the task between our read and our write
+            TaskRecord.objects.filter(pk=task_id).update(version=99)
+        return services.machine.expire(task, timezone.now() + timezone.timedelta(days=1))
+
+    services.transition(task_id, decide, timezone.now())
+    assert len(calls) == 2  # the conflict was detected and the decision taken again
+    record = TaskRecord.objects.get(pk=task_id)
+    # The bump ran inside the attempt's transaction and rolled back with it; the retry
+    # applied the transition once, events included.
+    assert (record.status, record.failure_reason, record.version) == ("failed", "pickup_timeout", 1)
+    assert list(record.events.values_list("kind", flat=True)) == ["init", "fail", "end"]
