@@ -181,3 +181,23 @@ async def test_idle_connection_survives_beyond_redis_socket_timeout(hub, credent
         await asyncio.sleep(6.5)  # the idle time is what this test is about
         assert await asyncio.wait_for(caller.pub(action).get_result(), TIMEOUT) == "still here"
         assert worker._connected.is_set() and caller._connected.is_set()
+
+
+async def test_a_worker_leaving_mid_task_fails_it_with_worker_lost(hub, parties):
+    worker = parties.worker(hub.url)
+    picked_up = asyncio.Event()
+
+    @worker.sub(parties.action)
+    async def handler(task):
+        await task.pickup()
+        picked_up.set()
+        await asyncio.Event().wait()
+
+    async with parties.caller(hub.url) as caller:
+        await worker.connect()
+        handle = caller.pub(parties.action)
+        await asyncio.wait_for(picked_up.wait(), TIMEOUT)
+        await worker.close()
+        with pytest.raises(TaskFailed) as info:
+            await asyncio.wait_for(handle.get_result(), TIMEOUT)
+    assert info.value.reason == "worker_lost"
