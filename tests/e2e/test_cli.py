@@ -10,8 +10,7 @@ import uuid
 import pytest
 
 from tests.conftest import TIMEOUT
-
-from .conftest import ROOT
+from tests.processes import ROOT
 
 pytestmark = pytest.mark.timeout(60 * TIMEOUT)
 
