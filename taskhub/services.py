@@ -132,7 +132,7 @@ def disconnect(instance_id: uuid.UUID, now: datetime) -> list[Notice]:
 # -- task transitions ---------------------------------------------------------------------
 
 
-def _load(record: TaskRecord) -> machine.Task:
+def _load(record: TaskRecord, rows: list[Assignment]) -> machine.Task:
     return machine.Task(
         id=str(record.id),
         status=TaskStatus(record.status),
@@ -150,15 +150,25 @@ def _load(record: TaskRecord) -> machine.Task:
             machine.Assignment(
                 a.service, str(a.instance) if a.instance else None, a.attempt, AssignmentState(a.state), a.detail
             )
-            for a in record.assignments.all()
+            for a in rows
         ],
     )
 
 
 def _save(
-    record: TaskRecord, task: machine.Task, events: list[machine.Event], now: datetime, *, created: bool = False
+    record: TaskRecord,
+    task: machine.Task,
+    events: list[machine.Event],
+    now: datetime,
+    rows: list[Assignment],
+    *,
+    created: bool = False,
 ) -> None:
-    """Write the task's new state and its events. Raises :class:`Conflict` on a lost race."""
+    """Write the task's new state, its changed assignments and its events.
+
+    ``rows`` are the assignment rows the task was loaded with. Raises :class:`Conflict`
+    when another process changed the task since it was read.
+    """
     fields: dict[str, Any] = {
         "status": task.status.value,
         "attempt": task.attempt,
@@ -185,24 +195,29 @@ def _save(
             raise Conflict(record.pk)
         for name, value in fields.items():
             setattr(record, name, value)
-    existing = {(a.service, a.attempt): a for a in record.assignments.all()} if not created else {}
+    existing = {(a.service, a.attempt): a for a in rows}
+    new = []
     for a in task.assignments:
         if not a.changed:
             continue
         row = existing.get((a.service, a.attempt))
         if row is None:
-            Assignment.objects.create(
-                task=record,
-                service=a.service,
-                instance=a.instance,
-                attempt=a.attempt,
-                state=a.state.value,
-                detail=a.detail,
-                created_at=now,
-                updated_at=now,
+            new.append(
+                Assignment(
+                    task=record,
+                    service=a.service,
+                    instance=a.instance,
+                    attempt=a.attempt,
+                    state=a.state.value,
+                    detail=a.detail,
+                    created_at=now,
+                    updated_at=now,
+                )
             )
         else:
             Assignment.objects.filter(pk=row.pk).update(state=a.state.value, detail=a.detail, updated_at=now)
+    if new:
+        Assignment.objects.bulk_create(new)
     TaskEvent.objects.bulk_create(
         TaskEvent(
             task=record,
@@ -218,12 +233,16 @@ def _save(
 
 
 def transition(
-    task_id: uuid.UUID | str, decide: Callable[[machine.Task], list[machine.Event]], now: datetime
+    task_id: uuid.UUID | str,
+    decide: Callable[[machine.Task], list[machine.Event]],
+    now: datetime,
+    channels: dict[str, str] | None = None,
 ) -> list[Notice]:
     """Apply one decision of the core to a task, once, whatever other processes do.
 
     ``decide`` gets the loaded task, mutates it and returns the events; if it raises,
-    nothing is written and the exception propagates.
+    nothing is written and the exception propagates. A ``decide`` that offers the task
+    fills ``channels`` (instance id to channel name) for the offers' notices.
 
     Raises:
         UnknownTask: no such task.
@@ -235,22 +254,16 @@ def transition(
                 record = TaskRecord.objects.select_for_update().filter(pk=task_id).first()
                 if record is None:
                     raise UnknownTask(f"no task {task_id}")
-                task = _load(record)
+                rows = list(record.assignments.all())
+                task = _load(record, rows)
                 events = decide(task)
                 if not events:
                     return []
-                offers = _offer_channels(task)
-                _save(record, task, events, now)
+                _save(record, task, events, now, rows)
         except Conflict:
             continue
-        return notices_for(record, events, offers)
+        return notices_for(record, events, channels or {})
     raise RuntimeError(f"task {task_id}: gave up after {MAX_TRANSITION_RETRIES} conflicting updates")
-
-
-def _offer_channels(task: machine.Task) -> dict[str, str]:
-    """Channel names of the instances the task is (being) offered to."""
-    ids = {a.instance for a in task.assignments if a.changed and a.instance}
-    return {str(i): c for i, c in Instance.objects.filter(pk__in=ids).values_list("id", "channel_name")} if ids else {}
 
 
 def notices_for(record: TaskRecord, events: Iterable[machine.Event], offer_channels: dict[str, str]) -> list[Notice]:
@@ -290,11 +303,12 @@ def notices_for(record: TaskRecord, events: Iterable[machine.Event], offer_chann
     return notices
 
 
-def _choose_offers(action: str, now: datetime) -> list[tuple[str, str]]:
+def _choose_offers(action: str, now: datetime, channels: dict[str, str]) -> list[tuple[str, str]]:
     """One live instance per subscribed service, least recently assigned first.
 
-    Marks the chosen instances as assigned at ``now``. Call inside the transaction that
-    starts the task.
+    Returns ``(service, instance id)`` pairs and adds the instances' channel names to
+    ``channels``. Marks the chosen instances as assigned at ``now``: call inside the
+    transaction that starts the task.
     """
     subs = (
         Subscription.objects.filter(
@@ -310,16 +324,19 @@ def _choose_offers(action: str, now: datetime) -> list[tuple[str, str]]:
             chosen[credential.pk] = sub.instance
     if chosen:
         Instance.objects.filter(pk__in=[i.pk for i in chosen.values()]).update(last_assigned_at=now)
+    channels.update((str(i.pk), i.channel_name) for i in chosen.values())
     return [(i.credential.name, str(i.pk)) for i in chosen.values()]
 
 
 def _start(task_id: uuid.UUID | str, action: str, now: datetime) -> list[Notice]:
+    channels: dict[str, str] = {}
+
     def decide(task: machine.Task) -> list[machine.Event]:
         if task.status is not TaskStatus.PENDING:
             return []
-        return machine.start(task, _choose_offers(action, now), now)
+        return machine.start(task, _choose_offers(action, now, channels), now)
 
-    return transition(task_id, decide, now)
+    return transition(task_id, decide, now, channels)
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -348,9 +365,6 @@ def publish(credential: Credential, cmd: Pub, now: datetime) -> tuple[str, bool,
     pickup_timeout = conf.PICKUP_TIMEOUT if cmd.pickup_timeout is MISSING else cmd.pickup_timeout
     complete_timeout = conf.COMPLETE_TIMEOUT if cmd.timeout is MISSING else cmd.timeout
 
-    existing = TaskRecord.objects.filter(pk=task_id).values_list("publisher_id", "action").first()
-    if existing is not None:
-        return task_id, False, _same_task(existing, credential, action, task_id)
     task, events = machine.new_task(task_id, now, pickup_timeout=pickup_timeout, complete_timeout=complete_timeout)
     record = TaskRecord(
         id=task_id,
@@ -363,19 +377,20 @@ def publish(credential: Credential, cmd: Pub, now: datetime) -> tuple[str, bool,
         complete_timeout=complete_timeout,
         created_at=now,
     )
+    channels: dict[str, str] = {}
     try:
         with transaction.atomic():
             events[0] = machine.Event("init", credential.name, data={"action": action, "payload_size": size})
-            events += machine.start(task, _choose_offers(action, now), now)
-            offers = _offer_channels(task)
-            _save(record, task, events, now, created=True)
+            events += machine.start(task, _choose_offers(action, now, channels), now)
+            _save(record, task, events, now, [], created=True)
     except IntegrityError:
-        # Another connection published the same id between our check and our insert.
+        # The id is taken: a re-sent pub (answered as a no-op), or another task's id.
+        # The insert itself detects it, so a new task costs no extra look-up.
         existing = TaskRecord.objects.filter(pk=task_id).values_list("publisher_id", "action").first()
         if existing is None:
             raise
         return task_id, False, _same_task(existing, credential, action, task_id)
-    return task_id, True, notices_for(record, events, offers)
+    return task_id, True, notices_for(record, events, channels)
 
 
 def _same_task(existing: tuple[int | None, str], credential: Credential, action: str, task_id: str) -> list[Notice]:

@@ -1,0 +1,1 @@
+"""Benchmarks: TaskHub against Celery and a raw websockets echo, measured in one run."""

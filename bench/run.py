@@ -1,0 +1,431 @@
+"""Run every benchmark and print one table: ``python -m bench.run [--quick]``.
+
+The hub is started as users start it (``daphne hubproject.asgi:application``, default
+settings, history persisted), on a private redis-server and a fresh database, and is
+driven with ``taskhub.client``. The peers run in the same invocation, on the same
+machine: Celery (Redis broker and result backend, ``--pool=solo``, an ``echo`` task) and a
+raw ``websockets`` echo server (the transport floor).
+
+``--quick`` runs every scenario with a handful of tasks, in seconds (CI runs it so the
+scripts keep working); the figures of a quick run mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import websockets
+
+from taskhub.client import Client
+from tests.processes import (
+    ROOT,
+    Hub,
+    create_credential,
+    create_database,
+    drop_database,
+    free_port,
+    is_postgres,
+    start_redis,
+    wait_for_port,
+)
+
+PAYLOAD = {"id": 1, "to": "someone@example.org", "subject": "x" * 120, "n": [1, 2, 3, 4, 5]}  # about 200 bytes
+
+
+@dataclass
+class Result:
+    scenario: str
+    system: str
+    count: int
+    seconds: float
+    latencies: list[float] = field(default_factory=list)  # seconds
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds if self.seconds else 0.0
+
+    def ms(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def row(self) -> str:
+        return (
+            f"| {self.scenario} | {self.system} | {self.count} | {self.rate:,.0f}/s | {self.ms(0.5):.2f} | "
+            f"{self.ms(0.99):.2f} | {1000 * max(self.latencies, default=float('nan')):.2f} | {self.note} |"
+        )
+
+
+# -- TaskHub scenarios ---------------------------------------------------------------------
+
+
+class Setup:
+    """A database, credentials and one or two hub processes for one group of scenarios."""
+
+    def __init__(self, database_url: str, redis_url: str | None, logs: Path, processes: int = 1, **settings: str):
+        self.database_url = database_url
+        self.hubs = [
+            Hub(database_url, redis_url, logs / f"hub-{os.getpid()}-{i}-{time.monotonic_ns()}.log", **settings)
+            for i in range(processes)
+        ]
+
+    def credential(self, **kwargs: Any) -> tuple[str, str]:
+        return create_credential(self.database_url, **kwargs)
+
+    def client(self, credential: tuple[str, str], hub: int = 0) -> Client:
+        return Client(self.hubs[hub].url, name=credential[0], key=credential[1])
+
+    def stop(self) -> None:
+        for hub in self.hubs:
+            hub.stop()
+
+
+async def round_trips(
+    setup: Setup, n: int, *, concurrency: int = 1, instances: int = 1, updates: int = 0, caller_hub: int = 0,
+) -> tuple[float, list[float], int]:
+    """``n`` tasks, ``concurrency`` in flight; returns (seconds, latencies, updates received)."""
+    action = f"bench{time.monotonic_ns()}:echo"
+    worker_cred = setup.credential(sub=[action], max_instances=instances)
+    caller_cred = setup.credential(pub=[action])
+    workers = [setup.client(worker_cred) for _ in range(instances)]
+
+    async def handler(task: Any) -> Any:
+        await task.pickup()
+        payload = await task.get_payload()
+        for i in range(updates):
+            await task.update({"step": i}, progress=(i + 1) / updates)
+        return payload
+
+    for w in workers:
+        w.sub(action, handler)
+    received = 0
+
+    def on_update(update: Any) -> None:
+        nonlocal received
+        received += 1
+
+    async with contextlib.AsyncExitStack() as stack:
+        for w in workers:
+            await stack.enter_async_context(w)
+        caller = await stack.enter_async_context(setup.client(caller_cred, caller_hub))
+        for _ in range(3):  # warm up
+            await caller.pub(action, PAYLOAD).get_result()
+        received = 0
+        latencies: list[float] = []
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with semaphore:
+                start = time.perf_counter()
+                await caller.pub(action, PAYLOAD).on("update", on_update).get_result()
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(n)))
+        return time.perf_counter() - start, latencies, received
+
+
+async def fanout(setup: Setup, n: int, services: int = 20) -> tuple[Result, Result]:
+    """One task to ``services`` services: time to the last ``start`` and to the result."""
+    action = f"fan{time.monotonic_ns()}:echo"
+    creds = [setup.credential(sub=[action]) for _ in range(services)]
+    caller_cred = setup.credential(pub=[action])
+    started: list[float] = []
+    everyone = asyncio.Event()
+
+    def handler(task: Any) -> Any:
+        started.append(time.perf_counter())
+        if len(started) == services:
+            everyone.set()
+        return "ok"
+
+    workers = [setup.client(c) for c in creds]
+    for w in workers:
+        w.sub(action, handler)
+    to_last_start, to_result = [], []
+    async with contextlib.AsyncExitStack() as stack:
+        for w in workers:
+            await stack.enter_async_context(w)
+        caller = await stack.enter_async_context(setup.client(caller_cred))
+        begin = time.perf_counter()
+        for _ in range(n):
+            started.clear()
+            everyone.clear()
+            t0 = time.perf_counter()
+            await caller.pub(action, PAYLOAD).get_result()
+            to_result.append(time.perf_counter() - t0)
+            await asyncio.wait_for(everyone.wait(), 10)
+            to_last_start.append(max(started) - t0)
+        seconds = time.perf_counter() - begin
+    return (
+        Result("4 fan-out: last start", "TaskHub", n, seconds, to_last_start, f"{services} services"),
+        Result("4 fan-out: result", "TaskHub", n, seconds, to_result, f"{services} services"),
+    )
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def idle(setup: Setup, n: int) -> Result:
+    """``n`` authenticated, subscribed connections on one process: memory and connect rate."""
+    action = f"idle{time.monotonic_ns()}:wait"
+    name, key = setup.credential(sub=[action], max_instances=n)
+    headers = {"Authorization": "Basic " + base64.b64encode(f"{name}:{key}".encode()).decode()}
+    hub = setup.hubs[0]
+    # One connection first, so that the process's one-off start-up costs are not counted.
+    async with websockets.connect(hub.url, additional_headers=headers) as ws:
+        await ws.recv()
+    before = rss_kib(hub.process.pid)
+    sockets: list[Any] = []
+    latencies: list[float] = []
+
+    async def connect() -> None:
+        t0 = time.perf_counter()
+        ws = await websockets.connect(hub.url, additional_headers=headers, compression=None, open_timeout=60)
+        await ws.recv()  # welcome
+        await ws.send(json.dumps({"type": "sub", "action": action, "ref": 1}))
+        answer = json.loads(await ws.recv())
+        if answer.get("type") != "ack":
+            raise RuntimeError(f"sub failed: {answer}")
+        latencies.append(time.perf_counter() - t0)
+        sockets.append(ws)
+
+    start = time.perf_counter()
+    for i in range(0, n, 100):
+        await asyncio.gather(*(connect() for _ in range(min(100, n - i))))
+    seconds = time.perf_counter() - start
+    after = rss_kib(hub.process.pid)
+    await asyncio.gather(*(ws.close() for ws in sockets))
+    per = (after - before) / n
+    return Result("5 idle connections", "TaskHub", n, seconds, latencies,
+                  f"{per:.1f} KiB RSS per connection ({before / 1024:.0f} → {after / 1024:.0f} MiB)")
+
+
+# -- peers --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def celery_worker(redis_url: str, logs: Path) -> Iterator[Any]:
+    env = {**os.environ, "BENCH_REDIS_URL": redis_url}
+    log = (logs / "celery.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "--pool=solo", "-Q", "bench",
+         "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    os.environ["BENCH_REDIS_URL"] = redis_url
+    from bench import celery_app
+
+    celery_app.app.conf.update(broker_url=redis_url, result_backend=redis_url)
+    try:
+        celery_app.echo.apply_async(args=[1]).get(timeout=60)  # ready
+        yield celery_app.echo
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+
+
+def celery_sequential(echo: Any, n: int) -> Result:
+    for _ in range(3):
+        echo.apply_async(args=[PAYLOAD]).get(timeout=10)
+    latencies = []
+    start = time.perf_counter()
+    for _ in range(n):
+        t0 = time.perf_counter()
+        echo.apply_async(args=[PAYLOAD]).get(timeout=10)
+        latencies.append(time.perf_counter() - t0)
+    return Result("1 sequential", "Celery", n, time.perf_counter() - start, latencies, "apply_async().get()")
+
+
+def celery_burst(echo: Any, n: int) -> Result:
+    start = time.perf_counter()
+    sent = [(time.perf_counter(), echo.apply_async(args=[PAYLOAD])) for _ in range(n)]
+    latencies = []
+    for t0, result in sent:
+        result.get(timeout=60)
+        latencies.append(time.perf_counter() - t0)
+    return Result("2 burst", "Celery", n, time.perf_counter() - start, latencies, f"{n} sent, then all collected")
+
+
+async def ws_echo(n: int, concurrency: int) -> Result:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "bench.echo_server", str(port)], cwd=ROOT)
+    try:
+        wait_for_port(port, process)
+        message = json.dumps(PAYLOAD)
+        async with websockets.connect(f"ws://127.0.0.1:{port}", compression=None) as ws:
+            latencies: list[float] = []
+            start = time.perf_counter()
+            if concurrency == 1:
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    await ws.send(message)
+                    await ws.recv()
+                    latencies.append(time.perf_counter() - t0)
+            else:
+                sent: list[float] = []
+                for _ in range(concurrency):
+                    sent.append(time.perf_counter())
+                    await ws.send(message)
+                for i in range(n):
+                    await ws.recv()
+                    latencies.append(time.perf_counter() - sent[i])
+                    if len(sent) < n:
+                        sent.append(time.perf_counter())
+                        await ws.send(message)
+            seconds = time.perf_counter() - start
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    name = "1 sequential" if concurrency == 1 else f"2 {concurrency} in flight"
+    return Result(name, "websockets echo", n, seconds, latencies, "transport floor")
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores"
+
+
+async def run(args: argparse.Namespace) -> list[Result]:
+    quick = args.quick
+    n_seq, n_burst, n_fan, n_idle = (20, 100, 5, 100) if quick else (2000, 5000, 200, 5000)
+    results: list[Result] = []
+    logs = Path(tempfile.mkdtemp(prefix="taskhub-bench-"))
+    redis_url, redis = start_redis()
+    base = args.database_url
+    try:
+        # Peers first, on the same machine and Redis.
+        with celery_worker(redis_url, logs) as echo:
+            results.append(celery_sequential(echo, n_seq))
+            results.append(celery_burst(echo, n_burst))
+        results.append(await ws_echo(n_seq, 1))
+        results.append(await ws_echo(n_burst, 50))
+
+        # The embedded default: SQLite, in-memory layer, one daphne process.
+        database = create_database("", logs / "embedded")
+        (logs / "embedded").mkdir(exist_ok=True)
+        setup = Setup(database, None, logs)
+        try:
+            seconds, lat, _ = await round_trips(setup, n_seq)
+            results.append(Result("1 sequential", "TaskHub", n_seq, seconds, lat, "SQLite, in-memory layer"))
+            seconds, lat, _ = await round_trips(setup, n_burst, concurrency=50, instances=4)
+            results.append(Result("2 50 in flight", "TaskHub", n_burst, seconds, lat, "4 worker instances"))
+            seconds, lat, got = await round_trips(setup, n_seq, updates=3)
+            results.append(Result("3 progress", "TaskHub", n_seq, seconds, lat, f"3 updates each; {got} received"))
+            results.extend(await fanout(setup, n_fan))
+            results.append(await idle(setup, n_idle))
+        finally:
+            setup.stop()
+
+        # Scaled out: Redis layers, PostgreSQL (when reachable), one process versus two.
+        (logs / "scaled").mkdir(exist_ok=True)
+        database = create_database(base, logs / "scaled")
+        db_name = "PostgreSQL" if is_postgres(base) else "SQLite"
+        try:
+            for layer in ("core", "pubsub"):
+                for processes in (1, 2):
+                    setup = Setup(database, redis_url, logs, processes, TASKHUB_LAYER=layer)
+                    try:
+                        caller_hub = processes - 1
+                        where = f"{layer} layer, {db_name}, {processes} process{'es' if processes > 1 else ''}"
+                        seconds, lat, _ = await round_trips(setup, n_seq, caller_hub=caller_hub)
+                        results.append(Result("6 sequential", "TaskHub", n_seq, seconds, lat, where))
+                        seconds, lat, _ = await round_trips(
+                            setup, n_burst, concurrency=50, instances=4, caller_hub=caller_hub
+                        )
+                        results.append(Result("6 50 in flight", "TaskHub", n_burst, seconds, lat, where))
+                    finally:
+                        setup.stop()
+        finally:
+            drop_database(base, database)
+    finally:
+        redis.terminate()
+        redis.wait(timeout=20)
+    return results
+
+
+def ratios(results: list[Result]) -> list[str]:
+    def find(scenario: str, system: str, note: str = "") -> Result | None:
+        return next((r for r in results if r.scenario == scenario and r.system == system and note in r.note), None)
+
+    lines = []
+    seq, celery_seq = find("1 sequential", "TaskHub"), find("1 sequential", "Celery")
+    burst, celery_burst_ = find("2 50 in flight", "TaskHub"), find("2 burst", "Celery")
+    progress = find("3 progress", "TaskHub")
+    floor = find("1 sequential", "websockets echo")
+    if seq and celery_seq:
+        lines.append(f"- sequential: {seq.rate / celery_seq.rate:.2f}x Celery (target >= 1.5x), "
+                     f"p99 {seq.ms(0.99):.2f} ms (target <= 5 ms); {seq.rate / floor.rate:.2f}x the echo floor"
+                     if floor else "")
+    if burst and celery_burst_:
+        lines.append(f"- 50 in flight: {burst.rate / celery_burst_.rate:.2f}x Celery's burst (target >= 2x)")
+    if progress and seq:
+        lines.append(f"- progress: {progress.rate / seq.rate:.2f}x our sequential (target >= 0.6x)")
+    last_start = find("4 fan-out: last start", "TaskHub")
+    if last_start:
+        lines.append(f"- fan-out to 20: p99 to the last start {last_start.ms(0.99):.2f} ms (target <= 20 ms)")
+    idle_ = find("5 idle connections", "TaskHub")
+    if idle_:
+        lines.append(f"- idle: {idle_.note} (target <= 40 KiB); {idle_.rate:,.0f} connects/s")
+    for layer in ("core", "pubsub"):
+        one = find("6 50 in flight", "TaskHub", f"{layer} layer")
+        two = next((r for r in results if r.scenario == "6 50 in flight" and f"{layer} layer" in r.note
+                    and "2 processes" in r.note), None)
+        if one and two:
+            lines.append(f"- scaled out ({layer}): two processes {two.rate / one.rate:.2f}x one (target >= 1.3x)")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run; the figures mean nothing")
+    parser.add_argument(
+        "--database-url", default=os.environ.get("DATABASE_URL", ""),
+        help="PostgreSQL for the scaled-out scenarios (a fresh database is created beside it); default: SQLite",
+    )
+    args = parser.parse_args()
+    before = load()
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    results = asyncio.run(run(args))
+    print(f"\nTaskHub benchmarks, {started}; {'QUICK run: figures mean nothing; ' if args.quick else ''}"
+          f"before: {before}; after: {load()}\n")
+    print("| scenario | system | tasks | rate | p50 ms | p99 ms | max ms | notes |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in results:
+        print(r.row())
+    print("\nAgainst the targets:")
+    for line in ratios(results):
+        if line:
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
+
+
+_: Callable[..., Awaitable[Any]] | None = None
+_unused = statistics
