@@ -18,12 +18,11 @@ import base64
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,7 +96,13 @@ class Setup:
 
 
 async def round_trips(
-    setup: Setup, n: int, *, concurrency: int = 1, instances: int = 1, updates: int = 0, caller_hub: int = 0,
+    setup: Setup,
+    n: int,
+    *,
+    concurrency: int = 1,
+    instances: int = 1,
+    updates: int = 0,
+    caller_hub: int = 0,
 ) -> tuple[float, list[float], int]:
     """``n`` tasks, ``concurrency`` in flight; returns (seconds, latencies, updates received)."""
     action = f"bench{time.monotonic_ns()}:echo"
@@ -217,8 +222,14 @@ async def idle(setup: Setup, n: int) -> Result:
     after = rss_kib(hub.process.pid)
     await asyncio.gather(*(ws.close() for ws in sockets))
     per = (after - before) / n
-    return Result("5 idle connections", "TaskHub", n, seconds, latencies,
-                  f"{per:.1f} KiB RSS per connection ({before / 1024:.0f} → {after / 1024:.0f} MiB)")
+    return Result(
+        "5 idle connections",
+        "TaskHub",
+        n,
+        seconds,
+        latencies,
+        f"{per:.1f} KiB RSS per connection ({before / 1024:.0f} → {after / 1024:.0f} MiB)",
+    )
 
 
 # -- peers --------------------------------------------------------------------------------
@@ -229,9 +240,26 @@ def celery_worker(redis_url: str, logs: Path) -> Iterator[Any]:
     env = {**os.environ, "BENCH_REDIS_URL": redis_url}
     log = (logs / "celery.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "--pool=solo", "-Q", "bench",
-         "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.celery_app",
+            "worker",
+            "--pool=solo",
+            "-Q",
+            "bench",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-l",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     os.environ["BENCH_REDIS_URL"] = redis_url
     from bench import celery_app
@@ -312,7 +340,7 @@ def load() -> str:
 
 async def run(args: argparse.Namespace) -> list[Result]:
     quick = args.quick
-    n_seq, n_burst, n_fan, n_idle = (20, 100, 5, 100) if quick else (2000, 5000, 200, 5000)
+    n_seq, n_burst, n_fan, n_idle = (20, 100, 5, 100) if quick else (500, 1000, 50, 5000)
     results: list[Result] = []
     logs = Path(tempfile.mkdtemp(prefix="taskhub-bench-"))
     redis_url, redis = start_redis()
@@ -378,9 +406,12 @@ def ratios(results: list[Result]) -> list[str]:
     progress = find("3 progress", "TaskHub")
     floor = find("1 sequential", "websockets echo")
     if seq and celery_seq:
-        lines.append(f"- sequential: {seq.rate / celery_seq.rate:.2f}x Celery (target >= 1.5x), "
-                     f"p99 {seq.ms(0.99):.2f} ms (target <= 5 ms); {seq.rate / floor.rate:.2f}x the echo floor"
-                     if floor else "")
+        lines.append(
+            f"- sequential: {seq.rate / celery_seq.rate:.2f}x Celery (target >= 1.5x), "
+            f"p99 {seq.ms(0.99):.2f} ms (target <= 5 ms); {seq.rate / floor.rate:.2f}x the echo floor"
+            if floor
+            else ""
+        )
     if burst and celery_burst_:
         lines.append(f"- 50 in flight: {burst.rate / celery_burst_.rate:.2f}x Celery's burst (target >= 2x)")
     if progress and seq:
@@ -393,8 +424,14 @@ def ratios(results: list[Result]) -> list[str]:
         lines.append(f"- idle: {idle_.note} (target <= 40 KiB); {idle_.rate:,.0f} connects/s")
     for layer in ("core", "pubsub"):
         one = find("6 50 in flight", "TaskHub", f"{layer} layer")
-        two = next((r for r in results if r.scenario == "6 50 in flight" and f"{layer} layer" in r.note
-                    and "2 processes" in r.note), None)
+        two = next(
+            (
+                r
+                for r in results
+                if r.scenario == "6 50 in flight" and f"{layer} layer" in r.note and "2 processes" in r.note
+            ),
+            None,
+        )
         if one and two:
             lines.append(f"- scaled out ({layer}): two processes {two.rate / one.rate:.2f}x one (target >= 1.3x)")
     return lines
@@ -404,15 +441,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run; the figures mean nothing")
     parser.add_argument(
-        "--database-url", default=os.environ.get("DATABASE_URL", ""),
+        "--database-url",
+        default=os.environ.get("DATABASE_URL", ""),
         help="PostgreSQL for the scaled-out scenarios (a fresh database is created beside it); default: SQLite",
     )
     args = parser.parse_args()
     before = load()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     results = asyncio.run(run(args))
-    print(f"\nTaskHub benchmarks, {started}; {'QUICK run: figures mean nothing; ' if args.quick else ''}"
-          f"before: {before}; after: {load()}\n")
+    print(
+        f"\nTaskHub benchmarks, {started}; {'QUICK run: figures mean nothing; ' if args.quick else ''}"
+        f"before: {before}; after: {load()}\n"
+    )
     print("| scenario | system | tasks | rate | p50 ms | p99 ms | max ms | notes |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in results:
@@ -425,7 +465,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-_: Callable[..., Awaitable[Any]] | None = None
-_unused = statistics
