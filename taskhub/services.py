@@ -21,8 +21,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.db.models import F
 
+from . import store
 from .auth import verify_key
 from .conf import conf
 from .core import machine
@@ -30,7 +30,7 @@ from .core.actions import permits
 from .core.errors import AuthenticationFailed, InvalidMessage, PermissionDenied, UnknownTask
 from .core.messages import MISSING, Drop, Fail, Pickup, Pub, Return, Update, encode
 from .core.states import ACTIVE_ASSIGNMENT_STATES, AssignmentState, TaskStatus
-from .models import Assignment, Credential, Instance, Subscription, TaskEvent, TaskRecord
+from .models import Assignment, Credential, Instance, Subscription, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +188,10 @@ def _save(
     if created:
         for name, value in fields.items():
             setattr(record, name, value)
-        record.save(force_insert=True)
+        store.insert_task(record)
     else:
         fields["version"] = record.version + 1
-        if not TaskRecord.objects.filter(pk=record.pk, version=record.version).update(**fields):
+        if not store.update_task(record, fields):
             raise Conflict(record.pk)
         for name, value in fields.items():
             setattr(record, name, value)
@@ -203,32 +203,33 @@ def _save(
         row = existing.get((a.service, a.attempt))
         if row is None:
             new.append(
-                Assignment(
-                    task=record,
-                    service=a.service,
-                    instance=a.instance,
-                    attempt=a.attempt,
-                    state=a.state.value,
-                    detail=a.detail,
-                    created_at=now,
-                    updated_at=now,
-                )
+                {
+                    "task_id": record.pk,
+                    "service": a.service,
+                    "instance": uuid.UUID(a.instance) if a.instance else None,
+                    "attempt": a.attempt,
+                    "state": a.state.value,
+                    "detail": a.detail,
+                    "created_at": now,
+                    "updated_at": now,
+                }
             )
         else:
-            Assignment.objects.filter(pk=row.pk).update(state=a.state.value, detail=a.detail, updated_at=now)
-    if new:
-        Assignment.objects.bulk_create(new)
-    TaskEvent.objects.bulk_create(
-        TaskEvent(
-            task=record,
-            kind=e.kind,
-            service=e.service,
-            instance=e.instance,
-            attempt=e.attempt,
-            data=e.data,
-            created_at=now,
-        )
-        for e in events
+            store.update_assignment(row.pk, a.state.value, a.detail, now)
+    store.insert_assignments(new)
+    store.insert_events(
+        [
+            {
+                "task_id": record.pk,
+                "kind": e.kind,
+                "service": e.service,
+                "instance": uuid.UUID(e.instance) if e.instance else None,
+                "attempt": e.attempt,
+                "data": e.data,
+                "created_at": now,
+            }
+            for e in events
+        ]
     )
 
 
@@ -237,6 +238,8 @@ def transition(
     decide: Callable[[machine.Task], list[machine.Event]],
     now: datetime,
     channels: dict[str, str] | None = None,
+    *,
+    with_payload: bool = False,
 ) -> list[Notice]:
     """Apply one decision of the core to a task, once, whatever other processes do.
 
@@ -251,10 +254,10 @@ def transition(
     for _ in range(MAX_TRANSITION_RETRIES):
         try:
             with transaction.atomic():
-                record = TaskRecord.objects.select_for_update().filter(pk=task_id).first()
-                if record is None:
+                loaded = store.load_task(task_id, with_payload=with_payload)
+                if loaded is None:
                     raise UnknownTask(f"no task {task_id}")
-                rows = list(record.assignments.all())
+                record, rows = loaded
                 task = _load(record, rows)
                 events = decide(task)
                 if not events:
@@ -310,22 +313,13 @@ def _choose_offers(action: str, now: datetime, channels: dict[str, str]) -> list
     ``channels``. Marks the chosen instances as assigned at ``now``: call inside the
     transaction that starts the task.
     """
-    subs = (
-        Subscription.objects.filter(
-            action=action, instance__lease_expires_at__gt=now, instance__credential__is_active=True
-        )
-        .select_related("instance__credential")
-        .order_by(F("instance__last_assigned_at").asc(nulls_first=True), "instance__connected_at")
-    )
-    chosen: dict[int, Instance] = {}
-    for sub in subs:
-        credential = sub.instance.credential
-        if credential.pk not in chosen and permits(credential.sub_permissions, action):
-            chosen[credential.pk] = sub.instance
-    if chosen:
-        Instance.objects.filter(pk__in=[i.pk for i in chosen.values()]).update(last_assigned_at=now)
-    channels.update((str(i.pk), i.channel_name) for i in chosen.values())
-    return [(i.credential.name, str(i.pk)) for i in chosen.values()]
+    chosen: dict[int, dict[str, Any]] = {}
+    for sub in store.live_subscribers(action, now):
+        if sub["credential_id"] not in chosen and permits(sub["sub_permissions"], action):
+            chosen[sub["credential_id"]] = sub
+    store.mark_assigned([sub["instance"] for sub in chosen.values()], now)
+    channels.update((str(sub["instance"]), sub["channel_name"]) for sub in chosen.values())
+    return [(sub["name"], str(sub["instance"])) for sub in chosen.values()]
 
 
 def _start(task_id: uuid.UUID | str, action: str, now: datetime) -> list[Notice]:
@@ -336,7 +330,7 @@ def _start(task_id: uuid.UUID | str, action: str, now: datetime) -> list[Notice]
             return []
         return machine.start(task, _choose_offers(action, now, channels), now)
 
-    return transition(task_id, decide, now, channels)
+    return transition(task_id, decide, now, channels, with_payload=True)
 
 
 # -- commands -----------------------------------------------------------------------------

@@ -62,3 +62,28 @@ def test_a_conflicting_write_is_retried_on_the_fresh_row():
     # applied the transition once, events included.
     assert (record.status, record.failure_reason, record.version) == ("failed", "pickup_timeout", 1)
     assert list(record.events.values_list("kind", flat=True)) == ["init", "fail", "end"]
+
+
+def test_the_store_reads_rows_as_the_orm_does():
+    from taskhub import store
+
+    app, _ = make_credential("app", pub=["mail"])
+    a, _ = make_credential("a", sub=["mail"])
+    live_instance(a, "chan-a")
+    task_id, _, _ = services.publish(
+        app,
+        parse_command({"type": "pub", "action": "mail:send", "payload": {"é": [1, None]}, "timeout": 9}),
+        timezone.now(),
+    )
+    services.act(
+        a, parse_command({"type": "return", "task": task_id, "attempt": 1, "result": {"ok": [True]}}), timezone.now()
+    )
+    record, rows = store.load_task(task_id, with_payload=True)
+    orm = TaskRecord.objects.get(pk=task_id)
+    for name in (*store.TASK_FIELDS, "payload"):
+        assert getattr(record, name) == getattr(orm, name), name
+    assert [(r.pk, r.service, r.instance, r.state, r.created_at) for r in rows] == [
+        (r.pk, r.service, r.instance, r.state, r.created_at) for r in orm.assignments.all()
+    ]
+    assert store.load_task("not-a-uuid") is None
+    assert store.load_task("8d7f6a0e-3b7c-4f4e-9a51-2d6f0f1f6b2a") is None
