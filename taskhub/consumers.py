@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils import timezone
@@ -131,6 +132,16 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
         if self.instance_id is not None:
             notices = await database_sync_to_async(services.disconnect)(self.instance_id, timezone.now())
             await send_notices(self.channel_layer, notices)
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels' AsyncConsumer.dispatch first closes stale database connections, with a
+        # hop to the ORM thread, before every frame and every layer message. Every
+        # database call of this consumer goes through database_sync_to_async, which does
+        # that itself; the extra hop only queued offers and relays behind database work.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
 
     async def reply(self, message: dict[str, Any]) -> None:
         await self.send(text_data=encode(message))
