@@ -58,28 +58,16 @@ def test_worker_and_pub_from_the_command_line(hub, credential, tmp_path):
 def test_pub_exit_codes(hub, credential):
     action = f"t{uuid.uuid4().hex[:10]}:nobody"
     c_name, c_key = credential(pub=[action])
-    base = cli("--url", hub.url, "--name", c_name, "--key", c_key)
-    failed = subprocess.run(
-        [*base, "pub", action, "--pickup-timeout", "0.3"],
-        capture_output=True,
-        text=True,
-        timeout=10 * TIMEOUT,
-        env={"PYTHONPATH": str(ROOT)},
-    )
+
+    def pub(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            cli("--url", hub.url, "--name", c_name, "--key", c_key, "pub", *args),
+            capture_output=True, text=True, timeout=10 * TIMEOUT, env={"PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+
+    failed = pub(action, "--pickup-timeout", "0.3")
     assert (failed.returncode, "pickup_timeout" in failed.stderr) == (1, True), failed.stderr
-    denied = subprocess.run(
-        [*base, "pub", "other:thing"],
-        capture_output=True,
-        text=True,
-        timeout=10 * TIMEOUT,
-        env={"PYTHONPATH": str(ROOT)},
-    )
+    denied = pub("other:thing")
     assert (denied.returncode, "may not publish" in denied.stderr) == (3, True), denied.stderr
-    bad = subprocess.run(
-        [*base, "pub", action, "{nope"],
-        capture_output=True,
-        text=True,
-        timeout=10 * TIMEOUT,
-        env={"PYTHONPATH": str(ROOT)},
-    )
+    bad = pub(action, "{nope")
     assert bad.returncode != 0 and "not JSON" in bad.stderr, bad.stderr
