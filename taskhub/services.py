@@ -383,14 +383,19 @@ def publish(credential: Credential, cmd: Pub, now: datetime) -> tuple[str, bool,
         existing = TaskRecord.objects.filter(pk=task_id).values_list("publisher_id", "action").first()
         if existing is None:
             raise
-        return task_id, False, _same_task(existing, credential, action, task_id)
+        _check_same_task(existing, credential, action, task_id)
+        return task_id, False, []
     return task_id, True, notices_for(record, events, channels)
 
 
-def _same_task(existing: tuple[int | None, str], credential: Credential, action: str, task_id: str) -> list[Notice]:
+def _check_same_task(existing: tuple[int | None, str], credential: Credential, action: str, task_id: str) -> None:
+    """Accept a re-sent ``pub`` of the same task; refuse an id taken by another task.
+
+    Raises:
+        InvalidMessage: ``task_exists``.
+    """
     if existing != (credential.pk, action):
         raise InvalidMessage(f"task id {task_id} is already taken by another task", "task_exists")
-    return []
 
 
 def subscribe(instance_id: uuid.UUID, credential: Credential, action: str, now: datetime) -> tuple[int, list[Notice]]:
