@@ -15,8 +15,15 @@ MIN_KEY_LENGTH = 16
 
 
 def generate_key() -> str:
-    """A new random key (43 URL-safe characters, 256 bits)."""
-    return secrets.token_urlsafe(32)
+    """A new random key (43 URL-safe characters, 256 bits), never starting with ``-``.
+
+    One URL-safe key in 64 would start with ``-``, and ``--key -abc…`` on a command line
+    reads as another option.
+    """
+    while True:
+        key = secrets.token_urlsafe(32)
+        if not key.startswith("-"):
+            return key
 
 
 def hash_key(key: str, salt: str | None = None) -> str:

@@ -26,3 +26,10 @@ def test_malformed_hashes_never_verify(stored):
 def test_short_keys_are_refused():
     with pytest.raises(ValueError, match="at least 16"):
         hash_key("short")
+
+
+def test_generated_keys_never_start_with_a_dash(monkeypatch):
+    # "--key -abc..." would read as another option on a command line.
+    drawn = iter(["-" + "a" * 42, "b" * 43])
+    monkeypatch.setattr("taskhub.auth.secrets.token_urlsafe", lambda n: next(drawn))
+    assert generate_key() == "b" * 43
