@@ -2,21 +2,24 @@
 
 Why: on the hot path the Django ORM spent more time building and compiling queries than
 the database spent running them (py-spy, see bench/README.md). These statements are
-fixed, so they are written once. Values go through the model fields' own
-``get_db_prep_save`` and come back through the same converters the ORM's compiler
-applies, so rows read here equal rows read by the ORM, on SQLite and PostgreSQL alike.
+fixed, so they are built once per database connection (:class:`Statements`). Values go
+through the model fields' own ``get_db_prep_save`` and come back through the same
+converters the ORM's compiler applies, so rows read here equal rows read by the ORM, on
+SQLite and PostgreSQL alike.
 
 Every function must be called inside the caller's ``transaction.atomic()``.
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, connection, connections
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model
 
 from .models import Assignment, Credential, Instance, Subscription, TaskEvent, TaskRecord
@@ -29,7 +32,7 @@ TASK_FIELDS = (
 ASSIGNMENT_FIELDS = ("id", "task_id", "service", "instance", "attempt", "state", "detail", "created_at", "updated_at")
 EVENT_FIELDS = ("task_id", "kind", "service", "instance", "attempt", "data", "created_at")
 
-Converter = Callable[[Any, Any, Any], Any]
+Prep = Callable[[Any], Any]
 
 
 def _field(model: type[Model], name: str) -> Field[Any, Any]:
@@ -38,44 +41,132 @@ def _field(model: type[Model], name: str) -> Field[Any, Any]:
     return field
 
 
-def _table(model: type[Model]) -> str:
-    return connection.ops.quote_name(model._meta.db_table)
+class _Reader:
+    """Turns a row of ``names`` into Python values, with the ORM compiler's converters."""
+
+    def __init__(self, conn: BaseDatabaseWrapper, columns: Sequence[tuple[str, type[Model], str]]) -> None:
+        self.conn = conn
+        self.columns = []
+        for name, model, field_name in columns:
+            col = _field(model, field_name).get_col(model._meta.db_table)
+            converters = conn.ops.get_db_converters(col) + col.get_db_converters(conn)
+            self.columns.append((name, col, converters))
+
+    def __call__(self, row: Sequence[Any]) -> dict[str, Any]:
+        values = {}
+        conn = self.conn
+        for value, (name, col, converters) in zip(row, self.columns, strict=True):
+            for convert in converters:
+                value = convert(value, col, conn)
+            values[name] = value
+        return values
 
 
-def _columns(model: type[Model], names: Iterable[str], prefix: str = "") -> str:
-    return ", ".join(prefix + connection.ops.quote_name(str(_field(model, n).column)) for n in names)
+class Statements:
+    """The hot path's SQL and value adapters for one database connection.
+
+    Built on first use and kept on the connection wrapper (see :func:`statements`): the
+    converters are bound to the connection, so the cache lives and dies with it.
+    """
+
+    def __init__(self, conn: BaseDatabaseWrapper) -> None:
+        q = self.quote = conn.ops.quote_name
+        self.conn = conn
+        self.task, self.assignment, self.event = (
+            q(m._meta.db_table) for m in (TaskRecord, Assignment, TaskEvent)
+        )  # fmt: skip
+        lock = " FOR UPDATE" if conn.features.has_select_for_update else ""
+        where_id = f"WHERE {q('id')} = %s{lock}"
+        self.task_names = {
+            False: TASK_FIELDS,
+            True: (*TASK_FIELDS, "payload"),
+        }
+        self.select_task = {
+            with_payload: f"SELECT {self.columns(TaskRecord, names)} FROM {self.task} {where_id}"
+            for with_payload, names in self.task_names.items()
+        }
+        self.read_task = {
+            with_payload: _Reader(conn, [(n, TaskRecord, n) for n in names])
+            for with_payload, names in self.task_names.items()
+        }
+        self.select_assignments = (
+            f"SELECT {self.columns(Assignment, ASSIGNMENT_FIELDS)} FROM {self.assignment} "
+            f"WHERE {q('task_id')} = %s ORDER BY {q('id')}"
+        )
+        self.read_assignment = _Reader(conn, [(n, Assignment, n) for n in ASSIGNMENT_FIELDS])
+        self.update_assignment = (
+            f"UPDATE {self.assignment} SET {q('state')} = %s, {q('detail')} = %s, {q('updated_at')} = %s "
+            f"WHERE {q('id')} = %s"
+        )
+        sub, inst, cred = (q(m._meta.db_table) for m in (Subscription, Instance, Credential))
+        self.live_subscribers = (
+            f"SELECT i.{q('id')}, i.{q('channel_name')}, c.{q('id')}, c.{q('name')}, c.{q('sub_permissions')} "
+            f"FROM {sub} s JOIN {inst} i ON s.{q('instance_id')} = i.{q('id')} "
+            f"JOIN {cred} c ON i.{q('credential_id')} = c.{q('id')} "
+            f"WHERE s.{q('action')} = %s AND i.{q('lease_expires_at')} > %s AND c.{q('is_active')} = %s "
+            f"ORDER BY CASE WHEN i.{q('last_assigned_at')} IS NULL THEN 0 ELSE 1 END, "
+            f"i.{q('last_assigned_at')}, i.{q('connected_at')}"
+        )
+        self.read_subscriber = _Reader(
+            conn,
+            [
+                ("instance", Instance, "id"),
+                ("channel_name", Instance, "channel_name"),
+                ("credential_id", Credential, "id"),
+                ("name", Credential, "name"),
+                ("sub_permissions", Credential, "sub_permissions"),
+            ],
+        )
+        self.instance_table = inst
+        self._prep: dict[tuple[type[Model], str], Prep] = {}
+        self._variants: dict[tuple[Any, ...], str] = {}
+
+    def columns(self, model: type[Model], names: Sequence[str]) -> str:
+        return ", ".join(self.quote(str(_field(model, n).column)) for n in names)
+
+    def prep(self, model: type[Model], name: str) -> Prep:
+        """The field's ``get_db_prep_save`` bound to this connection."""
+        key = (model, name)
+        if key not in self._prep:
+            self._prep[key] = functools.partial(_field(model, name).get_db_prep_save, connection=self.conn)
+        return self._prep[key]
+
+    def update_task(self, names: tuple[str, ...]) -> str:
+        key = ("update_task", names)
+        if key not in self._variants:
+            q = self.quote
+            assignments = ", ".join(f"{q(str(_field(TaskRecord, n).column))} = %s" for n in names)
+            self._variants[key] = f"UPDATE {self.task} SET {assignments} WHERE {q('id')} = %s AND {q('version')} = %s"
+        return self._variants[key]
+
+    def insert(self, model: type[Model], names: tuple[str, ...], rows: int) -> str:
+        key = ("insert", model, names, rows)
+        if key not in self._variants:
+            placeholders = "(" + ", ".join(["%s"] * len(names)) + ")"
+            self._variants[key] = (
+                f"INSERT INTO {self.quote(model._meta.db_table)} ({self.columns(model, names)}) "
+                f"VALUES {', '.join([placeholders] * rows)}"
+            )
+        return self._variants[key]
+
+    def mark_assigned(self, count: int) -> str:
+        key = ("mark_assigned", count)
+        if key not in self._variants:
+            q = self.quote
+            self._variants[key] = (
+                f"UPDATE {self.instance_table} SET {q('last_assigned_at')} = %s "
+                f"WHERE {q('id')} IN ({', '.join(['%s'] * count)})"
+            )
+        return self._variants[key]
 
 
-def _prep(model: type[Model], name: str, value: Any) -> Any:
-    return _field(model, name).get_db_prep_save(value, connection)
-
-
-def _reader(model: type[Model], names: tuple[str, ...]) -> list[Any]:
-    """Per column: the expression and the converters the ORM's compiler would apply."""
-    # Cached on the connection wrapper itself (converters are bound to it), so the cache
-    # lives and dies with the connection instead of keeping it alive.
-    wrapper = connections[DEFAULT_DB_ALIAS]
-    per_connection: dict[tuple[type[Model], tuple[str, ...]], list[Any]] = wrapper.__dict__.setdefault(
-        "_taskhub_readers", {}
-    )
-    key = (model, names)
-    if key not in per_connection:
-        columns = []
-        for name in names:
-            col = _field(model, name).get_col(model._meta.db_table)
-            converters = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
-            columns.append((col, converters))
-        per_connection[key] = columns
-    return per_connection[key]
-
-
-def _read(model: type[Model], names: tuple[str, ...], row: Sequence[Any]) -> dict[str, Any]:
-    values = {}
-    for name, value, (col, converters) in zip(names, row, _reader(model, names), strict=True):
-        for convert in converters:
-            value = convert(value, col, connection)
-        values[name] = value
-    return values
+def statements() -> Statements:
+    """The statements of this thread's default connection."""
+    conn = connections[DEFAULT_DB_ALIAS]
+    found: Statements | None = conn.__dict__.get("_taskhub_statements")
+    if found is None:
+        found = conn.__dict__["_taskhub_statements"] = Statements(conn)
+    return found
 
 
 def load_task(task_id: uuid.UUID | str, *, with_payload: bool = False) -> tuple[TaskRecord, list[Assignment]] | None:
@@ -84,44 +175,31 @@ def load_task(task_id: uuid.UUID | str, *, with_payload: bool = False) -> tuple[
     The payload, which can be large, is loaded only ``with_payload`` (for offers);
     otherwise ``record.payload`` is ``None``.
     """
-    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    st = statements()
     try:
-        pk = _prep(TaskRecord, "id", uuid.UUID(str(task_id)))
+        pk = st.prep(TaskRecord, "id")(uuid.UUID(str(task_id)))
     except ValueError:
         return None
-    names = (*TASK_FIELDS, "payload") if with_payload else TASK_FIELDS
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {_columns(TaskRecord, names)} FROM {_table(TaskRecord)} "
-            f"WHERE {connection.ops.quote_name('id')} = %s{lock}",
-            [pk],
-        )
+    with st.conn.cursor() as cursor:
+        cursor.execute(st.select_task[with_payload], [pk])
         row = cursor.fetchone()
         if row is None:
             return None
-        record = TaskRecord(**_read(TaskRecord, names, row))
+        record = TaskRecord(**st.read_task[with_payload](row))
         record._state.adding = False
-        cursor.execute(
-            f"SELECT {_columns(Assignment, ASSIGNMENT_FIELDS)} FROM {_table(Assignment)} "
-            f"WHERE {connection.ops.quote_name('task_id')} = %s ORDER BY {connection.ops.quote_name('id')}",
-            [pk],
-        )
-        rows = [Assignment(**_read(Assignment, ASSIGNMENT_FIELDS, r)) for r in cursor.fetchall()]
+        cursor.execute(st.select_assignments, [pk])
+        rows = [Assignment(**st.read_assignment(r)) for r in cursor.fetchall()]
     return record, rows
 
 
 def update_task(record: TaskRecord, fields: dict[str, Any]) -> bool:
     """``UPDATE ... WHERE id = ... AND version = <record.version>``; whether it matched."""
-    names = list(fields)
-    assignments = ", ".join(f"{connection.ops.quote_name(str(_field(TaskRecord, n).column))} = %s" for n in names)
-    params = [_prep(TaskRecord, n, fields[n]) for n in names]
-    params += [_prep(TaskRecord, "id", record.pk), record.version]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {_table(TaskRecord)} SET {assignments} "
-            f"WHERE {connection.ops.quote_name('id')} = %s AND {connection.ops.quote_name('version')} = %s",
-            params,
-        )
+    st = statements()
+    names = tuple(fields)
+    params = [st.prep(TaskRecord, n)(fields[n]) for n in names]
+    params += [st.prep(TaskRecord, "id")(record.pk), record.version]
+    with st.conn.cursor() as cursor:
+        cursor.execute(st.update_task(names), params)
         return bool(cursor.rowcount)
 
 
@@ -131,27 +209,22 @@ def insert_task(record: TaskRecord) -> None:
     Raises:
         IntegrityError: the id is taken.
     """
-    names = (*TASK_FIELDS, "payload")
-    params = [_prep(TaskRecord, n, getattr(record, n)) for n in names]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {_table(TaskRecord)} ({_columns(TaskRecord, names)}) "
-            f"VALUES ({', '.join(['%s'] * len(names))})",
-            params,
-        )
+    st = statements()
+    names = st.task_names[True]
+    params = [st.prep(TaskRecord, n)(getattr(record, n)) for n in names]
+    with st.conn.cursor() as cursor:
+        cursor.execute(st.insert(TaskRecord, names, 1), params)
     record._state.adding = False
 
 
 def _insert_many(model: type[Model], names: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    placeholders = "(" + ", ".join(["%s"] * len(names)) + ")"
-    params = [_prep(model, n, row[n]) for row in rows for n in names]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {_table(model)} ({_columns(model, names)}) VALUES {', '.join([placeholders] * len(rows))}",
-            params,
-        )
+    st = statements()
+    preps = [st.prep(model, n) for n in names]
+    params = [prep(row[n]) for row in rows for n, prep in zip(names, preps, strict=True)]
+    with st.conn.cursor() as cursor:
+        cursor.execute(st.insert(model, names, len(rows)), params)
 
 
 def insert_assignments(rows: list[dict[str, Any]]) -> None:
@@ -160,13 +233,9 @@ def insert_assignments(rows: list[dict[str, Any]]) -> None:
 
 
 def update_assignment(pk: int, state: str, detail: str, now: datetime) -> None:
-    q = connection.ops.quote_name
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {_table(Assignment)} SET {q('state')} = %s, {q('detail')} = %s, {q('updated_at')} = %s "
-            f"WHERE {q('id')} = %s",
-            [state, detail, _prep(Assignment, "updated_at", now), pk],
-        )
+    st = statements()
+    with st.conn.cursor() as cursor:
+        cursor.execute(st.update_assignment, [state, detail, st.prep(Assignment, "updated_at")(now), pk])
 
 
 def insert_events(rows: list[dict[str, Any]]) -> None:
@@ -180,36 +249,20 @@ def live_subscribers(action: str, now: datetime) -> list[dict[str, Any]]:
     Each: ``instance`` (id), ``channel_name``, ``credential_id``, ``name`` (the
     service) and ``sub_permissions``.
     """
-    q = connection.ops.quote_name
-    sub, inst, cred = _table(Subscription), _table(Instance), _table(Credential)
-    sql = (
-        f"SELECT i.{q('id')}, i.{q('channel_name')}, c.{q('id')}, c.{q('name')}, c.{q('sub_permissions')} "
-        f"FROM {sub} s JOIN {inst} i ON s.{q('instance_id')} = i.{q('id')} "
-        f"JOIN {cred} c ON i.{q('credential_id')} = c.{q('id')} "
-        f"WHERE s.{q('action')} = %s AND i.{q('lease_expires_at')} > %s AND c.{q('is_active')} = %s "
-        f"ORDER BY CASE WHEN i.{q('last_assigned_at')} IS NULL THEN 0 ELSE 1 END, "
-        f"i.{q('last_assigned_at')}, i.{q('connected_at')}"
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [action, _prep(Instance, "lease_expires_at", now), True])
-        found = cursor.fetchall()
-    out = []
-    for instance_id, channel_name, credential_id, name, permissions in found:
-        instance = _read(Instance, ("id",), (instance_id,))["id"]
-        permissions = _read(Credential, ("sub_permissions",), (permissions,))["sub_permissions"]
-        out.append({"instance": instance, "channel_name": channel_name, "credential_id": credential_id,
-                    "name": name, "sub_permissions": permissions})  # fmt: skip
-    return out
+    st = statements()
+    with st.conn.cursor() as cursor:
+        cursor.execute(st.live_subscribers, [action, st.prep(Instance, "lease_expires_at")(now), True])
+        return [st.read_subscriber(row) for row in cursor.fetchall()]
 
 
 def mark_assigned(instance_ids: list[uuid.UUID], now: datetime) -> None:
     """Set ``last_assigned_at`` of the instances just given a task."""
     if not instance_ids:
         return
-    q = connection.ops.quote_name
-    with connection.cursor() as cursor:
+    st = statements()
+    prep_id = st.prep(Instance, "id")
+    with st.conn.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {_table(Instance)} SET {q('last_assigned_at')} = %s "
-            f"WHERE {q('id')} IN ({', '.join(['%s'] * len(instance_ids))})",
-            [_prep(Instance, "last_assigned_at", now), *(_prep(Instance, "id", i) for i in instance_ids)],
+            st.mark_assigned(len(instance_ids)),
+            [st.prep(Instance, "last_assigned_at")(now), *(prep_id(i) for i in instance_ids)],
         )
