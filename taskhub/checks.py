@@ -10,6 +10,7 @@ taskhub.E004   INLINE_PAYLOAD_SIZE <= MAX_PAYLOAD_SIZE < MAX_MESSAGE_SIZE
 taskhub.E005   INSTANCE_LEASE, SWEEP_INTERVAL, AUTH_TIMEOUT are positive numbers
 taskhub.E006   INSTANCE_LEASE is at least three SWEEP_INTERVALs (leases are renewed by the sweeper)
 taskhub.E007   a channel layer is configured
+taskhub.E008   DB_THREADS is a positive integer or None
 taskhub.W001   MAX_MESSAGE_SIZE is below daphne's default frame limit (1 MiB)
 =============  ===========================================================
 """
@@ -84,6 +85,14 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 "TASKHUB_INSTANCE_LEASE must be at least three TASKHUB_SWEEP_INTERVALs.",
                 hint="Each process renews its instances' leases from its sweeper.",
                 id="taskhub.E006",
+            )
+        )
+    if conf.DB_THREADS is not None and not _positive(conf.DB_THREADS, integer=True):
+        errors.append(
+            Error(
+                f"TASKHUB_DB_THREADS must be a positive integer or None, not {conf.DB_THREADS!r}.",
+                hint="None runs one thread on SQLite and 8 on other databases.",
+                id="taskhub.E008",
             )
         )
     if not getattr(settings, "CHANNEL_LAYERS", None):

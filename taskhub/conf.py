@@ -30,6 +30,8 @@ DEFAULTS: dict[str, Any] = {
     "SWEEP_INTERVAL": 1.0,
     # Seconds a connection without handshake credentials has to send its hello.
     "AUTH_TIMEOUT": 10.0,
+    # Threads per process that run database work; None: 1 on SQLite (one writer), else 8.
+    "DB_THREADS": None,
 }
 
 
@@ -49,6 +51,7 @@ class Settings:
     INSTANCE_LEASE: float
     SWEEP_INTERVAL: float
     AUTH_TIMEOUT: float
+    DB_THREADS: int | None
 
 
 conf = Settings()

@@ -15,11 +15,10 @@ import secrets
 import socket
 from datetime import datetime
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.utils import timezone
 
-from . import services
+from . import db, services
 from .conf import conf
 from .notify import send_notices
 
@@ -52,7 +51,7 @@ async def sweep_once(now: datetime | None = None) -> None:
 
     ``now`` defaults to the clock; tests pass a later moment to fire deadlines.
     """
-    notices, to_close = await database_sync_to_async(services.sweep)(PROCESS, now or timezone.now())
+    notices, to_close = await db.run(services.sweep, PROCESS, now or timezone.now())
     layer = get_channel_layer()
     await send_notices(layer, notices)
     await send_notices(

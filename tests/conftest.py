@@ -22,6 +22,9 @@ async def _stop_sweeper():
     sweeper = sys.modules.get("taskhub.sweeper")  # only if a test started one: the core needs no Django
     if sweeper is not None:
         await sweeper.stop()
+    db = sys.modules.get("taskhub.db")
+    if db is not None:  # close the database threads' connections while the test may still use the database
+        db.shutdown()
 
 
 def make_credential(

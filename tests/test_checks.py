@@ -57,6 +57,15 @@ def test_e007_channel_layer():
     assert ids(CHANNEL_LAYERS={}) == ["taskhub.E007"]
 
 
+@pytest.mark.parametrize("value", [0, -2, 1.5, "4", True])
+def test_e008_db_threads(value):
+    assert ids(TASKHUB_DB_THREADS=value) == ["taskhub.E008"]
+
+
+def test_e008_accepts_a_thread_count():
+    assert ids(TASKHUB_DB_THREADS=4) == []
+
+
 def test_settings_are_read_on_access_and_unknown_names_fail():
     with override_settings(TASKHUB_PICKUP_TIMEOUT=7.0):
         assert conf.PICKUP_TIMEOUT == 7.0
