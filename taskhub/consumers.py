@@ -16,11 +16,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from channels.consumer import get_handler_name
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils import timezone
 
-from . import services, sweeper
+from . import db, services, sweeper
 from .conf import conf
 from .core.errors import AuthenticationFailed, InvalidMessage, ProtocolError
 from .core.messages import (
@@ -82,7 +81,10 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         sweeper.ensure_started()
+        # Task groups this connection joined itself (it published or watches the task),
+        # and those the publishing process joined it to (it was offered the task).
         self.followed: set[str] = set()
+        self.working: set[str] = set()
         self.auth_timer: asyncio.TimerHandle | None = None
         await self.accept()
         credentials = basic_credentials(self.scope)
@@ -103,9 +105,9 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
         now = timezone.now()
         client = self.scope.get("client") or ("", 0)
         try:
-            credential = await database_sync_to_async(services.authenticate)(name, key)
-            instance = await database_sync_to_async(services.register_instance)(
-                credential, self.channel_name, sweeper.PROCESS, str(client[0]), now
+            credential = await db.run(services.authenticate, name, key)
+            instance = await db.run(
+                services.register_instance, credential, self.channel_name, sweeper.PROCESS, str(client[0]), now
             )
         except AuthenticationFailed as exc:
             await self.reply(error_message(exc.code, exc.detail, ref))
@@ -127,10 +129,10 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         if getattr(self, "auth_timer", None) is not None:
             self.auth_timer.cancel()  # type: ignore[union-attr]
-        for group in getattr(self, "followed", ()):
+        for group in getattr(self, "followed", set()) | getattr(self, "working", set()):
             await self.channel_layer.group_discard(group, self.channel_name)
         if self.instance_id is not None:
-            notices = await database_sync_to_async(services.disconnect)(self.instance_id, timezone.now())
+            notices = await db.run(services.disconnect, self.instance_id, timezone.now())
             await send_notices(self.channel_layer, notices)
 
     async def dispatch(self, message: dict[str, Any]) -> None:
@@ -181,37 +183,39 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
                 ack["type"] = "pong"
             case Bye():
                 self.instance_id = None
-                notices = await database_sync_to_async(services.disconnect)(instance_id, now)
+                notices = await db.run(services.disconnect, instance_id, now)
                 await self.reply(ack)
                 await send_notices(self.channel_layer, notices)
                 await self.close(1000)
                 return
             case Sub(action=action):
-                started, notices = await database_sync_to_async(services.subscribe)(
-                    instance_id, credential, action, now
-                )
+                started, notices = await db.run(services.subscribe, instance_id, credential, action, now)
                 ack.update(action=action, waiting=started)
             case Unsub(action=action):
-                await database_sync_to_async(services.unsubscribe)(instance_id, action)
+                await db.run(services.unsubscribe, instance_id, action)
                 ack["action"] = action
             case Pub():
                 # Follow the task before it exists, so that no notice can outrun us.
                 if isinstance(cmd.task_id, str):
                     await self.follow(cmd.task_id)
-                task_id, created, notices = await database_sync_to_async(services.publish)(credential, cmd, now)
+                task_id, created, notices = await db.run(services.publish, credential, cmd, now)
                 await self.follow(task_id)
                 ack.update(task=task_id, created=created)
-            case Pickup() | Update() | Return() | Drop() | Fail():
-                notices = await database_sync_to_async(services.act)(credential, cmd, now)
+            case Pickup() | Update():
+                notices = await db.run(services.act, credential, cmd, now)
                 ack["task"] = cmd.task
+            case Return() | Drop() | Fail():
+                notices = await db.run(services.act, credential, cmd, now)
+                ack["task"] = cmd.task
+                # This service's part is over: it hears no more of the task, unless it
+                # follows it as its publisher or a watcher.
+                await self.unfollow(services.task_group(cmd.task), working_only=True)
             case GetPayload(task=task_id):
-                payload = await database_sync_to_async(services.get_payload)(credential, task_id)
+                payload = await db.run(services.get_payload, credential, task_id)
                 ack.update(type="payload", task=task_id, payload=payload)
             case Watch(task=task_id, since=since):
                 await self.follow(task_id)
-                state = await database_sync_to_async(services.watch)(
-                    credential, task_id, since if isinstance(since, int) else 0
-                )
+                state = await db.run(services.watch, credential, task_id, since if isinstance(since, int) else 0)
                 ack.update(type="state", **state)
         await self.reply(ack)
         await send_notices(self.channel_layer, notices)
@@ -220,25 +224,33 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
         group = services.task_group(task_id)
         if group not in self.followed:
             self.followed.add(group)
-            await self.channel_layer.group_add(group, self.channel_name)
+            if group not in self.working:
+                await self.channel_layer.group_add(group, self.channel_name)
+
+    async def unfollow(self, group: str, *, working_only: bool = False) -> None:
+        if working_only and group in self.followed:
+            self.working.discard(group)
+            return
+        if group in self.followed or group in self.working:
+            self.followed.discard(group)
+            self.working.discard(group)
+            await self.channel_layer.group_discard(group, self.channel_name)
 
     # -- channel-layer messages ------------------------------------------------------------
 
     async def taskhub_offer(self, event: dict[str, Any]) -> None:
-        """A task offered to this instance."""
-        await self.follow(event["message"]["task"])
+        """A task offered to this instance, which the publisher already joined to the task's group."""
+        self.working.add(services.task_group(event["message"]["task"]))
         await self.reply(event["message"])
 
     async def taskhub_relay(self, event: dict[str, Any]) -> None:
-        """A task event for everyone following the task (the sender excluded)."""
+        """A transition's task events, for everyone following the task (an update's sender excluded)."""
         if self.instance_id is not None and event.get("exclude") == str(self.instance_id):
             return
-        message = event["message"]
-        await self.reply(message)
-        if message["type"] == "end":
-            group = services.task_group(message["task"])
-            self.followed.discard(group)
-            await self.channel_layer.group_discard(group, self.channel_name)
+        for message in event["messages"]:
+            await self.reply(message)
+            if message["type"] == "end":
+                await self.unfollow(services.task_group(message["task"]))
 
     async def taskhub_close(self, event: dict[str, Any]) -> None:
         """An operator disabled this instance's credential."""

@@ -270,10 +270,16 @@ def transition(
 
 
 def notices_for(record: TaskRecord, events: Iterable[machine.Event], offer_channels: dict[str, str]) -> list[Notice]:
-    """What to tell whom about ``events``, once they are committed."""
+    """What to tell whom about ``events``, once they are committed.
+
+    Offers go to their instances; the task events of one transition travel to the
+    task's group as one relay, in order, so followers get them in one layer message.
+    """
     group = task_group(record.id)
     task_id = str(record.id)
     notices: list[Notice] = []
+    relayed: list[dict[str, Any]] = []
+    exclude: str | None = None
     for e in events:
         if e.kind == "start" and e.instance in offer_channels:
             offer: dict[str, Any] = {
@@ -292,17 +298,16 @@ def notices_for(record: TaskRecord, events: Iterable[machine.Event], offer_chann
             notices.append(("join", group, {"channel": channel}))
             notices.append(("channel", channel, {"type": "taskhub.offer", "message": offer}))
         elif e.kind == "update":
-            message = {"type": "update", "task": task_id, "service": e.service, **e.data}
-            notices.append(("group", group, {"type": "taskhub.relay", "message": message, "exclude": e.instance}))
+            relayed.append({"type": "update", "task": task_id, "service": e.service, **e.data})
+            exclude = e.instance  # the sender knows its own update
         elif e.kind == "success":
-            message = {"type": "success", "task": task_id, "service": e.service, "result": e.data["result"]}
-            notices.append(("group", group, {"type": "taskhub.relay", "message": message}))
+            relayed.append({"type": "success", "task": task_id, "service": e.service, "result": e.data["result"]})
         elif e.kind == "fail":
-            message = {"type": "fail", "task": task_id, **e.data}
-            notices.append(("group", group, {"type": "taskhub.relay", "message": message}))
+            relayed.append({"type": "fail", "task": task_id, **e.data})
         elif e.kind == "end":
-            message = {"type": "end", "task": task_id, "status": e.data["status"]}
-            notices.append(("group", group, {"type": "taskhub.relay", "message": message}))
+            relayed.append({"type": "end", "task": task_id, "status": e.data["status"]})
+    if relayed:
+        notices.append(("group", group, {"type": "taskhub.relay", "messages": relayed, "exclude": exclude}))
     return notices
 
 

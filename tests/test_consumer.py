@@ -188,6 +188,31 @@ async def test_the_worker_does_not_hear_its_own_update():
     await c.close()
 
 
+async def test_a_service_hears_no_more_of_a_task_once_its_part_is_over():
+    w = await worker()
+    c = await caller()
+    task_id = (await c.call({"type": "pub", "action": "mail:send"}))["task"]
+    await w.recv()
+    await w.call({"type": "return", "task": task_id, "attempt": 1, "result": 1})
+    assert (await c.recv())["type"] == "success"
+    assert (await c.recv())["type"] == "end"
+    assert await w.nothing()  # its own success and the end would be news to nobody
+    await w.close()
+    await c.close()
+
+
+async def test_a_service_that_publishes_to_itself_still_hears_the_outcome():
+    _, key = await credential("loop", sub=["mail"], pub=["mail"])
+    peer = await open_peer("loop", key)
+    await peer.call({"type": "sub", "action": "mail:send"})
+    task_id = (await peer.call({"type": "pub", "action": "mail:send"}))["task"]
+    assert (await peer.expect(lambda m: m["type"] == "task"))["task"] == task_id
+    await peer.call({"type": "return", "task": task_id, "attempt": 1, "result": "done"})
+    assert await peer.recv() == {"type": "success", "task": task_id, "service": "loop", "result": "done"}
+    assert await peer.recv() == {"type": "end", "task": task_id, "status": "success"}
+    await peer.close()
+
+
 async def test_fan_out_to_every_service_first_return_wins_others_are_told():
     a = await worker("a", sub=["mail"])
     b = await worker("b", sub=["mail:send"])
