@@ -139,7 +139,11 @@ class TaskRecord(models.Model):
 class TaskEvent(models.Model):
     """One step in a task's life. Append-only: rows are written, never changed."""
 
-    task = models.ForeignKey(TaskRecord, on_delete=models.CASCADE, related_name="events", help_text="The task.")
+    # No index of its own: taskhub_event_task (task, id) serves look-ups by task, and
+    # every index is one more page written per event.
+    task = models.ForeignKey(
+        TaskRecord, on_delete=models.CASCADE, related_name="events", db_index=False, help_text="The task."
+    )
     kind = models.CharField(
         max_length=20,
         help_text="init, start, pickup, update, drop, success, late_return, error, lost, seen, fail or end.",
@@ -162,7 +166,10 @@ class TaskEvent(models.Model):
 class Assignment(models.Model):
     """One service's part in one attempt of a task, held by one of its instances."""
 
-    task = models.ForeignKey(TaskRecord, on_delete=models.CASCADE, related_name="assignments", help_text="The task.")
+    # No index of its own: taskhub_assignment_unique (task, service, attempt) serves it.
+    task = models.ForeignKey(
+        TaskRecord, on_delete=models.CASCADE, related_name="assignments", db_index=False, help_text="The task."
+    )
     service = models.CharField(max_length=100, help_text="The service's credential name.")
     instance = models.UUIDField(null=True, blank=True, help_text="The instance the task was offered to.")
     attempt = models.PositiveIntegerField(default=1, help_text="The attempt this assignment belongs to.")
