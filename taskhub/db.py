@@ -3,15 +3,19 @@
 Call :func:`run` from async code instead of Channels' ``database_sync_to_async``. That one
 is thread-sensitive: all ORM work of a process shares one thread, and asgiref's machinery
 around each call cost about as much CPU as the transition it ran (bench/README.md).
-Here a plain thread pool runs the calls:
+Here plain threads take calls from a queue:
 
-- on SQLite, one thread, since SQLite has one writer at a time anyway;
-- on other databases, ``TASKHUB_DB_THREADS`` threads (8 unless set). Transitions lock
-  their task row, and the commands of one connection still run one at a time and in
-  order, because the consumer awaits each before it reads the next frame.
+- on SQLite, one thread, since SQLite has one writer at a time anyway. Calls that queued
+  up while it was busy run together in one transaction, each in its own savepoint, and
+  are answered after the one commit (a *group commit*): a commit writes its pages to the
+  WAL, the costliest step of a transition, so tasks in flight share it. A call that
+  raises rolls back its savepoint only; a failed commit fails every call of the group.
+- on other databases, ``TASKHUB_DB_THREADS`` threads (8 unless set), one call at a time
+  each. Transitions lock their task row, and the commands of one connection still run one
+  at a time and in order, because the consumer awaits each before it reads the next frame.
 
-Like Channels, each call first and last closes connections that errored or outlived
-``CONN_MAX_AGE``.
+Like Channels, each thread closes connections that errored or outlived ``CONN_MAX_AGE``
+before and after its work.
 
 On SQLite in WAL mode, the hub's threads do not checkpoint the WAL themselves: a
 checkpoint writes pages back to the database file and syncs it, which stalled the one
@@ -25,12 +29,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
-from django.db import DEFAULT_DB_ALIAS, close_old_connections, connections
+from django.db import DEFAULT_DB_ALIAS, close_old_connections, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.signals import connection_created
 
@@ -46,9 +50,11 @@ CHECKPOINT_INTERVAL = 1.0
 #: Default number of database threads on databases other than SQLite.
 DEFAULT_THREADS = 8
 
+#: Most calls committed together on SQLite.
+MAX_GROUP = 64
+
 _lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_pool_threads = 0
+_pool: _Pool | None = None
 _checkpointer: _Checkpointer | None = None
 _local = threading.local()
 
@@ -60,62 +66,130 @@ def thread_count() -> int:
     return 1 if connections[DEFAULT_DB_ALIAS].vendor == "sqlite" else DEFAULT_THREADS
 
 
-def _mark_hub_thread() -> None:
-    _local.hub_thread = True
+class _Call:
+    __slots__ = ("func", "loop", "future")
+
+    def __init__(self, func: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.func, self.loop = func, loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+
+    def answer(self, ok: bool, value: Any) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, ok, value)
 
 
-def _executor() -> ThreadPoolExecutor:
-    global _pool, _pool_threads, _checkpointer
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.cancelled():  # the caller went away; the work is done all the same
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+class _Pool:
+    """Database threads sharing one queue of calls; ``group`` commits queued calls together."""
+
+    def __init__(self, threads: int, *, group: bool) -> None:
+        self.calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self.group = group
+        self.threads = [
+            threading.Thread(target=self._serve, name=f"taskhub-db-{i}", daemon=True) for i in range(threads)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        for _ in self.threads:
+            self.calls.put(None)
+        for thread in self.threads:
+            thread.join()
+
+    def _serve(self) -> None:
+        _local.hub_thread = True
+        try:
+            while (call := self.calls.get()) is not None:
+                calls = [call]
+                while self.group and len(calls) < MAX_GROUP:
+                    try:
+                        more = self.calls.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        self.calls.put(None)  # stop after this group
+                        break
+                    calls.append(more)
+                close_old_connections()
+                try:
+                    outcomes = _run_one(calls[0]) if len(calls) == 1 else _run_group(calls)
+                finally:
+                    close_old_connections()
+                for c, (ok, value) in zip(calls, outcomes, strict=True):
+                    c.answer(ok, value)
+        finally:
+            connections.close_all()
+
+
+def _run_one(call: _Call) -> list[tuple[bool, Any]]:
+    try:
+        return [(True, call.func())]
+    except BaseException as exc:
+        return [(False, exc)]
+
+
+def _run_group(calls: list[_Call]) -> list[tuple[bool, Any]]:
+    outcomes: list[tuple[bool, Any]] = []
+    try:
+        with transaction.atomic():
+            for call in calls:
+                try:
+                    with transaction.atomic():  # a savepoint: a failing call undoes only itself
+                        outcomes.append((True, call.func()))
+                except BaseException as exc:
+                    outcomes.append((False, exc))
+    except Exception as exc:  # the commit failed: none of the group happened
+        return [(False, exc)] * len(calls)
+    return outcomes
+
+
+def _get_pool() -> _Pool:
+    global _pool, _checkpointer
     if _pool is None:
         with _lock:
             if _pool is None:
-                if connections[DEFAULT_DB_ALIAS].vendor == "sqlite":
+                sqlite = connections[DEFAULT_DB_ALIAS].vendor == "sqlite"
+                if sqlite:
                     _checkpointer = _Checkpointer()
                     _checkpointer.start()
-                _pool_threads = thread_count()
-                _pool = ThreadPoolExecutor(_pool_threads, "taskhub-db", initializer=_mark_hub_thread)
+                threads = thread_count()
+                _pool = _Pool(threads, group=sqlite and threads == 1)
     return _pool
-
-
-def _call(func: Callable[..., R], *args: Any, **kwargs: Any) -> R:
-    close_old_connections()
-    try:
-        return func(*args, **kwargs)
-    finally:
-        close_old_connections()
 
 
 async def run(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """Run the synchronous ``func`` on a database thread; return its result or raise its error.
 
-    Call from async code, for anything that touches the ORM.
+    Call from async code, for anything that touches the ORM. The result comes once the
+    work is committed (with its group, on SQLite).
     """
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_executor(), functools.partial(_call, func, *args, **kwargs))
+    call = _Call(functools.partial(func, *args, **kwargs), asyncio.get_running_loop())
+    _get_pool().calls.put(call)
+    result: R = await call.future
+    return result
 
 
 def shutdown() -> None:
-    """Close every database thread's connections and stop the threads.
+    """Let the database threads finish their calls, close their connections and stop.
 
     Call from synchronous code at shutdown, or between tests; the next :func:`run` starts
     new threads.
     """
     global _pool, _checkpointer
     with _lock:
-        pool, workers, checkpointer, _pool, _checkpointer = _pool, _pool_threads, _checkpointer, None, None
+        pool, checkpointer, _pool, _checkpointer = _pool, _checkpointer, None, None
     if checkpointer is not None:
         checkpointer.stop()
     if pool is not None:
-        # One job per thread: the barrier keeps each thread from taking a second one.
-        barrier = threading.Barrier(workers)
-
-        def close_and_wait() -> None:
-            connections.close_all()
-            barrier.wait()
-
-        for future in [pool.submit(close_and_wait) for _ in range(workers)]:
-            future.result()
-        pool.shutdown(wait=True)
+        pool.stop()
 
 
 def _no_autocheckpoint(sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:

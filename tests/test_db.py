@@ -59,6 +59,33 @@ async def test_shutdown_closes_connections_and_later_calls_start_new_threads():
     assert await db.run(connected)
 
 
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="group commit is for SQLite's one writer")
+async def test_calls_queued_on_sqlite_commit_together_and_a_failing_one_undoes_only_itself():
+    started, release = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        started.set()
+        return release.wait(5)
+
+    def create(name: str, fail: bool = False) -> bool:
+        make_credential(name)
+        if fail:
+            raise ValueError(name)
+        return connection.in_atomic_block  # inside the group's transaction
+
+    blocker = asyncio.ensure_future(db.run(hold))
+    await asyncio.to_thread(started.wait, 5)
+    calls = [asyncio.ensure_future(db.run(create, n, fail=n == "b")) for n in ("a", "b", "c")]
+    await asyncio.sleep(0)  # let the three reach the queue while the thread is held
+    release.set()
+    assert await blocker
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert outcomes[0] is True and outcomes[2] is True
+    assert isinstance(outcomes[1], ValueError)
+    names = await db.run(lambda: sorted(Credential.objects.values_list("name", flat=True)))
+    assert names == ["a", "c"]
+
+
 @pytest.mark.skipif(connection.vendor != "sqlite", reason="WAL checkpoints are SQLite's")
 async def test_sqlite_hub_threads_leave_checkpoints_to_the_checkpointer():
     def autocheckpoint() -> int:
