@@ -34,6 +34,19 @@ EVENT_FIELDS = ("task_id", "kind", "service", "instance", "attempt", "data", "cr
 
 Prep = Callable[[Any], Any]
 
+# Field types whose values of this exact Python type reach the driver unchanged.
+_NATIVE: dict[str, type] = {
+    "CharField": str,
+    "TextField": str,
+    "IntegerField": int,
+    "PositiveIntegerField": int,
+    "BigIntegerField": int,
+    "BigAutoField": int,
+    "AutoField": int,
+    "FloatField": float,
+    "BooleanField": bool,
+}
+
 
 def _field(model: type[Model], name: str) -> Field[Any, Any]:
     field = model._meta.get_field(name.removesuffix("_id") if name.endswith("_id") else name)
@@ -125,10 +138,20 @@ class Statements:
         return ", ".join(self.quote(str(_field(model, n).column)) for n in names)
 
     def prep(self, model: type[Model], name: str) -> Prep:
-        """The field's ``get_db_prep_save`` bound to this connection."""
+        """The field's ``get_db_prep_save`` bound to this connection.
+
+        For text, number and boolean fields a value of the field's own Python type is
+        what Django would pass to the driver anyway, so it skips the field's machinery.
+        """
         key = (model, name)
         if key not in self._prep:
-            self._prep[key] = functools.partial(_field(model, name).get_db_prep_save, connection=self.conn)
+            field = _field(model, name)
+            slow = functools.partial(field.get_db_prep_save, connection=self.conn)
+            native = _NATIVE.get(field.get_internal_type())
+            if native is None:
+                self._prep[key] = slow
+            else:
+                self._prep[key] = lambda value: value if type(value) is native else slow(value)
         return self._prep[key]
 
     def update_task(self, names: tuple[str, ...]) -> str:
