@@ -296,13 +296,34 @@ def celery_burst(echo: Any, n: int) -> Result:
     return Result("2 burst", "Celery", n, time.perf_counter() - start, latencies, f"{n} sent, then all collected")
 
 
-async def ws_echo(n: int, concurrency: int) -> Result:
+ECHO_SERVERS = {
+    # system: (command after the interpreter, note)
+    "websockets echo": (["-m", "bench.echo_server"], "transport floor"),
+    "daphne echo": (
+        ["-m", "daphne", "-b", "127.0.0.1", "bench.daphne_echo:application", "-p"],
+        "daphne + Channels, no database",
+    ),
+}
+
+
+async def ws_echo(n: int, concurrency: int, system: str = "websockets echo") -> Result:
+    """Echo round trips of the payload against a peer server of :data:`ECHO_SERVERS`."""
+    args, note = ECHO_SERVERS[system]
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "bench.echo_server", str(port)], cwd=ROOT)
+    process = subprocess.Popen(
+        [sys.executable, *args, str(port)],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "hubproject.settings"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_port(port, process)
         message = json.dumps(PAYLOAD)
-        async with websockets.connect(f"ws://127.0.0.1:{port}", compression=None) as ws:
+        async with websockets.connect(f"ws://127.0.0.1:{port}/", compression=None) as ws:
+            for _ in range(20):  # warm up
+                await ws.send(message)
+                await ws.recv()
             latencies: list[float] = []
             start = time.perf_counter()
             if concurrency == 1:
@@ -327,7 +348,7 @@ async def ws_echo(n: int, concurrency: int) -> Result:
         process.terminate()
         process.wait(timeout=20)
     name = "1 sequential" if concurrency == 1 else f"2 {concurrency} in flight"
-    return Result(name, "websockets echo", n, seconds, latencies, "transport floor")
+    return Result(name, system, n, seconds, latencies, note)
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -350,8 +371,9 @@ async def run(args: argparse.Namespace) -> list[Result]:
         with celery_worker(redis_url, logs) as echo:
             results.append(celery_sequential(echo, n_seq))
             results.append(celery_burst(echo, n_burst))
-        results.append(await ws_echo(n_seq, 1))
-        results.append(await ws_echo(n_burst, 50))
+        for system in ECHO_SERVERS:
+            results.append(await ws_echo(n_seq, 1, system))
+            results.append(await ws_echo(n_burst, 50, system))
 
         # The embedded default: SQLite, in-memory layer, one daphne process.
         database = create_database("", logs / "embedded")
@@ -404,13 +426,12 @@ def ratios(results: list[Result]) -> list[str]:
     seq, celery_seq = find("1 sequential", "TaskHub"), find("1 sequential", "Celery")
     burst, celery_burst_ = find("2 50 in flight", "TaskHub"), find("2 burst", "Celery")
     progress = find("3 progress", "TaskHub")
-    floor = find("1 sequential", "websockets echo")
-    if seq and celery_seq:
+    floor, daphne = find("1 sequential", "websockets echo"), find("1 sequential", "daphne echo")
+    if seq and celery_seq and floor and daphne:
         lines.append(
             f"- sequential: {seq.rate / celery_seq.rate:.2f}x Celery (target >= 1.5x), "
-            f"p99 {seq.ms(0.99):.2f} ms (target <= 5 ms); {seq.rate / floor.rate:.2f}x the echo floor"
-            if floor
-            else ""
+            f"p99 {seq.ms(0.99):.2f} ms (target <= 5 ms); one round trip costs "
+            f"{daphne.rate / seq.rate:.1f} daphne echoes and {floor.rate / seq.rate:.1f} websockets echoes"
         )
     if burst and celery_burst_:
         lines.append(f"- 50 in flight: {burst.rate / celery_burst_.rate:.2f}x Celery's burst (target >= 2x)")
