@@ -188,15 +188,10 @@ def _save(
     if created:
         for name, value in fields.items():
             setattr(record, name, value)
-        store.insert_task(record)
     else:
         fields["version"] = record.version + 1
-        if not store.update_task(record, fields):
-            raise Conflict(record.pk)
-        for name, value in fields.items():
-            setattr(record, name, value)
     existing = {(a.service, a.attempt): a for a in rows}
-    new = []
+    new, updated = [], []
     for a in task.assignments:
         if not a.changed:
             continue
@@ -215,22 +210,24 @@ def _save(
                 }
             )
         else:
-            store.update_assignment(row.pk, a.state.value, a.detail, now)
-    store.insert_assignments(new)
-    store.insert_events(
-        [
-            {
-                "task_id": record.pk,
-                "kind": e.kind,
-                "service": e.service,
-                "instance": uuid.UUID(e.instance) if e.instance else None,
-                "attempt": e.attempt,
-                "data": e.data,
-                "created_at": now,
-            }
-            for e in events
-        ]
-    )
+            updated.append((row.pk, a.state.value, a.detail))
+    event_rows = [
+        {
+            "task_id": record.pk,
+            "kind": e.kind,
+            "service": e.service,
+            "instance": uuid.UUID(e.instance) if e.instance else None,
+            "attempt": e.attempt,
+            "data": e.data,
+            "created_at": now,
+        }
+        for e in events
+    ]
+    if not store.write_transition(record, None if created else fields, updated, new, event_rows, now):
+        raise Conflict(record.pk)
+    if not created:
+        for name, value in fields.items():
+            setattr(record, name, value)
 
 
 def transition(

@@ -211,59 +211,59 @@ def load_task(task_id: uuid.UUID | str, *, with_payload: bool = False) -> tuple[
         record = TaskRecord(**st.read_task[with_payload](row))
         record._state.adding = False
         cursor.execute(st.select_assignments, [pk])
-        rows = [Assignment(**st.read_assignment(r)) for r in cursor.fetchall()]
-    return record, rows
+        return record, [Assignment(**st.read_assignment(r)) for r in cursor.fetchall()]
 
 
-def update_task(record: TaskRecord, fields: dict[str, Any]) -> bool:
-    """``UPDATE ... WHERE id = ... AND version = <record.version>``; whether it matched."""
-    st = statements()
-    names = tuple(fields)
-    params = [st.prep(TaskRecord, n)(fields[n]) for n in names]
-    params += [st.prep(TaskRecord, "id")(record.pk), record.version]
-    with st.conn.cursor() as cursor:
-        cursor.execute(st.update_task(names), params)
-        return bool(cursor.rowcount)
+def write_transition(
+    record: TaskRecord,
+    fields: dict[str, Any] | None,
+    assignment_updates: list[tuple[int, str, str]],
+    new_assignments: list[dict[str, Any]],
+    events: list[dict[str, Any]],
+    now: datetime,
+) -> bool:
+    """Write one transition: the task, its assignments and its events.
 
+    ``fields`` are the task's changed columns, written with ``UPDATE ... WHERE id = ...
+    AND version = <record.version>``; ``None`` inserts ``record`` instead, payload
+    included. ``assignment_updates`` are ``(pk, state, detail)``; ``new_assignments``
+    dicts with the fields of :data:`ASSIGNMENT_FIELDS` but ``id``; ``events`` dicts with
+    those of :data:`EVENT_FIELDS`.
 
-def insert_task(record: TaskRecord) -> None:
-    """Insert a new task row, payload included.
+    Returns whether the task's row was written (``False``: its version moved on).
 
     Raises:
-        IntegrityError: the id is taken.
+        IntegrityError: an inserted task's id is taken.
     """
     st = statements()
-    names = st.task_names[True]
-    params = [st.prep(TaskRecord, n)(getattr(record, n)) for n in names]
     with st.conn.cursor() as cursor:
-        cursor.execute(st.insert(TaskRecord, names, 1), params)
-    record._state.adding = False
+        if fields is None:
+            names = st.task_names[True]
+            cursor.execute(st.insert(TaskRecord, names, 1), [st.prep(TaskRecord, n)(getattr(record, n)) for n in names])
+            record._state.adding = False
+        else:
+            names = tuple(fields)
+            params = [st.prep(TaskRecord, n)(fields[n]) for n in names]
+            params += [st.prep(TaskRecord, "id")(record.pk), record.version]
+            cursor.execute(st.update_task(names), params)
+            if not cursor.rowcount:
+                return False
+        updated_at = st.prep(Assignment, "updated_at")(now)
+        for pk, state, detail in assignment_updates:
+            cursor.execute(st.update_assignment, [state, detail, updated_at, pk])
+        _insert_many(st, cursor, Assignment, ASSIGNMENT_FIELDS[1:], new_assignments)
+        _insert_many(st, cursor, TaskEvent, EVENT_FIELDS, events)
+    return True
 
 
-def _insert_many(model: type[Model], names: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+def _insert_many(
+    st: Statements, cursor: Any, model: type[Model], names: tuple[str, ...], rows: list[dict[str, Any]]
+) -> None:
     if not rows:
         return
-    st = statements()
     preps = [st.prep(model, n) for n in names]
     params = [prep(row[n]) for row in rows for n, prep in zip(names, preps, strict=True)]
-    with st.conn.cursor() as cursor:
-        cursor.execute(st.insert(model, names, len(rows)), params)
-
-
-def insert_assignments(rows: list[dict[str, Any]]) -> None:
-    """Insert new assignments: dicts with the fields of :data:`ASSIGNMENT_FIELDS` but ``id``."""
-    _insert_many(Assignment, ASSIGNMENT_FIELDS[1:], rows)
-
-
-def update_assignment(pk: int, state: str, detail: str, now: datetime) -> None:
-    st = statements()
-    with st.conn.cursor() as cursor:
-        cursor.execute(st.update_assignment, [state, detail, st.prep(Assignment, "updated_at")(now), pk])
-
-
-def insert_events(rows: list[dict[str, Any]]) -> None:
-    """Append events: dicts with the fields of :data:`EVENT_FIELDS`."""
-    _insert_many(TaskEvent, EVENT_FIELDS, rows)
+    cursor.execute(st.insert(model, names, len(rows)), params)
 
 
 def live_subscribers(action: str, now: datetime) -> list[dict[str, Any]]:
