@@ -1,0 +1,54 @@
+"""Sending notices on the channel layer (taskhub.notify)."""
+
+from __future__ import annotations
+
+import logging
+
+from taskhub.notify import send_notices
+
+
+class RecordingLayer:
+    """Records what was sent; sends to channel "broken" fail."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, str]] = []
+
+    async def group_add(self, group: str, channel: str) -> None:
+        self.log.append(("join", channel))
+
+    async def send(self, channel: str, message: dict) -> None:
+        if channel == "broken":
+            raise ConnectionError("layer down")
+        self.log.append(("offer", channel))
+
+    async def group_send(self, group: str, message: dict) -> None:
+        self.log.append(("relay", message["n"]))
+
+
+async def test_notices_go_out_in_their_order():
+    layer = RecordingLayer()
+    notices = [
+        ("join", "g", {"channel": "a"}),
+        ("channel", "a", {"type": "taskhub.offer"}),
+        ("group", "g", {"type": "taskhub.relay", "n": 1}),
+        ("group", "g", {"type": "taskhub.relay", "n": 2}),
+    ]
+    await send_notices(layer, notices)
+    assert layer.log == [("join", "a"), ("offer", "a"), ("relay", 1), ("relay", 2)]
+
+
+async def test_a_failed_send_is_logged_and_the_others_still_go_out(caplog):
+    layer = RecordingLayer()
+    notices = [
+        ("channel", "broken", {"type": "taskhub.offer"}),
+        ("channel", "a", {"type": "taskhub.offer"}),
+        ("group", "g", {"type": "taskhub.relay", "n": 1}),
+    ]
+    with caplog.at_level(logging.ERROR, logger="taskhub.notify"):
+        await send_notices(layer, notices)
+    assert layer.log == [("offer", "a"), ("relay", 1)]
+    assert "could not send taskhub.offer to broken" in caplog.text
+
+
+async def test_no_layer_sends_nothing():
+    await send_notices(None, [("channel", "a", {"type": "taskhub.offer"})])
