@@ -74,7 +74,10 @@ class _Call:
         self.future: asyncio.Future[Any] = loop.create_future()
 
     def answer(self, ok: bool, value: Any) -> None:
-        self.loop.call_soon_threadsafe(_settle, self.future, ok, value)
+        try:
+            self.loop.call_soon_threadsafe(_settle, self.future, ok, value)
+        except RuntimeError:  # the caller's event loop is closed: nobody waits any more
+            log.debug("dropped the answer of %r: its event loop is closed", self.func)
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:

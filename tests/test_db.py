@@ -47,6 +47,13 @@ async def test_several_threads_when_configured():
     assert len(set(names)) == 3
 
 
+def test_an_answer_for_a_closed_event_loop_does_not_kill_the_thread():
+    loop = asyncio.new_event_loop()
+    call = db._Call(lambda: 1, loop)
+    loop.close()
+    call.answer(True, 1)  # would raise RuntimeError in the database thread
+
+
 async def test_shutdown_closes_connections_and_later_calls_start_new_threads():
     def connected() -> bool:
         Credential.objects.exists()
