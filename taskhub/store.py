@@ -33,6 +33,7 @@ ASSIGNMENT_FIELDS = ("id", "task_id", "service", "instance", "attempt", "state",
 EVENT_FIELDS = ("task_id", "kind", "service", "instance", "attempt", "data", "created_at")
 
 Prep = Callable[[Any], Any]
+_UNSET = object()
 
 # Field types whose values of this exact Python type reach the driver unchanged.
 _NATIVE: dict[str, type] = {
@@ -262,7 +263,19 @@ def _insert_many(
     if not rows:
         return
     preps = [st.prep(model, n) for n in names]
-    params = [prep(row[n]) for row in rows for n, prep in zip(names, preps, strict=True)]
+    # Rows of one transition share objects (the task id, ``now``): prepare each once.
+    # A fan-out to 20 services writes 41 rows, and preparing a datetime or a UUID is
+    # the costliest step of such an insert.
+    previous: list[tuple[Any, Any]] = [(_UNSET, None)] * len(names)
+    params = []
+    for row in rows:
+        for i, (name, prep) in enumerate(zip(names, preps, strict=True)):
+            value = row[name]
+            last, prepared = previous[i]
+            if value is not last:
+                prepared = prep(value)
+                previous[i] = (value, prepared)
+            params.append(prepared)
     cursor.execute(st.insert(model, names, len(rows)), params)
 
 
