@@ -83,7 +83,8 @@ async def test_calls_queued_on_sqlite_commit_together_and_a_failing_one_undoes_o
     blocker = asyncio.ensure_future(db.run(hold))
     await asyncio.to_thread(started.wait, 5)
     calls = [asyncio.ensure_future(db.run(create, n, fail=n == "b")) for n in ("a", "b", "c")]
-    await asyncio.sleep(0)  # let the three reach the queue while the thread is held
+    # Not a timed wait: sleep(0) yields once, and each task runs up to its queue put.
+    await asyncio.sleep(0)
     release.set()
     assert await blocker
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
