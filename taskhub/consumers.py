@@ -1,7 +1,7 @@
 """The WebSocket consumer: one connection of a service (an *instance*).
 
 Thin by design: frames are decoded and validated by :mod:`taskhub.core.messages`, each
-command is one call into :mod:`taskhub.services` (in the ORM thread), and the notices it
+command is one call into :mod:`taskhub.services` (on a database thread), and the notices it
 returns go out on the channel layer after commit. See docs/protocol.md.
 """
 
@@ -138,8 +138,8 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels' AsyncConsumer.dispatch first closes stale database connections, with a
         # hop to the ORM thread, before every frame and every layer message. Every
-        # database call of this consumer goes through database_sync_to_async, which does
-        # that itself; the extra hop only queued offers and relays behind database work.
+        # database call of this consumer goes through taskhub.db.run, whose threads do
+        # that themselves; the extra hop only queued offers and relays behind database work.
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
             raise ValueError(f"no handler for message type {message['type']}")

@@ -1,8 +1,8 @@
 """The hub's operations on the database: the sans-I/O core applied to the ORM.
 
 Every function here is synchronous and runs its writes in ``transaction.atomic()``
-(the async ORM cannot). Call them from async code through :func:`asyncio`-safe wrappers
-(``channels.db.database_sync_to_async``), as the consumer and the sweeper do.
+(the async ORM cannot). Call them from async code on the hub's database threads
+(:func:`taskhub.db.run`), as the consumer and the sweeper do.
 
 Functions that change tasks return :data:`Notice` lists: what to send on the channel
 layer *after* the transaction committed. A lost notice is recovered from the database.

@@ -86,9 +86,7 @@ class Statements:
     def __init__(self, conn: BaseDatabaseWrapper) -> None:
         q = self.quote = conn.ops.quote_name
         self.conn = conn
-        self.task, self.assignment, self.event = (
-            q(m._meta.db_table) for m in (TaskRecord, Assignment, TaskEvent)
-        )  # fmt: skip
+        self.task, self.assignment = q(TaskRecord._meta.db_table), q(Assignment._meta.db_table)
         lock = " FOR UPDATE" if conn.features.has_select_for_update else ""
         where_id = f"WHERE {q('id')} = %s{lock}"
         self.task_names = {
@@ -155,33 +153,41 @@ class Statements:
                 self._prep[key] = lambda value: value if type(value) is native else slow(value)
         return self._prep[key]
 
-    def update_task(self, names: tuple[str, ...]) -> str:
-        key = ("update_task", names)
+    def _variant(self, key: tuple[Any, ...], build: Callable[[], str]) -> str:
+        """A statement whose shape depends on ``key`` (columns, row count), built once."""
         if key not in self._variants:
-            q = self.quote
-            assignments = ", ".join(f"{q(str(_field(TaskRecord, n).column))} = %s" for n in names)
-            self._variants[key] = f"UPDATE {self.task} SET {assignments} WHERE {q('id')} = %s AND {q('version')} = %s"
+            self._variants[key] = build()
         return self._variants[key]
+
+    def update_task(self, names: tuple[str, ...]) -> str:
+        q = self.quote
+        return self._variant(
+            ("update_task", names),
+            lambda: (
+                f"UPDATE {self.task} SET {', '.join(f'{q(str(_field(TaskRecord, n).column))} = %s' for n in names)} "
+                f"WHERE {q('id')} = %s AND {q('version')} = %s"
+            ),
+        )
 
     def insert(self, model: type[Model], names: tuple[str, ...], rows: int) -> str:
-        key = ("insert", model, names, rows)
-        if key not in self._variants:
-            placeholders = "(" + ", ".join(["%s"] * len(names)) + ")"
-            self._variants[key] = (
+        placeholders = "(" + ", ".join(["%s"] * len(names)) + ")"
+        return self._variant(
+            ("insert", model, names, rows),
+            lambda: (
                 f"INSERT INTO {self.quote(model._meta.db_table)} ({self.columns(model, names)}) "
                 f"VALUES {', '.join([placeholders] * rows)}"
-            )
-        return self._variants[key]
+            ),
+        )
 
     def mark_assigned(self, count: int) -> str:
-        key = ("mark_assigned", count)
-        if key not in self._variants:
-            q = self.quote
-            self._variants[key] = (
+        q = self.quote
+        return self._variant(
+            ("mark_assigned", count),
+            lambda: (
                 f"UPDATE {self.instance_table} SET {q('last_assigned_at')} = %s "
                 f"WHERE {q('id')} IN ({', '.join(['%s'] * count)})"
-            )
-        return self._variants[key]
+            ),
+        )
 
 
 def statements() -> Statements:

@@ -47,7 +47,7 @@ async def stop() -> None:
 
 
 async def sweep_once(now: datetime | None = None) -> None:
-    """One pass: database work in the ORM thread, then notices and closes on the layer.
+    """One pass: database work on a database thread, then notices and closes on the layer.
 
     ``now`` defaults to the clock; tests pass a later moment to fire deadlines.
     """
