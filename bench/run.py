@@ -146,12 +146,17 @@ async def round_trips(
         return time.perf_counter() - start, latencies, received
 
 
-async def ended(client: Client, task_id: str) -> None:
-    """Wait until the hub has settled every service's part of the task (its ``end`` event)."""
-    since = 0
+async def settled(client: Client, task_id: str, services: int) -> None:
+    """Wait until the hub has recorded every service's return of the task.
+
+    The task ends at the first return; the other services' returns (``late_return``)
+    come after its ``end``, and the next task must not queue behind them.
+    """
+    since, returns = 0, 0
     while True:
         state = await client._request({"type": "watch", "task": task_id, "since": since})
-        if any(e["kind"] == "end" for e in state["events"]):
+        returns += sum(e["kind"] in ("success", "late_return") for e in state["events"])
+        if returns >= services:
             return
         since = max([since, *(e["seq"] for e in state["events"])])
         await asyncio.sleep(0.005)  # pacing between polls; not part of any measurement
@@ -161,7 +166,8 @@ async def fanout(setup: Setup, n: int, services: int = 20, *, one_at_a_time: boo
     """One task to ``services`` services: time to the last ``start`` and to the result.
 
     Back to back, each task also waits behind the previous task's late returns;
-    ``one_at_a_time`` publishes the next task once the hub has settled the previous one.
+    ``one_at_a_time`` publishes the next task once the hub has recorded every return of the
+    previous one.
     """
     action = f"fan{time.monotonic_ns()}:echo"
     creds = [setup.credential(sub=[action]) for _ in range(services)]
@@ -194,7 +200,7 @@ async def fanout(setup: Setup, n: int, services: int = 20, *, one_at_a_time: boo
             await asyncio.wait_for(everyone.wait(), 10)
             to_last_start.append(max(started) - t0)
             if one_at_a_time:
-                await asyncio.wait_for(ended(caller, handle.task_id), 10)
+                await asyncio.wait_for(settled(caller, handle.task_id, services), 10)
         seconds = time.perf_counter() - begin
     how = f"{services} services, " + ("one task at a time" if one_at_a_time else "back to back")
     return (

@@ -132,7 +132,7 @@ def disconnect(instance_id: uuid.UUID, now: datetime) -> list[Notice]:
 # -- task transitions ---------------------------------------------------------------------
 
 
-def _load(record: TaskRecord, rows: list[Assignment]) -> machine.Task:
+def _load(record: TaskRecord, rows: list[store.AssignmentRow]) -> machine.Task:
     return machine.Task(
         id=str(record.id),
         status=TaskStatus(record.status),
@@ -160,7 +160,7 @@ def _save(
     task: machine.Task,
     events: list[machine.Event],
     now: datetime,
-    rows: list[Assignment],
+    rows: list[store.AssignmentRow],
     *,
     created: bool = False,
 ) -> None:

@@ -16,7 +16,7 @@ import functools
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -31,6 +31,22 @@ TASK_FIELDS = (
 )  # fmt: skip
 ASSIGNMENT_FIELDS = ("id", "task_id", "service", "instance", "attempt", "state", "detail", "created_at", "updated_at")
 EVENT_FIELDS = ("task_id", "kind", "service", "instance", "attempt", "data", "created_at")
+
+
+class AssignmentRow(NamedTuple):
+    """An assignment as a transition reads it: the columns the core needs, no model.
+
+    A task offered to 20 services is loaded by each of their 20 returns; building 20
+    model instances each time was the costliest step of those transitions (py-spy).
+    """
+
+    pk: int
+    service: str
+    instance: uuid.UUID | None
+    attempt: int
+    state: str
+    detail: str
+
 
 Prep = Callable[[Any], Any]
 _UNSET = object()
@@ -67,12 +83,16 @@ class _Reader:
             self.columns.append((name, col, converters))
 
     def __call__(self, row: Sequence[Any]) -> dict[str, Any]:
-        values = {}
+        return dict(zip((name for name, _, _ in self.columns), self.values(row), strict=True))
+
+    def values(self, row: Sequence[Any]) -> list[Any]:
+        """The row's values, converted, in column order."""
+        values = []
         conn = self.conn
-        for value, (name, col, converters) in zip(row, self.columns, strict=True):
+        for value, (_, col, converters) in zip(row, self.columns, strict=True):
             for convert in converters:
                 value = convert(value, col, conn)
-            values[name] = value
+            values.append(value)
         return values
 
 
@@ -101,11 +121,12 @@ class Statements:
             with_payload: _Reader(conn, [(n, TaskRecord, n) for n in names])
             for with_payload, names in self.task_names.items()
         }
+        loaded = tuple(n if n != "pk" else "id" for n in AssignmentRow._fields)
         self.select_assignments = (
-            f"SELECT {self.columns(Assignment, ASSIGNMENT_FIELDS)} FROM {self.assignment} "
+            f"SELECT {self.columns(Assignment, loaded)} FROM {self.assignment} "
             f"WHERE {q('task_id')} = %s ORDER BY {q('id')}"
         )
-        self.read_assignment = _Reader(conn, [(n, Assignment, n) for n in ASSIGNMENT_FIELDS])
+        self.read_assignment = _Reader(conn, [(n, Assignment, n) for n in loaded])
         self.update_assignment = (
             f"UPDATE {self.assignment} SET {q('state')} = %s, {q('detail')} = %s, {q('updated_at')} = %s "
             f"WHERE {q('id')} = %s"
@@ -199,7 +220,7 @@ def statements() -> Statements:
     return found
 
 
-def load_task(task_id: uuid.UUID | str, *, with_payload: bool = False) -> tuple[TaskRecord, list[Assignment]] | None:
+def load_task(task_id: uuid.UUID | str, *, with_payload: bool = False) -> tuple[TaskRecord, list[AssignmentRow]] | None:
     """The task (locked on PostgreSQL) and its assignments, or ``None``.
 
     The payload, which can be large, is loaded only ``with_payload`` (for offers);
@@ -218,7 +239,8 @@ def load_task(task_id: uuid.UUID | str, *, with_payload: bool = False) -> tuple[
         record = TaskRecord(**st.read_task[with_payload](row))
         record._state.adding = False
         cursor.execute(st.select_assignments, [pk])
-        return record, [Assignment(**st.read_assignment(r)) for r in cursor.fetchall()]
+        read = st.read_assignment.values
+        return record, [AssignmentRow._make(read(r)) for r in cursor.fetchall()]
 
 
 def write_transition(

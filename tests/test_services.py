@@ -82,8 +82,8 @@ def test_the_store_reads_rows_as_the_orm_does():
     orm = TaskRecord.objects.get(pk=task_id)
     for name in (*store.TASK_FIELDS, "payload"):
         assert getattr(record, name) == getattr(orm, name), name
-    assert [(r.pk, r.service, r.instance, r.state, r.created_at) for r in rows] == [
-        (r.pk, r.service, r.instance, r.state, r.created_at) for r in orm.assignments.all()
+    assert [tuple(r) for r in rows] == [
+        (r.pk, r.service, r.instance, r.attempt, r.state, r.detail) for r in orm.assignments.order_by("pk")
     ]
     assert store.load_task("not-a-uuid") is None
     assert store.load_task("8d7f6a0e-3b7c-4f4e-9a51-2d6f0f1f6b2a") is None
