@@ -19,7 +19,7 @@ from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils import timezone
 
-from . import db, services, sweeper
+from . import db, notify, services, sweeper
 from .conf import conf
 from .core.errors import AuthenticationFailed, InvalidMessage, ProtocolError
 from .core.messages import (
@@ -86,6 +86,7 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
         self.followed: set[str] = set()
         self.working: set[str] = set()
         self.auth_timer: asyncio.TimerHandle | None = None
+        notify.register(self.channel_name, self.dispatch)
         await self.accept()
         credentials = basic_credentials(self.scope)
         if credentials is not None:
@@ -127,6 +128,7 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
         await self.reply(welcome)
 
     async def disconnect(self, code: int) -> None:
+        notify.unregister(self.channel_name)
         if getattr(self, "auth_timer", None) is not None:
             self.auth_timer.cancel()  # type: ignore[union-attr]
         for group in getattr(self, "followed", set()) | getattr(self, "working", set()):

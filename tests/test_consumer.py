@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 from channels.db import database_sync_to_async
+from channels.layers import InMemoryChannelLayer
 from django.test import override_settings
 from django.utils import timezone
 
@@ -173,6 +174,19 @@ async def test_full_lifecycle_pub_pickup_update_return():
     assert (row.status, row.result, row.progress, row.publisher_name) == ("success", {"ok": True}, 0.5, "app")
     assert await event_kinds(task_id) == ["init", "start", "pickup", "update", "success", "end"]
     assert row.deadline is None and row.finished_at is not None
+    await w.close()
+    await c.close()
+
+
+async def test_an_offer_to_a_worker_of_this_process_does_not_need_the_channel_layer(monkeypatch):
+    async def layer_down(self, channel, message):
+        raise ConnectionError("layer down")
+
+    monkeypatch.setattr(InMemoryChannelLayer, "send", layer_down)
+    w = await worker()
+    c = await caller()
+    task_id = (await c.call({"type": "pub", "action": "mail:send", "payload": 1}))["task"]
+    assert (await w.recv())["task"] == task_id
     await w.close()
     await c.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from taskhub import notify
 from taskhub.notify import send_notices
 
 
@@ -52,3 +53,46 @@ async def test_a_failed_send_is_logged_and_the_others_still_go_out(caplog):
 
 async def test_no_layer_sends_nothing():
     await send_notices(None, [("channel", "a", {"type": "taskhub.offer"})])
+
+
+async def test_a_channel_of_this_process_gets_its_notice_without_the_layer():
+    layer = RecordingLayer()
+    got: list[dict] = []
+
+    async def deliver(message: dict) -> None:
+        got.append(message)
+
+    notify.register("local", deliver)
+    try:
+        await send_notices(
+            layer,
+            [
+                ("join", "g", {"channel": "local"}),
+                ("channel", "local", {"type": "taskhub.offer", "n": 1}),
+                ("channel", "a", {"type": "taskhub.offer"}),
+            ],
+        )
+    finally:
+        notify.unregister("local")
+    assert got == [{"type": "taskhub.offer", "n": 1}]
+    assert layer.log == [("join", "local"), ("offer", "a")]
+    await send_notices(layer, [("channel", "local", {"type": "taskhub.offer"})])
+    assert got == [{"type": "taskhub.offer", "n": 1}] and layer.log[-1] == ("offer", "local")
+
+
+async def test_a_failed_local_delivery_is_logged_and_the_others_still_go_out(caplog):
+    layer = RecordingLayer()
+
+    async def deliver(message: dict) -> None:
+        raise RuntimeError("consumer gone")
+
+    notify.register("local", deliver)
+    try:
+        with caplog.at_level(logging.ERROR, logger="taskhub.notify"):
+            await send_notices(
+                layer, [("channel", "local", {"type": "taskhub.offer"}), ("channel", "a", {"type": "x"})]
+            )
+    finally:
+        notify.unregister("local")
+    assert layer.log == [("offer", "a")]
+    assert "could not send taskhub.offer to local" in caplog.text
