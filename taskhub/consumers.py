@@ -132,7 +132,7 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
         if getattr(self, "auth_timer", None) is not None:
             self.auth_timer.cancel()  # type: ignore[union-attr]
         for group in getattr(self, "followed", set()) | getattr(self, "working", set()):
-            await self.channel_layer.group_discard(group, self.channel_name)
+            await notify.group_discard(self.channel_layer, group, self.channel_name)
         if self.instance_id is not None:
             notices = await db.run(services.disconnect, self.instance_id, timezone.now())
             await send_notices(self.channel_layer, notices)
@@ -227,7 +227,7 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
         if group not in self.followed:
             self.followed.add(group)
             if group not in self.working:
-                await self.channel_layer.group_add(group, self.channel_name)
+                await notify.group_add(self.channel_layer, group, self.channel_name)
 
     async def unfollow(self, group: str, *, working_only: bool = False) -> None:
         if working_only and group in self.followed:
@@ -236,7 +236,7 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
         if group in self.followed or group in self.working:
             self.followed.discard(group)
             self.working.discard(group)
-            await self.channel_layer.group_discard(group, self.channel_name)
+            await notify.group_discard(self.channel_layer, group, self.channel_name)
 
     # -- channel-layer messages ------------------------------------------------------------
 

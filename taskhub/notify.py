@@ -1,5 +1,11 @@
 """Sending the services layer's notices after commit: to this process's consumers
-directly, to the rest on the channel layer."""
+directly, to the rest on the channel layer.
+
+With the in-memory layer, every consumer is in this process, so task groups are kept
+here too and nothing goes through the layer. With the Redis layers, offers to consumers
+of this process go directly; group joins and task events go through Redis, which knows
+the members in every process.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from channels.layers import BaseChannelLayer
+from channels.layers import BaseChannelLayer, InMemoryChannelLayer
 
 from .services import Notice
 
@@ -16,13 +22,15 @@ log = logging.getLogger(__name__)
 Deliver = Callable[[dict[str, Any]], Awaitable[None]]
 
 # The consumers of this process, by channel name. A message for one of them is handed
-# to its handler at once: through the layer it took a queue and three turns of the event
-# loop in memory, and a round trip to Redis on the Redis layers (bench/README.md).
+# to its handler at once: through the layer it took a queue, a deep copy and three turns
+# of the event loop in memory, and a round trip on Redis (bench/README.md).
 _local: dict[str, Deliver] = {}
+# Group members, by group, when the layer is in-memory.
+_groups: dict[str, set[str]] = {}
 
 
 def register(channel_name: str, deliver: Deliver) -> None:
-    """Deliver ``channel`` notices for ``channel_name`` with ``deliver``, in this process.
+    """Deliver notices for ``channel_name`` with ``deliver``, in this process.
 
     Call when a consumer connects, with its ``dispatch``; :func:`unregister` when it goes.
     """
@@ -33,19 +41,54 @@ def unregister(channel_name: str) -> None:
     _local.pop(channel_name, None)
 
 
+def _in_process(layer: BaseChannelLayer | None) -> bool:
+    return isinstance(layer, InMemoryChannelLayer)
+
+
+async def group_add(layer: BaseChannelLayer | None, group: str, channel: str) -> None:
+    """Add ``channel`` to ``group``: in this process for the in-memory layer, else on the layer."""
+    if _in_process(layer):
+        _groups.setdefault(group, set()).add(channel)
+    elif layer is not None:
+        await layer.group_add(group, channel)
+
+
+async def group_discard(layer: BaseChannelLayer | None, group: str, channel: str) -> None:
+    """Remove ``channel`` from ``group``; a group without members is forgotten."""
+    if _in_process(layer):
+        members = _groups.get(group)
+        if members is not None:
+            members.discard(channel)
+            if not members:
+                del _groups[group]
+    elif layer is not None:
+        await layer.group_discard(group, channel)
+
+
 async def send_notices(layer: BaseChannelLayer | None, notices: Iterable[Notice]) -> None:
     """Send each notice, in order; a failure is logged, not raised (the database has the truth)."""
     for kind, name, message in notices:
+        if kind == "group" and _in_process(layer):
+            for channel in list(_groups.get(name, ())):  # a member may leave while it is told
+                await _send(layer, channel, message)
+            continue
         try:
-            if kind == "channel" and name in _local:
-                await _local[name](message)
-            elif layer is None:
-                continue
-            elif kind == "group":
+            if kind == "join":
+                await group_add(layer, name, message["channel"])
+            elif kind == "channel":
+                await _send(layer, name, message)
+            elif layer is not None:
                 await layer.group_send(name, message)
-            elif kind == "join":
-                await layer.group_add(name, message["channel"])
-            else:
-                await layer.send(name, message)
         except Exception:  # the layer is a best-effort bus; callers recover from the database
             log.exception("could not send %s to %s", message.get("type"), name)
+
+
+async def _send(layer: BaseChannelLayer | None, channel: str, message: dict[str, Any]) -> None:
+    deliver = _local.get(channel)
+    try:
+        if deliver is not None:
+            await deliver(message)
+        elif layer is not None:
+            await layer.send(channel, message)
+    except Exception:
+        log.exception("could not send %s to %s", message.get("type"), channel)

@@ -1,8 +1,10 @@
-"""Sending notices on the channel layer (taskhub.notify)."""
+"""Sending notices: directly in this process, or on the channel layer (taskhub.notify)."""
 
 from __future__ import annotations
 
 import logging
+
+from channels.layers import InMemoryChannelLayer
 
 from taskhub import notify
 from taskhub.notify import send_notices
@@ -96,3 +98,56 @@ async def test_a_failed_local_delivery_is_logged_and_the_others_still_go_out(cap
         notify.unregister("local")
     assert layer.log == [("offer", "a")]
     assert "could not send taskhub.offer to local" in caplog.text
+
+
+async def test_with_the_in_memory_layer_task_groups_live_in_this_process():
+    layer = InMemoryChannelLayer()
+    got: list[tuple[str, int]] = []
+
+    def consumer(name: str):
+        async def deliver(message: dict) -> None:
+            got.append((name, message["n"]))
+
+        return deliver
+
+    for name in ("a", "b"):
+        notify.register(name, consumer(name))
+    try:
+        await notify.group_add(layer, "g", "a")
+        await send_notices(layer, [("join", "g", {"channel": "b"}), ("group", "g", {"type": "taskhub.relay", "n": 1})])
+        assert sorted(got) == [("a", 1), ("b", 1)]
+        assert layer.groups == {}  # the layer's own groups were never used
+        await notify.group_discard(layer, "g", "a")
+        await send_notices(layer, [("group", "g", {"type": "taskhub.relay", "n": 2})])
+        assert got[2:] == [("b", 2)]
+        await notify.group_discard(layer, "g", "b")
+        await send_notices(layer, [("group", "g", {"type": "taskhub.relay", "n": 3})])
+        assert len(got) == 3
+    finally:
+        for name in ("a", "b"):
+            notify.unregister(name)
+
+
+async def test_a_member_that_fails_does_not_keep_the_others_from_their_event(caplog):
+    layer = InMemoryChannelLayer()
+    got: list[dict] = []
+
+    async def broken(message: dict) -> None:
+        raise RuntimeError("consumer gone")
+
+    async def deliver(message: dict) -> None:
+        got.append(message)
+
+    notify.register("a", broken)
+    notify.register("b", deliver)
+    try:
+        for name in ("a", "b"):
+            await notify.group_add(layer, "g", name)
+        with caplog.at_level(logging.ERROR, logger="taskhub.notify"):
+            await send_notices(layer, [("group", "g", {"type": "taskhub.relay"})])
+    finally:
+        for name in ("a", "b"):
+            notify.unregister(name)
+            await notify.group_discard(layer, "g", name)
+    assert got == [{"type": "taskhub.relay"}]
+    assert "could not send taskhub.relay to a" in caplog.text
