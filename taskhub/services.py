@@ -189,6 +189,10 @@ def _save(
         for name, value in fields.items():
             setattr(record, name, value)
     else:
+        # Only what changed: an unchanged indexed column still costs its indexes' pages
+        # (SQLite rewrites the entries of every column in SET; PostgreSQL cannot update
+        # in place). A late return or an update changes one or two columns.
+        fields = {name: value for name, value in fields.items() if getattr(record, name) != value}
         fields["version"] = record.version + 1
     existing = {(a.service, a.attempt): a for a in rows}
     new, updated = [], []
