@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import logging
 import uuid
 from collections.abc import Mapping
@@ -54,6 +55,10 @@ CLOSE_AUTH_TIMEOUT = 4000
 CLOSE_AUTH_FAILED = 4001
 CLOSE_DISABLED = 4002
 CLOSE_TOO_MANY_INSTANCES = 4003
+# Tasks whose last version heard a connection remembers. A copy of a relay comes within
+# moments of the first; the bound keeps a long-lived caller's memory flat.
+HEARD_TASKS = 1000
+
 _AUTH_CLOSE_CODES = {
     "authentication_failed": CLOSE_AUTH_FAILED,
     "credential_disabled": CLOSE_DISABLED,
@@ -81,10 +86,11 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         sweeper.ensure_started()
-        # Task groups this connection joined itself (it published or watches the task),
-        # and those the publishing process joined it to (it was offered the task).
+        # Task groups this connection joined to watch the tasks, and the last version of
+        # the tasks it heard of lately: it may hear a transition both as the task's
+        # publisher or worker and as a watcher.
         self.followed: set[str] = set()
-        self.working: set[str] = set()
+        self.heard: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.auth_timer: asyncio.TimerHandle | None = None
         notify.register(self.channel_name, self.dispatch)
         await self.accept()
@@ -131,7 +137,7 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
         notify.unregister(self.channel_name)
         if getattr(self, "auth_timer", None) is not None:
             self.auth_timer.cancel()  # type: ignore[union-attr]
-        for group in getattr(self, "followed", set()) | getattr(self, "working", set()):
+        for group in getattr(self, "followed", set()):
             await notify.group_discard(self.channel_layer, group, self.channel_name)
         if self.instance_id is not None:
             notices = await db.run(services.disconnect, self.instance_id, timezone.now())
@@ -197,21 +203,15 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
                 await db.run(services.unsubscribe, instance_id, action)
                 ack["action"] = action
             case Pub():
-                # Follow the task before it exists, so that no notice can outrun us.
-                if isinstance(cmd.task_id, str):
-                    await self.follow(cmd.task_id)
-                task_id, created, notices = await db.run(services.publish, credential, cmd, now)
-                await self.follow(task_id)
+                task_id, created, notices = await db.run(services.publish, credential, cmd, now, self.channel_name)
+                if not created:
+                    # A re-sent pub, maybe from a new connection: follow the task as its
+                    # watchers do, since its events go to the connection that published it.
+                    await self.follow(task_id)
                 ack.update(task=task_id, created=created)
-            case Pickup() | Update():
-                notices = await db.run(services.act, credential, cmd, now)
+            case Pickup() | Update() | Return() | Drop() | Fail():
+                notices = await db.run(services.act, credential, cmd, now, self.channel_name)
                 ack["task"] = cmd.task
-            case Return() | Drop() | Fail():
-                notices = await db.run(services.act, credential, cmd, now)
-                ack["task"] = cmd.task
-                # This service's part is over: it hears no more of the task, unless it
-                # follows it as its publisher or a watcher.
-                await self.unfollow(services.task_group(cmd.task), working_only=True)
             case GetPayload(task=task_id):
                 payload = await db.run(services.get_payload, credential, task_id)
                 ack.update(type="payload", task=task_id, payload=payload)
@@ -223,36 +223,38 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
         await send_notices(self.channel_layer, notices)
 
     async def follow(self, task_id: str) -> None:
+        """Watch the task: join its group."""
         group = services.task_group(task_id)
         if group not in self.followed:
             self.followed.add(group)
-            if group not in self.working:
-                await notify.group_add(self.channel_layer, group, self.channel_name)
+            await notify.group_add(self.channel_layer, group, self.channel_name)
 
-    async def unfollow(self, group: str, *, working_only: bool = False) -> None:
-        if working_only and group in self.followed:
-            self.working.discard(group)
-            return
-        if group in self.followed or group in self.working:
+    async def unfollow(self, group: str) -> None:
+        if group in self.followed:
             self.followed.discard(group)
-            self.working.discard(group)
             await notify.group_discard(self.channel_layer, group, self.channel_name)
 
     # -- channel-layer messages ------------------------------------------------------------
 
     async def taskhub_offer(self, event: dict[str, Any]) -> None:
-        """A task offered to this instance, which the publisher already joined to the task's group."""
-        self.working.add(services.task_group(event["message"]["task"]))
+        """A task offered to this instance."""
         await self.reply(event["message"])
 
     async def taskhub_relay(self, event: dict[str, Any]) -> None:
-        """A transition's task events, for everyone following the task (an update's sender excluded)."""
+        """A transition's task events, for the task's publisher, its services and its watchers."""
         if self.instance_id is not None and event.get("exclude") == str(self.instance_id):
             return
+        task_id, version = event["task"], event["version"]
+        if version <= self.heard.get(task_id, 0):
+            return  # heard it already, as a publisher or worker and as a watcher
+        self.heard[task_id] = version
+        self.heard.move_to_end(task_id)
+        if len(self.heard) > HEARD_TASKS:
+            self.heard.popitem(last=False)
         for message in event["messages"]:
             await self.reply(message)
             if message["type"] == "end":
-                await self.unfollow(services.task_group(message["task"]))
+                await self.unfollow(services.task_group(task_id))
 
     async def taskhub_close(self, event: dict[str, Any]) -> None:
         """An operator disabled this instance's credential."""

@@ -1,10 +1,11 @@
 """Sending the services layer's notices after commit: to this process's consumers
 directly, to the rest on the channel layer.
 
-With the in-memory layer, every consumer is in this process, so task groups are kept
-here too and nothing goes through the layer. With the Redis layers, offers to consumers
-of this process go directly; group joins and task events go through Redis, which knows
-the members in every process.
+Task events go to the channels the database names (the task's publisher and its
+services) and to the task's group, which holds its watchers. With the in-memory layer,
+every consumer is in this process, so the groups are kept here too and nothing goes
+through the layer. With the Redis layers, notices for consumers of this process go
+directly; the rest, and the groups, go through Redis.
 """
 
 from __future__ import annotations
@@ -73,9 +74,7 @@ async def send_notices(layer: BaseChannelLayer | None, notices: Iterable[Notice]
                 await _send(layer, channel, message)
             continue
         try:
-            if kind == "join":
-                await group_add(layer, name, message["channel"])
-            elif kind == "channel":
+            if kind == "channel":
                 await _send(layer, name, message)
             elif layer is not None:
                 await layer.group_send(name, message)

@@ -34,8 +34,7 @@ from .models import Assignment, Credential, Instance, Subscription, TaskRecord
 
 log = logging.getLogger(__name__)
 
-# ("channel", channel_name, layer message), ("group", group_name, layer message), or
-# ("join", group_name, {"channel": channel_name}) to add a channel to a group.
+# ("channel", channel_name, layer message) or ("group", group_name, layer message).
 Notice = tuple[str, str, dict[str, Any]]
 
 MAX_TRANSITION_RETRIES = 10
@@ -241,12 +240,14 @@ def transition(
     channels: dict[str, str] | None = None,
     *,
     with_payload: bool = False,
+    sender: str | None = None,
 ) -> list[Notice]:
     """Apply one decision of the core to a task, once, whatever other processes do.
 
     ``decide`` gets the loaded task, mutates it and returns the events; if it raises,
     nothing is written and the exception propagates. A ``decide`` that offers the task
-    fills ``channels`` (instance id to channel name) for the offers' notices.
+    fills ``channels`` (instance id to channel name) for the offers' notices. ``sender``
+    is the channel of the connection whose command this is (see :func:`listeners`).
 
     Raises:
         UnknownTask: no such task.
@@ -266,15 +267,57 @@ def transition(
                 _save(record, task, events, now, rows)
         except Conflict:
             continue
-        return notices_for(record, events, channels or {})
+        return notices_for(record, events, channels or {}, listeners(record, rows, task, events, sender))
     raise RuntimeError(f"task {task_id}: gave up after {MAX_TRANSITION_RETRIES} conflicting updates")
 
 
-def notices_for(record: TaskRecord, events: Iterable[machine.Event], offer_channels: dict[str, str]) -> list[Notice]:
+# Assignment states whose instance hears the task's events.
+_LISTENING = frozenset({*ACTIVE_ASSIGNMENT_STATES, AssignmentState.SEEN})
+
+
+def listeners(
+    record: TaskRecord,
+    rows: list[store.AssignmentRow],
+    task: machine.Task,
+    events: list[machine.Event],
+    sender: str | None,
+) -> list[str]:
+    """The channels that hear a transition's task events, besides the task's watchers.
+
+    The publisher's connection, and the instances of the services still on the task
+    before the transition (so that services told of another's success hear it). The
+    sender of an update does not get it back; a service whose own return, drop or fail
+    this is hears no more of the task, unless it published it. Instances lost in this
+    transition are gone.
+    """
+    lost = {(a.service, a.attempt) for a in task.assignments if a.state is AssignmentState.LOST}
+    channels = {
+        row.channel
+        for row in rows
+        if row.channel and row.state in _LISTENING and (row.service, row.attempt) not in lost
+    }
+    update = any(e.kind == "update" for e in events)
+    if not update and sender is not None:
+        channels.discard(sender)
+    if record.publisher_channel:
+        channels.add(record.publisher_channel)
+    if update and sender is not None:
+        channels.discard(sender)
+    return sorted(channels)
+
+
+def notices_for(
+    record: TaskRecord,
+    events: Iterable[machine.Event],
+    offer_channels: dict[str, str],
+    listening: Iterable[str] = (),
+) -> list[Notice]:
     """What to tell whom about ``events``, once they are committed.
 
-    Offers go to their instances; the task events of one transition travel to the
-    task's group as one relay, in order, so followers get them in one layer message.
+    Offers go to their instances. The task events of one transition travel as one relay,
+    in order, to each of the ``listening`` channels directly and to the task's group,
+    which holds its watchers. A relay carries the task's version, so that a connection
+    that both listens and watches hears it once.
     """
     group = task_group(record.id)
     task_id = str(record.id)
@@ -293,11 +336,7 @@ def notices_for(record: TaskRecord, events: Iterable[machine.Event], offer_chann
             }
             if record.payload_size <= conf.INLINE_PAYLOAD_SIZE:
                 offer["payload"] = record.payload
-            channel = offer_channels[e.instance]
-            # Join the instance to the task's group before it hears of the task, so that
-            # no event of the task (another service's quick return) can pass it by.
-            notices.append(("join", group, {"channel": channel}))
-            notices.append(("channel", channel, {"type": "taskhub.offer", "message": offer}))
+            notices.append(("channel", offer_channels[e.instance], {"type": "taskhub.offer", "message": offer}))
         elif e.kind == "update":
             relayed.append({"type": "update", "task": task_id, "service": e.service, **e.data})
             exclude = e.instance  # the sender knows its own update
@@ -308,7 +347,15 @@ def notices_for(record: TaskRecord, events: Iterable[machine.Event], offer_chann
         elif e.kind == "end":
             relayed.append({"type": "end", "task": task_id, "status": e.data["status"]})
     if relayed:
-        notices.append(("group", group, {"type": "taskhub.relay", "messages": relayed, "exclude": exclude}))
+        relay = {
+            "type": "taskhub.relay",
+            "task": task_id,
+            "version": record.version,
+            "messages": relayed,
+            "exclude": exclude,
+        }
+        notices += [("channel", channel, relay) for channel in listening]
+        notices.append(("group", group, relay))
     return notices
 
 
@@ -342,8 +389,10 @@ def _start(task_id: uuid.UUID | str, action: str, now: datetime) -> list[Notice]
 # -- commands -----------------------------------------------------------------------------
 
 
-def publish(credential: Credential, cmd: Pub, now: datetime) -> tuple[str, bool, list[Notice]]:
+def publish(credential: Credential, cmd: Pub, now: datetime, channel: str = "") -> tuple[str, bool, list[Notice]]:
     """Persist a new task (with its ``init`` event) and offer it to subscribers.
+
+    ``channel`` is the publishing connection's: the task's events go there.
 
     Re-publishing a task id the same credential already published is a no-op that
     answers ``created=False``, so a client can safely re-send after a reconnect.
@@ -371,6 +420,7 @@ def publish(credential: Credential, cmd: Pub, now: datetime) -> tuple[str, bool,
         action=action,
         publisher=credential,
         publisher_name=credential.name,
+        publisher_channel=channel,
         payload=payload,
         payload_size=size,
         pickup_timeout=pickup_timeout,
@@ -443,8 +493,12 @@ def dispatch_waiting(now: datetime, actions: Iterable[str] | None = None) -> tup
     return started, notices
 
 
-def act(credential: Credential, cmd: Pickup | Update | Return | Drop | Fail, now: datetime) -> list[Notice]:
+def act(
+    credential: Credential, cmd: Pickup | Update | Return | Drop | Fail, now: datetime, channel: str | None = None
+) -> list[Notice]:
     """Apply a worker's ``pickup``, ``update``, ``return``, ``drop`` or ``fail``.
+
+    ``channel`` is the sending connection's (see :func:`listeners`).
 
     Raises:
         UnknownTask: no such task, or not offered to this service.
@@ -470,7 +524,7 @@ def act(credential: Credential, cmd: Pickup | Update | Return | Drop | Fail, now
             decide = lambda task: machine.drop(task, service, attempt, now)  # noqa: E731
         case Fail(error=error):
             decide = lambda task: machine.fail(task, service, attempt, error, now)  # noqa: E731
-    return transition(cmd.task, decide, now)
+    return transition(cmd.task, decide, now, sender=channel)
 
 
 def _visible_task(credential: Credential, task_id: str) -> TaskRecord:

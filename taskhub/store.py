@@ -32,13 +32,13 @@ from django.db.models import Field, Model
 from .models import Assignment, Credential, Instance, Subscription, TaskEvent, TaskRecord
 
 # In the model's field order, which TaskRecord.from_db expects; "payload" comes after
-# "publisher_name" and is read only for offers.
+# "publisher_channel" and is read only for offers.
 TASK_FIELDS = (
-    "id", "action", "publisher_id", "publisher_name", "payload_size", "status", "result", "has_result",
-    "failure_reason", "failure_detail", "attempt", "progress", "pickup_timeout", "complete_timeout",
+    "id", "action", "publisher_id", "publisher_name", "publisher_channel", "payload_size", "status", "result",
+    "has_result", "failure_reason", "failure_detail", "attempt", "progress", "pickup_timeout", "complete_timeout",
     "pickup_deadline", "complete_deadline", "deadline", "version", "created_at", "started_at", "finished_at",
 )  # fmt: skip
-TASK_ALL_FIELDS = (*TASK_FIELDS[:4], "payload", *TASK_FIELDS[4:])
+TASK_ALL_FIELDS = (*TASK_FIELDS[:5], "payload", *TASK_FIELDS[5:])
 _PAYLOAD_INDEX = TASK_ALL_FIELDS.index("payload")
 ASSIGNMENT_FIELDS = ("id", "task_id", "service", "instance", "attempt", "state", "detail", "created_at", "updated_at")
 EVENT_FIELDS = ("task_id", "kind", "service", "instance", "attempt", "data", "created_at")
@@ -57,6 +57,8 @@ class AssignmentRow(NamedTuple):
     attempt: int
     state: str
     detail: str
+    #: The channel of the instance that holds it, while that instance is connected.
+    channel: str | None
 
 
 Prep = Callable[[Any], Any]
@@ -130,17 +132,21 @@ class Statements:
             with_payload: _Reader(conn, [(n, TaskRecord, n) for n in names])
             for with_payload, names in self.task_names.items()
         }
-        loaded = tuple(n if n != "pk" else "id" for n in AssignmentRow._fields)
+        loaded = [(n, "id" if n == "pk" else n) for n in AssignmentRow._fields[:-1]]
+        inst = q(Instance._meta.db_table)
         self.select_assignments = self.sql(
-            f"SELECT {self.columns(Assignment, loaded)} FROM {self.assignment} "
-            f"WHERE {q('task_id')} = %s ORDER BY {q('id')}"
+            f"SELECT {', '.join(f'a.{q(f)}' for _, f in loaded)}, i.{q('channel_name')} "
+            f"FROM {self.assignment} a LEFT JOIN {inst} i ON a.{q('instance')} = i.{q('id')} "
+            f"WHERE a.{q('task_id')} = %s ORDER BY a.{q('id')}"
         )
-        self.read_assignment = _Reader(conn, [(n, Assignment, n) for n in loaded])
+        self.read_assignment = _Reader(
+            conn, [*((n, Assignment, f) for n, f in loaded), ("channel", Instance, "channel_name")]
+        )
         self.update_assignment = self.sql(
             f"UPDATE {self.assignment} SET {q('state')} = %s, {q('detail')} = %s, {q('updated_at')} = %s "
             f"WHERE {q('id')} = %s"
         )
-        sub, inst, cred = (q(m._meta.db_table) for m in (Subscription, Instance, Credential))
+        sub, cred = (q(m._meta.db_table) for m in (Subscription, Credential))
         self.live_subscribers = self.sql(
             f"SELECT i.{q('id')}, i.{q('channel_name')}, c.{q('id')}, c.{q('name')}, c.{q('sub_permissions')} "
             f"FROM {sub} s JOIN {inst} i ON s.{q('instance_id')} = i.{q('id')} "

@@ -227,6 +227,37 @@ async def test_a_service_that_publishes_to_itself_still_hears_the_outcome():
     await peer.close()
 
 
+async def test_a_publisher_that_also_watches_its_task_hears_each_event_once():
+    w = await worker()
+    c = await caller()
+    task_id = (await c.call({"type": "pub", "action": "mail:send"}))["task"]
+    await c.call({"type": "watch", "task": task_id})
+    await w.recv()
+    await w.call({"type": "update", "task": task_id, "attempt": 1, "progress": 0.5})
+    await w.call({"type": "return", "task": task_id, "attempt": 1, "result": 1})
+    assert [(await c.recv())["type"] for _ in range(3)] == ["update", "success", "end"]
+    assert await c.nothing()
+    await w.close()
+    await c.close()
+
+
+async def test_a_pub_resent_from_a_new_connection_hears_the_task():
+    w = await worker()
+    _, key = await credential("app", pub=["mail"])
+    first = await open_peer("app", key)
+    task_id = str(uuid.uuid4())
+    await first.call({"type": "pub", "action": "mail:send", "task_id": task_id})
+    await first.close()  # the answer was lost with the connection; the client re-sends
+    second = await open_peer("app", key)
+    again = await second.call({"type": "pub", "action": "mail:send", "task_id": task_id})
+    assert again["created"] is False
+    await w.recv()
+    await w.call({"type": "return", "task": task_id, "attempt": 1, "result": 1})
+    assert [(await second.recv())["type"] for _ in range(2)] == ["success", "end"]
+    await w.close()
+    await second.close()
+
+
 async def test_fan_out_to_every_service_first_return_wins_others_are_told():
     a = await worker("a", sub=["mail"])
     b = await worker("b", sub=["mail:send"])

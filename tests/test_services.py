@@ -27,21 +27,62 @@ def live_instance(credential, channel):
     return instance
 
 
-def test_offered_instances_join_the_task_group_before_they_are_offered():
+def relayed_to(notices):
+    """``{channel or "group": [message types]}`` of a transition's relays."""
+    return {
+        (name if kind == "channel" else "group"): [m["type"] for m in message["messages"]]
+        for kind, name, message in notices
+        if message["type"] == "taskhub.relay"
+    }
+
+
+def test_task_events_go_to_the_publisher_the_services_on_the_task_and_the_watchers():
     a, _ = make_credential("a", sub=["mail"])
     b, _ = make_credential("b", sub=["mail"])
     app, _ = make_credential("app", pub=["mail"])
     live_instance(a, "chan-a")
     live_instance(b, "chan-b")
     task_id, created, notices = services.publish(
-        app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now()
+        app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), "chan-app"
     )
-    group = services.task_group(task_id)
     assert created
-    for channel in ("chan-a", "chan-b"):
-        join = notices.index(("join", group, {"channel": channel}))
-        offer = next(i for i, n in enumerate(notices) if n[0] == "channel" and n[1] == channel)
-        assert join < offer
+    assert sorted(name for kind, name, _ in notices if kind == "channel") == ["chan-a", "chan-b"]
+    assert relayed_to(notices) == {}
+
+    def act(cred, channel, **cmd):
+        return services.act(cred, parse_command({"task": task_id, "attempt": 1, **cmd}), timezone.now(), channel)
+
+    # The sender of an update does not get it back.
+    notices = act(a, "chan-a", type="update", progress=0.5)
+    assert relayed_to(notices) == {"chan-app": ["update"], "chan-b": ["update"], "group": ["update"]}
+    # The winner's part is over; the other service is told.
+    notices = act(a, "chan-a", type="return", result=1)
+    expected = ["success", "end"]
+    assert relayed_to(notices) == {"chan-app": expected, "chan-b": expected, "group": expected}
+    # A late return is recorded, not relayed.
+    assert relayed_to(act(b, "chan-b", type="return", result=2)) == {}
+
+
+def test_a_service_that_published_its_own_task_still_hears_its_outcome():
+    me, _ = make_credential("me", sub=["mail"], pub=["mail"])
+    live_instance(me, "chan-me")
+    task_id, _, _ = services.publish(
+        me, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), "chan-me"
+    )
+    cmd = {"type": "update", "task": task_id, "attempt": 1, "progress": 0.1}
+    assert relayed_to(services.act(me, parse_command(cmd), timezone.now(), "chan-me")) == {"group": ["update"]}
+    cmd = {"type": "return", "task": task_id, "attempt": 1, "result": 1}
+    notices = services.act(me, parse_command(cmd), timezone.now(), "chan-me")
+    assert relayed_to(notices) == {"chan-me": ["success", "end"], "group": ["success", "end"]}
+
+
+def test_an_instance_that_disconnects_is_not_told_of_its_own_loss():
+    a, _ = make_credential("a", sub=["mail"])
+    app, _ = make_credential("app", pub=["mail"])
+    instance = live_instance(a, "chan-a")
+    services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), "chan-app")
+    notices = services.disconnect(instance.pk, timezone.now())
+    assert relayed_to(notices) == {"chan-app": ["fail", "end"], "group": ["fail", "end"]}
 
 
 def test_a_conflicting_write_is_retried_on_the_fresh_row():
@@ -83,7 +124,7 @@ def test_the_store_reads_rows_as_the_orm_does():
     for name in (*store.TASK_FIELDS, "payload"):
         assert getattr(record, name) == getattr(orm, name), name
     assert [tuple(r) for r in rows] == [
-        (r.pk, r.service, r.instance, r.attempt, r.state, r.detail) for r in orm.assignments.order_by("pk")
+        (r.pk, r.service, r.instance, r.attempt, r.state, r.detail, "chan-a") for r in orm.assignments.order_by("pk")
     ]
     assert store.load_task("not-a-uuid") is None
     assert store.load_task("8d7f6a0e-3b7c-4f4e-9a51-2d6f0f1f6b2a") is None
