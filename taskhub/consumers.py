@@ -203,7 +203,7 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
                 await db.run(services.unsubscribe, instance_id, action)
                 ack["action"] = action
             case Pub():
-                task_id, created, notices = await db.run(services.publish, credential, cmd, now, self.channel_name)
+                task_id, created, notices = await db.run(services.publish, credential, cmd, now, instance_id)
                 if not created:
                     # A re-sent pub, maybe from a new connection: follow the task as its
                     # watchers do, since its events go to the connection that published it.

@@ -85,11 +85,10 @@ class TaskRecord(models.Model):
     publisher_name = models.CharField(
         max_length=100, help_text="The publisher's name (kept if the credential is deleted)."
     )
-    publisher_channel = models.CharField(
-        max_length=200,
+    publisher_instance = models.UUIDField(
+        null=True,
         blank=True,
-        default="",
-        help_text="Channel-layer name of the connection that published the task: its task events go there.",
+        help_text="The instance (connection) that published the task: its events go there while it is connected.",
     )
     payload = models.JSONField(null=True, blank=True, help_text="The task's input.")
     payload_size = models.PositiveIntegerField(default=0, help_text="Size of the JSON-encoded payload in bytes.")

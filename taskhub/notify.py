@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer, InMemoryChannelLayer
 
 from .services import Notice
@@ -87,7 +88,11 @@ async def _send(layer: BaseChannelLayer | None, channel: str, message: dict[str,
     try:
         if deliver is not None:
             await deliver(message)
-        elif layer is not None:
+        elif layer is not None and not _in_process(layer):  # in memory, it is gone
             await layer.send(channel, message)
+    except ChannelFull:
+        # A consumer that stopped reading, or one that is gone and whose messages wait
+        # to expire; either way the database has what the message said.
+        log.warning("channel %s is full: dropped %s", channel, message.get("type"))
     except Exception:
         log.exception("could not send %s to %s", message.get("type"), channel)

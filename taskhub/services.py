@@ -259,7 +259,7 @@ def transition(
                 loaded = store.load_task(task_id, with_payload=with_payload)
                 if loaded is None:
                     raise UnknownTask(f"no task {task_id}")
-                record, rows = loaded
+                record, rows, publisher_channel = loaded
                 task = _load(record, rows)
                 events = decide(task)
                 if not events:
@@ -267,7 +267,8 @@ def transition(
                 _save(record, task, events, now, rows)
         except Conflict:
             continue
-        return notices_for(record, events, channels or {}, listeners(record, rows, task, events, sender))
+        listening = listeners(publisher_channel, rows, task, events, sender)
+        return notices_for(record, events, channels or {}, listening)
     raise RuntimeError(f"task {task_id}: gave up after {MAX_TRANSITION_RETRIES} conflicting updates")
 
 
@@ -276,7 +277,7 @@ _LISTENING = frozenset({*ACTIVE_ASSIGNMENT_STATES, AssignmentState.SEEN})
 
 
 def listeners(
-    record: TaskRecord,
+    publisher_channel: str | None,
     rows: list[store.AssignmentRow],
     task: machine.Task,
     events: list[machine.Event],
@@ -284,8 +285,9 @@ def listeners(
 ) -> list[str]:
     """The channels that hear a transition's task events, besides the task's watchers.
 
-    The publisher's connection, and the instances of the services still on the task
-    before the transition (so that services told of another's success hear it). The
+    The publisher's connection while it is connected, and the instances of the services
+    still on the task before the transition (so that services told of another's success
+    hear it). The
     sender of an update does not get it back; a service whose own return, drop or fail
     this is hears no more of the task, unless it published it. Instances lost in this
     transition are gone.
@@ -299,8 +301,8 @@ def listeners(
     update = any(e.kind == "update" for e in events)
     if not update and sender is not None:
         channels.discard(sender)
-    if record.publisher_channel:
-        channels.add(record.publisher_channel)
+    if publisher_channel:
+        channels.add(publisher_channel)
     if update and sender is not None:
         channels.discard(sender)
     return sorted(channels)
@@ -389,10 +391,12 @@ def _start(task_id: uuid.UUID | str, action: str, now: datetime) -> list[Notice]
 # -- commands -----------------------------------------------------------------------------
 
 
-def publish(credential: Credential, cmd: Pub, now: datetime, channel: str = "") -> tuple[str, bool, list[Notice]]:
+def publish(
+    credential: Credential, cmd: Pub, now: datetime, instance_id: uuid.UUID | None = None
+) -> tuple[str, bool, list[Notice]]:
     """Persist a new task (with its ``init`` event) and offer it to subscribers.
 
-    ``channel`` is the publishing connection's: the task's events go there.
+    ``instance_id`` is the publishing connection's: the task's events go there.
 
     Re-publishing a task id the same credential already published is a no-op that
     answers ``created=False``, so a client can safely re-send after a reconnect.
@@ -420,7 +424,7 @@ def publish(credential: Credential, cmd: Pub, now: datetime, channel: str = "") 
         action=action,
         publisher=credential,
         publisher_name=credential.name,
-        publisher_channel=channel,
+        publisher_instance=instance_id,
         payload=payload,
         payload_size=size,
         pickup_timeout=pickup_timeout,

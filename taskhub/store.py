@@ -32,9 +32,9 @@ from django.db.models import Field, Model
 from .models import Assignment, Credential, Instance, Subscription, TaskEvent, TaskRecord
 
 # In the model's field order, which TaskRecord.from_db expects; "payload" comes after
-# "publisher_channel" and is read only for offers.
+# "publisher_instance" and is read only for offers.
 TASK_FIELDS = (
-    "id", "action", "publisher_id", "publisher_name", "publisher_channel", "payload_size", "status", "result",
+    "id", "action", "publisher_id", "publisher_name", "publisher_instance", "payload_size", "status", "result",
     "has_result", "failure_reason", "failure_detail", "attempt", "progress", "pickup_timeout", "complete_timeout",
     "pickup_deadline", "complete_deadline", "deadline", "version", "created_at", "started_at", "finished_at",
 )  # fmt: skip
@@ -120,20 +120,31 @@ class Statements:
         q = self.quote = conn.ops.quote_name
         self.conn = conn
         self.task, self.assignment = q(TaskRecord._meta.db_table), q(Assignment._meta.db_table)
-        lock = " FOR UPDATE" if conn.features.has_select_for_update else ""
-        where_id = f"WHERE {q('id')} = %s{lock}"
+        # The publisher's channel comes along while its instance is connected. On
+        # PostgreSQL only the task's row is locked (the instance's may be missing).
+        lock = ""
+        if conn.features.has_select_for_update_of:
+            lock = " FOR UPDATE OF t"
+        elif conn.features.has_select_for_update:
+            lock = " FOR UPDATE"
+        inst = q(Instance._meta.db_table)
         self.qmark = conn.vendor == "sqlite"
         self.task_names = {False: TASK_FIELDS, True: TASK_ALL_FIELDS}
         self.select_task = {
-            with_payload: self.sql(f"SELECT {self.columns(TaskRecord, names)} FROM {self.task} {where_id}")
+            with_payload: self.sql(
+                f"SELECT {', '.join(f't.{q(str(_field(TaskRecord, n).column))}' for n in names)}, "
+                f"pi.{q('channel_name')} FROM {self.task} t "
+                f"LEFT JOIN {inst} pi ON t.{q('publisher_instance')} = pi.{q('id')} WHERE t.{q('id')} = %s{lock}"
+            )
             for with_payload, names in self.task_names.items()
         }
         self.read_task = {
-            with_payload: _Reader(conn, [(n, TaskRecord, n) for n in names])
+            with_payload: _Reader(
+                conn, [*((n, TaskRecord, n) for n in names), ("publisher_channel", Instance, "channel_name")]
+            )
             for with_payload, names in self.task_names.items()
         }
         loaded = [(n, "id" if n == "pk" else n) for n in AssignmentRow._fields[:-1]]
-        inst = q(Instance._meta.db_table)
         self.select_assignments = self.sql(
             f"SELECT {', '.join(f'a.{q(f)}' for _, f in loaded)}, i.{q('channel_name')} "
             f"FROM {self.assignment} a LEFT JOIN {inst} i ON a.{q('instance')} = i.{q('id')} "
@@ -252,7 +263,16 @@ def statements() -> Statements:
     return found
 
 
-def load_task(task_id: uuid.UUID | str, *, with_payload: bool = False) -> tuple[TaskRecord, list[AssignmentRow]] | None:
+class LoadedTask(NamedTuple):
+    """A task as a transition reads it."""
+
+    record: TaskRecord
+    assignments: list[AssignmentRow]
+    #: The channel of the instance that published the task, while it is connected.
+    publisher_channel: str | None
+
+
+def load_task(task_id: uuid.UUID | str, *, with_payload: bool = False) -> LoadedTask | None:
     """The task (locked on PostgreSQL) and its assignments, or ``None``.
 
     The payload, which can be large, is loaded only ``with_payload`` (for offers);
@@ -269,13 +289,14 @@ def load_task(task_id: uuid.UUID | str, *, with_payload: bool = False) -> tuple[
         if row is None:
             return None
         values = st.read_task[with_payload].values(row)
+        publisher_channel = values.pop()
         if not with_payload:
             values.insert(_PAYLOAD_INDEX, None)
         # Positional, in field order: the fast path of Model.__init__.
         record = TaskRecord.from_db(st.conn.alias, TASK_ALL_FIELDS, values)
         cursor.execute(st.select_assignments, [pk])
         read = st.read_assignment.values
-        return record, [AssignmentRow._make(read(r)) for r in cursor.fetchall()]
+        return LoadedTask(record, [AssignmentRow._make(read(r)) for r in cursor.fetchall()], publisher_channel)
 
 
 def write_transition(

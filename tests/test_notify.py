@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer
 
 from taskhub import notify
@@ -150,3 +151,21 @@ async def test_a_member_that_fails_does_not_keep_the_others_from_their_event(cap
             await notify.group_discard(layer, "g", name)
     assert got == [{"type": "taskhub.relay"}]
     assert "could not send taskhub.relay to a" in caplog.text
+
+
+async def test_a_full_channel_is_a_warning_not_an_error(caplog):
+    class FullLayer(RecordingLayer):
+        async def send(self, channel: str, message: dict) -> None:
+            raise ChannelFull(channel)
+
+    with caplog.at_level(logging.WARNING, logger="taskhub.notify"):
+        await send_notices(FullLayer(), [("channel", "slow", {"type": "taskhub.relay"})])
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "channel slow is full: dropped taskhub.relay")
+    ]
+
+
+async def test_in_memory_a_channel_whose_consumer_is_gone_is_sent_nothing():
+    layer = InMemoryChannelLayer()
+    await send_notices(layer, [("channel", "gone", {"type": "taskhub.relay"})])
+    assert layer.channels == {}  # nothing waits there to expire

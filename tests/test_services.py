@@ -14,7 +14,7 @@ from .conftest import make_credential
 pytestmark = pytest.mark.django_db
 
 
-def live_instance(credential, channel):
+def live_instance(credential, channel, subscribe=True):
     now = timezone.now()
     instance = Instance.objects.create(
         credential=credential,
@@ -23,7 +23,8 @@ def live_instance(credential, channel):
         connected_at=now,
         lease_expires_at=now + timezone.timedelta(seconds=60),
     )
-    Subscription.objects.create(instance=instance, action="mail:send")
+    if subscribe:
+        Subscription.objects.create(instance=instance, action="mail:send")
     return instance
 
 
@@ -42,8 +43,9 @@ def test_task_events_go_to_the_publisher_the_services_on_the_task_and_the_watche
     app, _ = make_credential("app", pub=["mail"])
     live_instance(a, "chan-a")
     live_instance(b, "chan-b")
+    publisher = live_instance(app, "chan-app", subscribe=False)
     task_id, created, notices = services.publish(
-        app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), "chan-app"
+        app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk
     )
     assert created
     assert sorted(name for kind, name, _ in notices if kind == "channel") == ["chan-a", "chan-b"]
@@ -65,9 +67,9 @@ def test_task_events_go_to_the_publisher_the_services_on_the_task_and_the_watche
 
 def test_a_service_that_published_its_own_task_still_hears_its_outcome():
     me, _ = make_credential("me", sub=["mail"], pub=["mail"])
-    live_instance(me, "chan-me")
+    instance = live_instance(me, "chan-me")
     task_id, _, _ = services.publish(
-        me, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), "chan-me"
+        me, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), instance.pk
     )
     cmd = {"type": "update", "task": task_id, "attempt": 1, "progress": 0.1}
     assert relayed_to(services.act(me, parse_command(cmd), timezone.now(), "chan-me")) == {"group": ["update"]}
@@ -80,9 +82,24 @@ def test_an_instance_that_disconnects_is_not_told_of_its_own_loss():
     a, _ = make_credential("a", sub=["mail"])
     app, _ = make_credential("app", pub=["mail"])
     instance = live_instance(a, "chan-a")
-    services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), "chan-app")
+    publisher = live_instance(app, "chan-app", subscribe=False)
+    services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk)
     notices = services.disconnect(instance.pk, timezone.now())
     assert relayed_to(notices) == {"chan-app": ["fail", "end"], "group": ["fail", "end"]}
+
+
+def test_a_publisher_that_disconnected_is_sent_nothing_more():
+    a, _ = make_credential("a", sub=["mail"])
+    app, _ = make_credential("app", pub=["mail"])
+    live_instance(a, "chan-a")
+    publisher = live_instance(app, "chan-app", subscribe=False)
+    task_id, _, _ = services.publish(
+        app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk
+    )
+    services.disconnect(publisher.pk, timezone.now())
+    cmd = {"type": "return", "task": task_id, "attempt": 1, "result": 1}
+    notices = services.act(a, parse_command(cmd), timezone.now(), "chan-a")
+    assert relayed_to(notices) == {"group": ["success", "end"]}  # its watchers only
 
 
 def test_a_conflicting_write_is_retried_on_the_fresh_row():
@@ -119,7 +136,8 @@ def test_the_store_reads_rows_as_the_orm_does():
     services.act(
         a, parse_command({"type": "return", "task": task_id, "attempt": 1, "result": {"ok": [True]}}), timezone.now()
     )
-    record, rows = store.load_task(task_id, with_payload=True)
+    record, rows, publisher_channel = store.load_task(task_id, with_payload=True)
+    assert publisher_channel is None  # published with no instance (from a shell, say)
     orm = TaskRecord.objects.get(pk=task_id)
     for name in (*store.TASK_FIELDS, "payload"):
         assert getattr(record, name) == getattr(orm, name), name
