@@ -2,7 +2,8 @@
 
 Thin by design: frames are decoded and validated by :mod:`taskhub.core.messages`, each
 command is one call into :mod:`taskhub.services` (on a database thread), and the notices it
-returns go out on the channel layer after commit. See docs/protocol.md.
+returns go out after commit (:mod:`taskhub.notify`: directly to consumers of this process,
+on the channel layer to the others). See docs/protocol.md.
 """
 
 from __future__ import annotations

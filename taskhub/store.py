@@ -132,7 +132,7 @@ class Statements:
         self.task_names = {False: TASK_FIELDS, True: TASK_ALL_FIELDS}
         self.select_task = {
             with_payload: self.sql(
-                f"SELECT {', '.join(f't.{q(str(_field(TaskRecord, n).column))}' for n in names)}, "
+                f"SELECT {self.columns(TaskRecord, names, 't')}, "
                 f"pi.{q('channel_name')} FROM {self.task} t "
                 f"LEFT JOIN {inst} pi ON t.{q('publisher_instance')} = pi.{q('id')} WHERE t.{q('id')} = %s{lock}"
             )
@@ -146,7 +146,7 @@ class Statements:
         }
         loaded = [(n, "id" if n == "pk" else n) for n in AssignmentRow._fields[:-1]]
         self.select_assignments = self.sql(
-            f"SELECT {', '.join(f'a.{q(f)}' for _, f in loaded)}, i.{q('channel_name')} "
+            f"SELECT {self.columns(Assignment, [f for _, f in loaded], 'a')}, i.{q('channel_name')} "
             f"FROM {self.assignment} a LEFT JOIN {inst} i ON a.{q('instance')} = i.{q('id')} "
             f"WHERE a.{q('task_id')} = %s ORDER BY a.{q('id')}"
         )
@@ -197,8 +197,10 @@ class Statements:
             finally:
                 cursor.close()
 
-    def columns(self, model: type[Model], names: Sequence[str]) -> str:
-        return ", ".join(self.quote(str(_field(model, n).column)) for n in names)
+    def columns(self, model: type[Model], names: Sequence[str], alias: str = "") -> str:
+        """The fields' quoted column names, each prefixed with ``alias.`` if given."""
+        prefix = f"{alias}." if alias else ""
+        return ", ".join(prefix + self.quote(str(_field(model, n).column)) for n in names)
 
     def prep(self, model: type[Model], name: str) -> Prep:
         """The field's ``get_db_prep_save`` bound to this connection.
