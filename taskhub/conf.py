@@ -32,6 +32,9 @@ DEFAULTS: dict[str, Any] = {
     "AUTH_TIMEOUT": 10.0,
     # Threads per process that run database work; None: 1 on SQLite (one writer), else 8.
     "DB_THREADS": None,
+    # On PostgreSQL, prepare the hot path's statements once per connection. False for a
+    # pooler that cannot carry prepared statements (PgBouncer in transaction mode < 1.21).
+    "PREPARED_STATEMENTS": True,
 }
 
 
@@ -52,6 +55,7 @@ class Settings:
     SWEEP_INTERVAL: float
     AUTH_TIMEOUT: float
     DB_THREADS: int | None
+    PREPARED_STATEMENTS: bool
 
 
 conf = Settings()

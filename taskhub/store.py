@@ -190,8 +190,14 @@ class Statements:
         conn = self.conn
         conn.ensure_connection()
         with conn.wrap_database_errors:
-            # On PostgreSQL, create_cursor also applies the connection's time zone.
-            cursor = conn.connection.cursor() if self.qmark else conn.create_cursor()
+            if self.qmark:
+                cursor = conn.connection.cursor()
+            elif conn.vendor == "postgresql":
+                from . import pgcursor
+
+                cursor = pgcursor.cursor(conn)
+            else:
+                cursor = conn.create_cursor()
             try:
                 yield cursor
             finally:

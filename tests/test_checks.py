@@ -66,6 +66,15 @@ def test_e008_accepts_a_thread_count():
     assert ids(TASKHUB_DB_THREADS=4) == []
 
 
+@pytest.mark.parametrize("value", [0, 1, "yes", None])
+def test_e009_prepared_statements(value):
+    assert ids(TASKHUB_PREPARED_STATEMENTS=value) == ["taskhub.E009"]
+
+
+def test_e009_accepts_false():
+    assert ids(TASKHUB_PREPARED_STATEMENTS=False) == []
+
+
 def test_settings_are_read_on_access_and_unknown_names_fail():
     with override_settings(TASKHUB_PICKUP_TIMEOUT=7.0):
         assert conf.PICKUP_TIMEOUT == 7.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from taskhub import services
@@ -122,9 +123,11 @@ def test_a_conflicting_write_is_retried_on_the_fresh_row():
     assert list(record.events.values_list("kind", flat=True)) == ["init", "fail", "end"]
 
 
-def test_the_store_reads_rows_as_the_orm_does():
+@pytest.mark.parametrize("prepared", [True, False])
+def test_the_store_reads_rows_as_the_orm_does(prepared, settings):
     from taskhub import store
 
+    settings.TASKHUB_PREPARED_STATEMENTS = prepared  # PostgreSQL only
     app, _ = make_credential("app", pub=["mail"])
     a, _ = make_credential("a", sub=["mail"])
     live_instance(a, "chan-a")
@@ -146,3 +149,23 @@ def test_the_store_reads_rows_as_the_orm_does():
     ]
     assert store.load_task("not-a-uuid") is None
     assert store.load_task("8d7f6a0e-3b7c-4f4e-9a51-2d6f0f1f6b2a") is None
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements are PostgreSQL's")
+@pytest.mark.parametrize("prepared", [True, False])
+def test_on_postgresql_the_hot_path_is_prepared_unless_turned_off(prepared, settings):
+    settings.TASKHUB_PREPARED_STATEMENTS = prepared
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")  # psycopg forgets its own records of them too
+    app, _ = make_credential("app", pub=["mail"])
+    a, _ = make_credential("a", sub=["mail"])
+    live_instance(a, "chan-a")
+    for _ in range(2):
+        task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
+        services.act(a, parse_command({"type": "return", "task": task_id, "attempt": 1}), timezone.now())
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared_now = [text for (text,) in cursor.fetchall()]
+    table = TaskRecord._meta.db_table
+    assert any(text.startswith(f'INSERT INTO "{table}"') for text in prepared_now) is prepared
+    assert any(text.startswith(f'UPDATE "{table}"') for text in prepared_now) is prepared
