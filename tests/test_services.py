@@ -123,6 +123,26 @@ def test_a_conflicting_write_is_retried_on_the_fresh_row():
     assert list(record.events.values_list("kind", flat=True)) == ["init", "fail", "end"]
 
 
+def test_an_assignments_updated_at_says_when_its_state_last_changed():
+    app, _ = make_credential("app", pub=["mail"])
+    a, _ = make_credential("a", sub=["mail"])
+    live_instance(a, "chan-a")
+    start = timezone.now()
+    task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), start)
+
+    def act(at, **cmd):
+        services.act(a, parse_command({"task": task_id, "attempt": 1, **cmd}), at)
+        return TaskRecord.objects.get(pk=task_id).assignments.get()
+
+    picked = start + timezone.timedelta(seconds=1)
+    assert act(picked, type="pickup").updated_at == picked
+    # Progress changes no state: the row keeps the time of the pickup.
+    row = act(picked + timezone.timedelta(seconds=1), type="update", progress=0.5)
+    assert (row.state, row.updated_at) == ("picked_up", picked)
+    returned = picked + timezone.timedelta(seconds=2)
+    assert act(returned, type="return").updated_at == returned
+
+
 @pytest.mark.parametrize("prepared", [True, False])
 def test_the_store_reads_rows_as_the_orm_does(prepared, settings):
     from taskhub import store

@@ -141,8 +141,11 @@ def _find(task: Task, service: str, attempt: int) -> Assignment:
 
 
 def _move(a: Assignment, event: AssignmentTrigger) -> None:
-    a.state = advance_assignment(a.state, event)
-    a.changed = True
+    state = advance_assignment(a.state, event)
+    # A move to the same state (a second update) leaves the row as it is: its
+    # ``updated_at`` says when the state last changed.
+    if state is not a.state:
+        a.state, a.changed = state, True
 
 
 def _finish_task(task: Task, event: TaskTrigger, now: datetime, reason: str = "", detail: str = "") -> list[Event]:
