@@ -125,6 +125,11 @@ class TaskRecord(models.Model):
     created_at = models.DateTimeField(help_text="When the task was published.")
     started_at = models.DateTimeField(null=True, blank=True, help_text="When it was first offered to a service.")
     finished_at = models.DateTimeField(null=True, blank=True, help_text="When it succeeded, failed or ended.")
+    watched = models.BooleanField(
+        default=False,
+        help_text="Whether a connection watched the task: its events then also go to the task's "
+        "channel-layer group, which holds its watchers.",
+    )
 
     class Meta:
         verbose_name = "task"

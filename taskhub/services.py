@@ -317,9 +317,9 @@ def notices_for(
     """What to tell whom about ``events``, once they are committed.
 
     Offers go to their instances. The task events of one transition travel as one relay,
-    in order, to each of the ``listening`` channels directly and to the task's group,
-    which holds its watchers. A relay carries the task's version, so that a connection
-    that both listens and watches hears it once.
+    in order, to each of the ``listening`` channels directly and, if the task was ever
+    watched, to the task's group, which holds its watchers. A relay carries the task's
+    version, so that a connection that both listens and watches hears it once.
     """
     group = task_group(record.id)
     task_id = str(record.id)
@@ -357,7 +357,8 @@ def notices_for(
             "exclude": exclude,
         }
         notices += [("channel", channel, relay) for channel in listening]
-        notices.append(("group", group, relay))
+        if record.watched:  # else the group is empty: on Redis, sending costs 2 commands
+            notices.append(("group", group, relay))
     return notices
 
 
@@ -444,6 +445,8 @@ def publish(
         if existing is None:
             raise
         _check_same_task(existing, credential, action, task_id)
+        # The re-sending connection follows the task through its group, as a watcher.
+        TaskRecord.objects.filter(pk=task_id, watched=False).update(watched=True)
         return task_id, False, []
     return task_id, True, notices_for(record, events, channels)
 
@@ -531,13 +534,15 @@ def act(
     return transition(cmd.task, decide, now, sender=channel)
 
 
-def _visible_task(credential: Credential, task_id: str) -> TaskRecord:
-    """The task, if the credential published it or works on it.
+def _visible_task(credential: Credential, task_id: str, *, lock: bool = False) -> TaskRecord:
+    """The task, if the credential published it or works on it; ``lock`` locks its row
+    (PostgreSQL), as transitions do, inside the caller's ``atomic()``.
 
     Raises:
         UnknownTask: otherwise (the same answer as for a task that does not exist).
     """
-    record = TaskRecord.objects.filter(pk=task_id).first()
+    tasks = TaskRecord.objects.select_for_update(of=("self",)) if lock else TaskRecord.objects
+    record = tasks.filter(pk=task_id).first()
     if record is None or not (
         record.publisher_id == credential.pk or record.assignments.filter(service=credential.name).exists()
     ):
@@ -557,11 +562,22 @@ def get_payload(credential: Credential, task_id: str) -> Any:
 def watch(credential: Credential, task_id: str, since: int) -> dict[str, Any]:
     """The task's current state and its events with a sequence number above ``since``.
 
+    Call after joining the task's group. The task is marked ``watched`` first, under the
+    lock transitions take, so every transition either committed before (its events are
+    in the answer) or sees the mark and sends to the group.
+
     Raises:
         UnknownTask: as :func:`_visible_task`.
     """
-    record = _visible_task(credential, task_id)
-    events = [
+    with transaction.atomic():
+        record = _visible_task(credential, task_id, lock=True)
+        if not record.watched:
+            TaskRecord.objects.filter(pk=record.pk).update(watched=True)
+        return {"task": task_snapshot(record), "events": _events_since(record, since)}
+
+
+def _events_since(record: TaskRecord, since: int) -> list[dict[str, Any]]:
+    return [
         {
             "seq": e.id,
             "kind": e.kind,
@@ -572,7 +588,6 @@ def watch(credential: Credential, task_id: str, since: int) -> dict[str, Any]:
         }
         for e in record.events.filter(id__gt=since).order_by("id")
     ]
-    return {"task": task_snapshot(record), "events": events}
 
 
 def task_snapshot(record: TaskRecord) -> dict[str, Any]:

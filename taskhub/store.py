@@ -37,6 +37,7 @@ TASK_FIELDS = (
     "id", "action", "publisher_id", "publisher_name", "publisher_instance", "payload_size", "status", "result",
     "has_result", "failure_reason", "failure_detail", "attempt", "progress", "pickup_timeout", "complete_timeout",
     "pickup_deadline", "complete_deadline", "deadline", "version", "created_at", "started_at", "finished_at",
+    "watched",
 )  # fmt: skip
 TASK_ALL_FIELDS = (*TASK_FIELDS[:5], "payload", *TASK_FIELDS[5:])
 _PAYLOAD_INDEX = TASK_ALL_FIELDS.index("payload")

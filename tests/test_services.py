@@ -7,6 +7,7 @@ from django.db import connection
 from django.utils import timezone
 
 from taskhub import services
+from taskhub.core.errors import UnknownTask
 from taskhub.core.messages import parse_command
 from taskhub.models import Instance, Subscription, TaskRecord
 
@@ -38,7 +39,7 @@ def relayed_to(notices):
     }
 
 
-def test_task_events_go_to_the_publisher_the_services_on_the_task_and_the_watchers():
+def test_task_events_go_to_the_publisher_the_services_on_the_task_and_the_watchers_if_any():
     a, _ = make_credential("a", sub=["mail"])
     b, _ = make_credential("b", sub=["mail"])
     app, _ = make_credential("app", pub=["mail"])
@@ -55,10 +56,13 @@ def test_task_events_go_to_the_publisher_the_services_on_the_task_and_the_watche
     def act(cred, channel, **cmd):
         return services.act(cred, parse_command({"task": task_id, "attempt": 1, **cmd}), timezone.now(), channel)
 
-    # The sender of an update does not get it back.
+    # The sender of an update does not get it back. Nobody watches: no group send.
     notices = act(a, "chan-a", type="update", progress=0.5)
-    assert relayed_to(notices) == {"chan-app": ["update"], "chan-b": ["update"], "group": ["update"]}
-    # The winner's part is over; the other service is told.
+    assert relayed_to(notices) == {"chan-app": ["update"], "chan-b": ["update"]}
+    state = services.watch(app, task_id, 0)
+    assert [e["kind"] for e in state["events"]] == ["init", "start", "start", "pickup", "update"]
+    assert TaskRecord.objects.get(pk=task_id).watched
+    # The winner's part is over; the other service is told; the watchers' group too.
     notices = act(a, "chan-a", type="return", result=1)
     expected = ["success", "end"]
     assert relayed_to(notices) == {"chan-app": expected, "chan-b": expected, "group": expected}
@@ -73,10 +77,10 @@ def test_a_service_that_published_its_own_task_still_hears_its_outcome():
         me, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), instance.pk
     )
     cmd = {"type": "update", "task": task_id, "attempt": 1, "progress": 0.1}
-    assert relayed_to(services.act(me, parse_command(cmd), timezone.now(), "chan-me")) == {"group": ["update"]}
+    assert relayed_to(services.act(me, parse_command(cmd), timezone.now(), "chan-me")) == {}
     cmd = {"type": "return", "task": task_id, "attempt": 1, "result": 1}
     notices = services.act(me, parse_command(cmd), timezone.now(), "chan-me")
-    assert relayed_to(notices) == {"chan-me": ["success", "end"], "group": ["success", "end"]}
+    assert relayed_to(notices) == {"chan-me": ["success", "end"]}
 
 
 def test_an_instance_that_disconnects_is_not_told_of_its_own_loss():
@@ -86,7 +90,7 @@ def test_an_instance_that_disconnects_is_not_told_of_its_own_loss():
     publisher = live_instance(app, "chan-app", subscribe=False)
     services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk)
     notices = services.disconnect(instance.pk, timezone.now())
-    assert relayed_to(notices) == {"chan-app": ["fail", "end"], "group": ["fail", "end"]}
+    assert relayed_to(notices) == {"chan-app": ["fail", "end"]}
 
 
 def test_a_publisher_that_disconnected_is_sent_nothing_more():
@@ -97,10 +101,29 @@ def test_a_publisher_that_disconnected_is_sent_nothing_more():
     task_id, _, _ = services.publish(
         app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk
     )
+    services.watch(app, task_id, 0)  # from another connection, say
     services.disconnect(publisher.pk, timezone.now())
     cmd = {"type": "return", "task": task_id, "attempt": 1, "result": 1}
     notices = services.act(a, parse_command(cmd), timezone.now(), "chan-a")
     assert relayed_to(notices) == {"group": ["success", "end"]}  # its watchers only
+
+
+def test_a_re_sent_pub_marks_the_task_watched_for_the_connection_that_follows_it():
+    app, _ = make_credential("app", pub=["mail"])
+    cmd = {"type": "pub", "action": "mail:send", "task_id": "8d7f6a0e-3b7c-4f4e-9a51-2d6f0f1f6b2a"}
+    task_id, created, _ = services.publish(app, parse_command(cmd), timezone.now())
+    assert created and not TaskRecord.objects.get(pk=task_id).watched
+    assert services.publish(app, parse_command(cmd), timezone.now())[:2] == (task_id, False)
+    assert TaskRecord.objects.get(pk=task_id).watched
+
+
+def test_watching_a_task_that_is_not_yours_changes_nothing():
+    app, _ = make_credential("app", pub=["mail"])
+    other, _ = make_credential("other", pub=["mail"])
+    task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
+    with pytest.raises(UnknownTask):
+        services.watch(other, task_id, 0)
+    assert not TaskRecord.objects.get(pk=task_id).watched
 
 
 def test_a_conflicting_write_is_retried_on_the_fresh_row():
