@@ -241,13 +241,16 @@ def transition(
     *,
     with_payload: bool = False,
     sender: str | None = None,
+    service: str | None = None,
 ) -> list[Notice]:
     """Apply one decision of the core to a task, once, whatever other processes do.
 
     ``decide`` gets the loaded task, mutates it and returns the events; if it raises,
     nothing is written and the exception propagates. A ``decide`` that offers the task
     fills ``channels`` (instance id to channel name) for the offers' notices. ``sender``
-    is the channel of the connection whose command this is (see :func:`listeners`).
+    is the channel of the connection whose command this is (see :func:`listeners`), and
+    ``service`` the service that sent it: on a finished task, ``decide`` then sees that
+    service's assignments only (:func:`store.load_task`).
 
     Raises:
         UnknownTask: no such task.
@@ -256,7 +259,7 @@ def transition(
     for _ in range(MAX_TRANSITION_RETRIES):
         try:
             with transaction.atomic():
-                loaded = store.load_task(task_id, with_payload=with_payload)
+                loaded = store.load_task(task_id, with_payload=with_payload, service=service)
                 if loaded is None:
                     raise UnknownTask(f"no task {task_id}")
                 record, rows, publisher_channel = loaded
@@ -531,7 +534,7 @@ def act(
             decide = lambda task: machine.drop(task, service, attempt, now)  # noqa: E731
         case Fail(error=error):
             decide = lambda task: machine.fail(task, service, attempt, error, now)  # noqa: E731
-    return transition(cmd.task, decide, now, sender=channel)
+    return transition(cmd.task, decide, now, sender=channel, service=service)
 
 
 def _visible_task(credential: Credential, task_id: str, *, lock: bool = False) -> TaskRecord:

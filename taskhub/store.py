@@ -29,6 +29,7 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model
 
+from .core.states import TERMINAL_TASK_STATUSES
 from .models import Assignment, Credential, Instance, Subscription, TaskEvent, TaskRecord
 
 # In the model's field order, which TaskRecord.from_db expects; "payload" comes after
@@ -150,6 +151,11 @@ class Statements:
             f"SELECT {self.columns(Assignment, [f for _, f in loaded], 'a')}, i.{q('channel_name')} "
             f"FROM {self.assignment} a LEFT JOIN {inst} i ON a.{q('instance')} = i.{q('id')} "
             f"WHERE a.{q('task_id')} = %s ORDER BY a.{q('id')}"
+        )
+        self.select_own_assignments = self.sql(
+            f"SELECT {self.columns(Assignment, [f for _, f in loaded], 'a')}, i.{q('channel_name')} "
+            f"FROM {self.assignment} a LEFT JOIN {inst} i ON a.{q('instance')} = i.{q('id')} "
+            f"WHERE a.{q('task_id')} = %s AND a.{q('service')} = %s ORDER BY a.{q('id')}"
         )
         self.read_assignment = _Reader(
             conn, [*((n, Assignment, f) for n, f in loaded), ("channel", Instance, "channel_name")]
@@ -281,11 +287,13 @@ class LoadedTask(NamedTuple):
     publisher_channel: str | None
 
 
-def load_task(task_id: uuid.UUID | str, *, with_payload: bool = False) -> LoadedTask | None:
+def load_task(task_id: uuid.UUID | str, *, with_payload: bool = False, service: str | None = None) -> LoadedTask | None:
     """The task (locked on PostgreSQL) and its assignments, or ``None``.
 
     The payload, which can be large, is loaded only ``with_payload`` (for offers);
-    otherwise ``record.payload`` is ``None``.
+    otherwise ``record.payload`` is ``None``. With ``service``, a finished task comes with
+    that service's assignments only: what a service does to a finished task (a late
+    return) concerns its own, and each of a fan-out's late returns read every row.
     """
     st = statements()
     try:
@@ -303,7 +311,10 @@ def load_task(task_id: uuid.UUID | str, *, with_payload: bool = False) -> Loaded
             values.insert(_PAYLOAD_INDEX, None)
         # Positional, in field order: the fast path of Model.__init__.
         record = TaskRecord.from_db(st.conn.alias, TASK_ALL_FIELDS, values)
-        cursor.execute(st.select_assignments, [pk])
+        if service is not None and record.status in TERMINAL_TASK_STATUSES:
+            cursor.execute(st.select_own_assignments, [pk, service])
+        else:
+            cursor.execute(st.select_assignments, [pk])
         read = st.read_assignment.values
         return LoadedTask(record, [AssignmentRow._make(read(r)) for r in cursor.fetchall()], publisher_channel)
 

@@ -194,6 +194,26 @@ def test_the_store_reads_rows_as_the_orm_does(prepared, settings):
     assert store.load_task("8d7f6a0e-3b7c-4f4e-9a51-2d6f0f1f6b2a") is None
 
 
+def test_a_finished_task_is_loaded_with_the_acting_services_assignments_only():
+    from taskhub import store
+
+    app, _ = make_credential("app", pub=["mail"])
+    a, _ = make_credential("a", sub=["mail"])
+    b, _ = make_credential("b", sub=["mail"])
+    live_instance(a, "chan-a")
+    live_instance(b, "chan-b")
+    task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
+    assert [r.service for r in store.load_task(task_id, service="b").assignments] == ["a", "b"]  # running
+    services.act(a, parse_command({"type": "return", "task": task_id, "attempt": 1, "result": 1}), timezone.now())
+    assert [r.service for r in store.load_task(task_id, service="b").assignments] == ["b"]
+    assert [r.service for r in store.load_task(task_id).assignments] == ["a", "b"]
+    # b's late return is recorded against its own assignment, as before.
+    services.act(b, parse_command({"type": "return", "task": task_id, "attempt": 1, "result": 2}), timezone.now())
+    record = TaskRecord.objects.get(pk=task_id)
+    assert (record.status, record.result) == ("success", 1)
+    assert list(record.events.values_list("kind", "service"))[-1] == ("late_return", "b")
+
+
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements are PostgreSQL's")
 @pytest.mark.parametrize("prepared", [True, False])
 def test_on_postgresql_the_hot_path_is_prepared_unless_turned_off(prepared, settings):
