@@ -25,6 +25,13 @@ async def _stop_sweeper():
     db = sys.modules.get("taskhub.db")
     if db is not None:  # close the database threads' connections while the test may still use the database
         db.shutdown()
+    if "django.db" in sys.modules:
+        # And asgiref's thread's, which the tests' own ORM calls ran on: with a connection
+        # pool (PostgreSQL) an unreturned connection keeps the test database in use.
+        from asgiref.sync import sync_to_async
+        from django.db import connections
+
+        await sync_to_async(connections.close_all)()
 
 
 def make_credential(
