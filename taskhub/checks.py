@@ -11,7 +11,7 @@ taskhub.E005   INSTANCE_LEASE, SWEEP_INTERVAL, AUTH_TIMEOUT are positive numbers
 taskhub.E006   INSTANCE_LEASE is at least three SWEEP_INTERVALs (leases are renewed by the sweeper)
 taskhub.E007   a channel layer is configured
 taskhub.E008   DB_THREADS is a positive integer or None
-taskhub.E009   PREPARED_STATEMENTS is True or False
+taskhub.E009   PREPARED_STATEMENTS and SQLITE_INLINE are True or False
 taskhub.W001   MAX_MESSAGE_SIZE is below daphne's default frame limit (1 MiB)
 =============  ===========================================================
 """
@@ -96,13 +96,10 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="taskhub.E008",
             )
         )
-    if not isinstance(conf.PREPARED_STATEMENTS, bool):
-        errors.append(
-            Error(
-                f"TASKHUB_PREPARED_STATEMENTS must be True or False, not {conf.PREPARED_STATEMENTS!r}.",
-                id="taskhub.E009",
-            )
-        )
+    for name in ("PREPARED_STATEMENTS", "SQLITE_INLINE"):
+        value = getattr(conf, name)
+        if not isinstance(value, bool):
+            errors.append(Error(f"TASKHUB_{name} must be True or False, not {value!r}.", id="taskhub.E009"))
     if not getattr(settings, "CHANNEL_LAYERS", None):
         errors.append(
             Error(

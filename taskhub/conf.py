@@ -32,6 +32,9 @@ DEFAULTS: dict[str, Any] = {
     "AUTH_TIMEOUT": 10.0,
     # Threads per process that run database work; None: 1 on SQLite (one writer), else 8.
     "DB_THREADS": None,
+    # On SQLite, run database work on the event loop's thread while the database thread
+    # is idle (taskhub/db.py); False: always on the database thread.
+    "SQLITE_INLINE": True,
     # On PostgreSQL, prepare the hot path's statements once per connection. False for a
     # pooler that cannot carry prepared statements (PgBouncer in transaction mode < 1.21).
     "PREPARED_STATEMENTS": True,
@@ -56,6 +59,7 @@ class Settings:
     AUTH_TIMEOUT: float
     DB_THREADS: int | None
     PREPARED_STATEMENTS: bool
+    SQLITE_INLINE: bool
 
 
 conf = Settings()

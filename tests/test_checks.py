@@ -66,13 +66,15 @@ def test_e008_accepts_a_thread_count():
     assert ids(TASKHUB_DB_THREADS=4) == []
 
 
+@pytest.mark.parametrize("name", ["TASKHUB_PREPARED_STATEMENTS", "TASKHUB_SQLITE_INLINE"])
 @pytest.mark.parametrize("value", [0, 1, "yes", None])
-def test_e009_prepared_statements(value):
-    assert ids(TASKHUB_PREPARED_STATEMENTS=value) == ["taskhub.E009"]
+def test_e009_switches(name, value):
+    assert ids(**{name: value}) == ["taskhub.E009"]
 
 
-def test_e009_accepts_false():
-    assert ids(TASKHUB_PREPARED_STATEMENTS=False) == []
+@pytest.mark.parametrize("name", ["TASKHUB_PREPARED_STATEMENTS", "TASKHUB_SQLITE_INLINE"])
+def test_e009_accepts_false(name):
+    assert ids(**{name: False}) == []
 
 
 def test_settings_are_read_on_access_and_unknown_names_fail():

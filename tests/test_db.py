@@ -12,11 +12,12 @@ from django.test import override_settings
 from taskhub import db
 from taskhub.models import Credential
 
-from .conftest import make_credential
+from .conftest import TIMEOUT, make_credential
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@override_settings(TASKHUB_SQLITE_INLINE=False)
 async def test_calls_run_on_a_database_thread_and_return_or_raise():
     assert (await db.run(threading.current_thread)).name.startswith("taskhub-db")
     assert await db.run(lambda a, b=0: a + b, 2, b=3) == 5
@@ -54,6 +55,7 @@ def test_an_answer_for_a_closed_event_loop_does_not_kill_the_thread():
     call.answer(True, 1)  # would raise RuntimeError in the database thread
 
 
+@override_settings(TASKHUB_SQLITE_INLINE=False)
 async def test_shutdown_closes_connections_and_later_calls_start_new_threads():
     def connected() -> bool:
         Credential.objects.exists()
@@ -67,6 +69,7 @@ async def test_shutdown_closes_connections_and_later_calls_start_new_threads():
 
 
 @pytest.mark.skipif(connection.vendor != "sqlite", reason="group commit is for SQLite's one writer")
+@override_settings(TASKHUB_SQLITE_INLINE=False)
 async def test_calls_queued_on_sqlite_commit_together_and_a_failing_one_undoes_only_itself():
     started, release = threading.Event(), threading.Event()
 
@@ -106,3 +109,42 @@ async def test_sqlite_hub_threads_leave_checkpoints_to_the_checkpointer():
     await db.run(make_credential, "svc")
     busy, frames, done = await db.run(db.checkpoint)
     assert (busy, done) == (0, frames)
+
+
+sqlite_only = pytest.mark.skipif(connection.vendor != "sqlite", reason="inline calls are SQLite's")
+
+
+def _credential_exists(name: str) -> bool:
+    return Credential.objects.filter(name=name).exists()
+
+
+@sqlite_only
+async def test_on_sqlite_an_idle_hub_runs_calls_inline_on_the_event_loops_thread():
+    assert await db.run(threading.current_thread) is threading.current_thread()
+    await db.run(make_credential, "svc")
+    assert await asyncio.to_thread(_credential_exists, "svc")  # committed: another connection sees it
+    with pytest.raises(ZeroDivisionError):
+        await db.run(lambda: 1 / 0)
+
+
+@sqlite_only
+async def test_a_call_that_finds_sqlite_locked_waits_on_the_database_thread_not_on_the_loop():
+    import sqlite3
+
+    other = sqlite3.connect(connection.settings_dict["NAME"], timeout=0, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # a manage.py command holding the write lock, say
+
+    def write() -> str:
+        make_credential("svc")
+        return threading.current_thread().name
+
+    try:
+        call = asyncio.ensure_future(db.run(write))
+        await asyncio.sleep(0)  # the call runs up to its wait: the loop is free meanwhile
+        assert not call.done()
+        assert not await asyncio.to_thread(_credential_exists, "svc")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert (await asyncio.wait_for(call, TIMEOUT)).startswith("taskhub-db")
+    assert await asyncio.to_thread(_credential_exists, "svc")
