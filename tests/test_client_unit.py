@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -84,3 +85,22 @@ async def test_handle_outcomes_and_defaults():
             assert await asyncio.wait_for(handle.get_result("d"), 1) == "d"
         else:
             assert await asyncio.wait_for(handle.get_result(), 1) == expected
+
+
+async def test_close_survives_the_hub_closing_right_after_its_bye_ack():
+    client = Client("ws://127.0.0.1:9/", name="svc", key="k" * 20)
+
+    class Connection:
+        closed = False
+
+        async def send(self, frame: str) -> None:
+            ref = json.loads(frame)["ref"]
+            client._pending[ref].set_result({"type": "ack", "ref": ref})
+            client._ws = None  # the hub closed after its ack, and the session ended
+
+        async def close(self) -> None:
+            self.closed = True
+
+    connection = client._ws = Connection()
+    await client.close()
+    assert connection.closed

@@ -146,11 +146,12 @@ class Client:
     async def close(self) -> None:
         """Close the connection and stop reconnecting. Running handlers are cancelled."""
         self._closing = True
-        if self._ws is not None:
+        ws = self._ws  # the session forgets it as soon as the hub closes, maybe during bye
+        if ws is not None:
             # Leave gracefully, so that the instance's slot is free once close() returns.
             with contextlib.suppress(TaskHubError, ConnectionClosed, TimeoutError):
-                await asyncio.wait_for(self._send_request(self._ws, {"type": "bye"}), 5)
-            await self._ws.close()
+                await asyncio.wait_for(self._send_request(ws, {"type": "bye"}), 5)
+            await ws.close()
         for task in [*self._background, *([self._runner] if self._runner else [])]:
             task.cancel()
         await asyncio.gather(*self._background, *([self._runner] if self._runner else []), return_exceptions=True)
