@@ -21,7 +21,7 @@ On SQLite, while the database thread has nothing to do, a call runs *inline* ins
 the event loop's thread (``TASKHUB_SQLITE_INLINE``, on by default). A transition costs
 SQLite well under a millisecond, less than handing it to a thread and back, and the two
 threads shared one GIL: inline, a sequential round trip cost the hub 5.2 → 4.0 ms of CPU,
-and 50 tasks in flight ran 181 → ~290/s (bench/README.md). The call is synchronous from
+and 50 tasks in flight ran ~185 → 250–300/s (bench/README.md). The call is synchronous from
 start to end, so no other coroutine touches the connection meanwhile; that is why Django's
 guard against ORM calls in async code is lifted for it. The loop's connection never
 waits for a lock (``busy_timeout`` 0): if another connection holds SQLite's write lock

@@ -140,7 +140,8 @@ async def test_a_call_that_finds_sqlite_locked_waits_on_the_database_thread_not_
 
     try:
         call = asyncio.ensure_future(db.run(write))
-        await asyncio.sleep(0)  # the call runs up to its wait: the loop is free meanwhile
+        # Not a timed wait: sleep(0) yields once, and the call runs up to its wait on the thread.
+        await asyncio.sleep(0)
         assert not call.done()
         assert not await asyncio.to_thread(_credential_exists, "svc")
     finally:
