@@ -5,7 +5,7 @@ quotes every value into the statement's text in Python, and the server parses an
 every statement anew. For the hot path's fixed statements (:mod:`taskhub.store`) that cost
 more than running them: with values sent apart from the text and each statement prepared
 on first use per connection, the services layer's round trip (three transitions) went from
-11–14 to 7.5–8 ms of wall time (bench/README.md).
+11–14 to 7.5–9 ms of wall time (bench/README.md).
 
 Imported only when the database is PostgreSQL, so SQLite installs need no psycopg.
 """

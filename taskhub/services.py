@@ -290,10 +290,9 @@ def listeners(
 
     The publisher's connection while it is connected, and the instances of the services
     still on the task before the transition (so that services told of another's success
-    hear it). The
-    sender of an update does not get it back; a service whose own return, drop or fail
-    this is hears no more of the task, unless it published it. Instances lost in this
-    transition are gone.
+    hear it). The sender of an update does not get it back; a service whose own return,
+    drop or fail this is hears no more of the task, unless it published it. Instances
+    lost in this transition are gone.
     """
     lost = {(a.service, a.attempt) for a in task.assignments if a.state is AssignmentState.LOST}
     channels = {

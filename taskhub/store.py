@@ -147,16 +147,14 @@ class Statements:
             for with_payload, names in self.task_names.items()
         }
         loaded = [(n, "id" if n == "pk" else n) for n in AssignmentRow._fields[:-1]]
-        self.select_assignments = self.sql(
+        assignments = (
             f"SELECT {self.columns(Assignment, [f for _, f in loaded], 'a')}, i.{q('channel_name')} "
             f"FROM {self.assignment} a LEFT JOIN {inst} i ON a.{q('instance')} = i.{q('id')} "
-            f"WHERE a.{q('task_id')} = %s ORDER BY a.{q('id')}"
+            f"WHERE a.{q('task_id')} = %s"
         )
-        self.select_own_assignments = self.sql(
-            f"SELECT {self.columns(Assignment, [f for _, f in loaded], 'a')}, i.{q('channel_name')} "
-            f"FROM {self.assignment} a LEFT JOIN {inst} i ON a.{q('instance')} = i.{q('id')} "
-            f"WHERE a.{q('task_id')} = %s AND a.{q('service')} = %s ORDER BY a.{q('id')}"
-        )
+        order = f" ORDER BY a.{q('id')}"
+        self.select_assignments = self.sql(assignments + order)
+        self.select_own_assignments = self.sql(f"{assignments} AND a.{q('service')} = %s{order}")
         self.read_assignment = _Reader(
             conn, [*((n, Assignment, f) for n, f in loaded), ("channel", Instance, "channel_name")]
         )
