@@ -192,7 +192,11 @@ def _save(
         # (SQLite rewrites the entries of every column in SET; PostgreSQL cannot update
         # in place). A late return or an update changes one or two columns.
         fields = {name: value for name, value in fields.items() if getattr(record, name) != value}
-        fields["version"] = record.version + 1
+        # The version orders relays (a connection hears each once). A transition that
+        # changes no column and relays nothing (a late return) leaves the row alone: the
+        # row is locked since it was read, so no other transition slipped in between.
+        if fields or any(e.kind in RELAYED_EVENTS for e in events):
+            fields["version"] = record.version + 1
     existing = {(a.service, a.attempt): a for a in rows}
     new, updated = [], []
     for a in task.assignments:
@@ -275,6 +279,8 @@ def transition(
     raise RuntimeError(f"task {task_id}: gave up after {MAX_TRANSITION_RETRIES} conflicting updates")
 
 
+# Task events that travel to the task's listeners, one relay per transition (notices_for).
+RELAYED_EVENTS = frozenset({"update", "success", "fail", "end"})
 # Assignment states whose instance hears the task's events.
 _LISTENING = frozenset({*ACTIVE_ASSIGNMENT_STATES, AssignmentState.SEEN})
 

@@ -93,7 +93,10 @@ def test_an_instance_that_disconnects_is_not_told_of_its_own_loss():
     assert relayed_to(notices) == {"chan-app": ["fail", "end"]}
 
 
-def test_a_publisher_that_disconnected_is_sent_nothing_more():
+@pytest.fixture
+def from_a_connected_publisher():
+    """A task offered to service "a", published by "app" from a live connection:
+    ``(task id, a, app, the publisher's instance)``."""
     a, _ = make_credential("a", sub=["mail"])
     app, _ = make_credential("app", pub=["mail"])
     live_instance(a, "chan-a")
@@ -101,6 +104,11 @@ def test_a_publisher_that_disconnected_is_sent_nothing_more():
     task_id, _, _ = services.publish(
         app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk
     )
+    return task_id, a, app, publisher
+
+
+def test_a_publisher_that_disconnected_is_sent_nothing_more(from_a_connected_publisher):
+    task_id, a, app, publisher = from_a_connected_publisher
     services.watch(app, task_id, 0)  # from another connection, say
     services.disconnect(publisher.pk, timezone.now())
     cmd = {"type": "return", "task": task_id, "attempt": 1, "result": 1}
@@ -194,24 +202,59 @@ def test_the_store_reads_rows_as_the_orm_does(prepared, settings):
     assert store.load_task("8d7f6a0e-3b7c-4f4e-9a51-2d6f0f1f6b2a") is None
 
 
-def test_a_finished_task_is_loaded_with_the_acting_services_assignments_only():
-    from taskhub import store
-
+@pytest.fixture
+def offered_to_two():
+    """A task offered to the services "a" and "b": ``(task id, a, b)``."""
     app, _ = make_credential("app", pub=["mail"])
     a, _ = make_credential("a", sub=["mail"])
     b, _ = make_credential("b", sub=["mail"])
     live_instance(a, "chan-a")
     live_instance(b, "chan-b")
     task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
+    return task_id, a, b
+
+
+def act(credential, task_id, type, **fields):
+    """The service's command on the task's first attempt."""
+    return services.act(
+        credential, parse_command({"type": type, "task": task_id, "attempt": 1, **fields}), timezone.now()
+    )
+
+
+def test_a_finished_task_is_loaded_with_the_acting_services_assignments_only(offered_to_two):
+    from taskhub import store
+
+    task_id, a, b = offered_to_two
     assert [r.service for r in store.load_task(task_id, service="b").assignments] == ["a", "b"]  # running
-    services.act(a, parse_command({"type": "return", "task": task_id, "attempt": 1, "result": 1}), timezone.now())
+    act(a, task_id, "return", result=1)
     assert [r.service for r in store.load_task(task_id, service="b").assignments] == ["b"]
     assert [r.service for r in store.load_task(task_id).assignments] == ["a", "b"]
     # b's late return is recorded against its own assignment, as before.
-    services.act(b, parse_command({"type": "return", "task": task_id, "attempt": 1, "result": 2}), timezone.now())
+    act(b, task_id, "return", result=2)
     record = TaskRecord.objects.get(pk=task_id)
     assert (record.status, record.result) == ("success", 1)
     assert list(record.events.values_list("kind", "service"))[-1] == ("late_return", "b")
+
+
+def test_a_late_return_is_recorded_without_touching_the_tasks_row(offered_to_two):
+    task_id, a, b = offered_to_two
+    act(a, task_id, "return", result=1)
+    before = TaskRecord.objects.values().get(pk=task_id)
+    act(b, task_id, "return", result=2)
+    assert TaskRecord.objects.values().get(pk=task_id) == before  # version included
+    assert TaskRecord.objects.get(pk=task_id).events.last().kind == "late_return"
+
+
+def test_an_update_that_changes_no_column_still_moves_the_version_its_relay_carries(from_a_connected_publisher):
+    """Connections hear a relay once per version: an update without ``progress``
+    changes no column of the task, yet its relay must not look like the last one."""
+    task_id, a, _, _ = from_a_connected_publisher
+    versions = []
+    for step in range(2):
+        notices = act(a, task_id, "update", data={"step": step})
+        (version,) = {message["version"] for _, _, message in notices if message["type"] == "taskhub.relay"}
+        versions.append(version)
+    assert versions[1] == versions[0] + 1 == TaskRecord.objects.get(pk=task_id).version
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements are PostgreSQL's")
