@@ -174,11 +174,14 @@ def test_an_assignments_updated_at_says_when_its_state_last_changed():
     assert act(returned, type="return").updated_at == returned
 
 
+@pytest.mark.parametrize("joined", [True, False], ids=["one query", "two queries"])
 @pytest.mark.parametrize("prepared", [True, False])
-def test_the_store_reads_rows_as_the_orm_does(prepared, settings):
+def test_the_store_reads_rows_as_the_orm_does(prepared, joined, settings, monkeypatch):
     from taskhub import store
 
     settings.TASKHUB_PREPARED_STATEMENTS = prepared  # PostgreSQL only
+    if not joined:  # as on a database that aggregates no JSON
+        monkeypatch.setattr(store.statements(), "select_task_joined", {})
     app, _ = make_credential("app", pub=["mail"])
     a, _ = make_credential("a", sub=["mail"])
     live_instance(a, "chan-a")
@@ -221,9 +224,12 @@ def act(credential, task_id, type, **fields):
     )
 
 
-def test_a_finished_task_is_loaded_with_the_acting_services_assignments_only(offered_to_two):
+@pytest.mark.parametrize("joined", [True, False], ids=["one query", "two queries"])
+def test_a_finished_task_is_loaded_with_the_acting_services_assignments_only(offered_to_two, joined, monkeypatch):
     from taskhub import store
 
+    if not joined:
+        monkeypatch.setattr(store.statements(), "select_task_joined", {})
     task_id, a, b = offered_to_two
     assert [r.service for r in store.load_task(task_id, service="b").assignments] == ["a", "b"]  # running
     act(a, task_id, "return", result=1)
