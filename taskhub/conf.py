@@ -1,7 +1,12 @@
-"""TaskHub's settings, read from Django settings on every access.
+"""TaskHub's settings, read from Django settings on access.
 
-Reading on access (not at import) keeps ``override_settings`` working in tests. Each
-property documents its unit and default; :mod:`taskhub.checks` validates them.
+Reading on access (not at import) keeps ``override_settings`` working in tests. A value
+read is remembered until Django's ``setting_changed`` signal says a ``TASKHUB_`` setting
+changed (``override_settings`` and pytest-django's ``settings`` send it; deleting a
+setting with ``del settings.X`` sends nothing, so override it instead): the hot path
+reads a few settings per message, and Django's look-up of a setting left at its default
+raises and catches an ``AttributeError`` each time (~10 µs). Each property documents its
+unit and default; :mod:`taskhub.checks` validates them.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.core.signals import setting_changed
 
 DEFAULTS: dict[str, Any] = {
     # Seconds a task waits for a subscriber, and then for a service to pick it up; None: forever.
@@ -45,9 +51,15 @@ class Settings:
     """``conf.PICKUP_TIMEOUT`` reads ``settings.TASKHUB_PICKUP_TIMEOUT`` or its default."""
 
     def __getattr__(self, name: str) -> Any:
+        # Called only for names not yet remembered in the instance's __dict__.
         if name not in DEFAULTS:
             raise AttributeError(f"unknown TaskHub setting {name!r}")
-        return getattr(settings, f"TASKHUB_{name}", DEFAULTS[name])
+        value = self.__dict__[name] = getattr(settings, f"TASKHUB_{name}", DEFAULTS[name])
+        return value
+
+    def forget(self) -> None:
+        """Read every setting afresh on its next access."""
+        self.__dict__.clear()
 
     PICKUP_TIMEOUT: float | None
     COMPLETE_TIMEOUT: float | None
@@ -63,3 +75,11 @@ class Settings:
 
 
 conf = Settings()
+
+
+def _setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting.startswith("TASKHUB_"):
+        conf.forget()
+
+
+setting_changed.connect(_setting_changed, dispatch_uid="taskhub.conf.setting_changed")

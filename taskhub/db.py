@@ -79,10 +79,6 @@ def thread_count() -> int:
     return 1 if connections[DEFAULT_DB_ALIAS].vendor == "sqlite" else DEFAULT_THREADS
 
 
-def _inline_allowed() -> bool:
-    return bool(conf.SQLITE_INLINE) and connections[DEFAULT_DB_ALIAS].vendor == "sqlite"
-
-
 class _Call:
     __slots__ = ("func", "loop", "future")
 
@@ -198,7 +194,8 @@ async def run(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """
     pool = _get_pool()
     partial = functools.partial(func, *args, **kwargs)
-    if pool.group and pool.pending == 0 and not getattr(_local, "inline", False) and _inline_allowed():
+    # A pool that groups calls is SQLite's.
+    if pool.group and pool.pending == 0 and conf.SQLITE_INLINE and not getattr(_local, "inline", False):
         try:
             return _run_inline(partial)
         except OperationalError as exc:

@@ -78,8 +78,20 @@ def test_e009_accepts_false(name):
 
 
 def test_settings_are_read_on_access_and_unknown_names_fail():
+    assert conf.PICKUP_TIMEOUT == 30.0  # remembered from here on
     with override_settings(TASKHUB_PICKUP_TIMEOUT=7.0):
         assert conf.PICKUP_TIMEOUT == 7.0
+        with override_settings(TASKHUB_COMPLETE_TIMEOUT=9.0):  # another setting changes
+            assert (conf.PICKUP_TIMEOUT, conf.COMPLETE_TIMEOUT) == (7.0, 9.0)
+        assert conf.COMPLETE_TIMEOUT == 300.0
     assert conf.PICKUP_TIMEOUT == 30.0
     with pytest.raises(AttributeError, match="unknown TaskHub setting"):
         _ = conf.PICKUP_TIMEOTU
+
+
+def test_a_setting_changed_with_pytest_djangos_fixture_is_seen(settings):
+    assert conf.MAX_PAYLOAD_SIZE == 512 * 1024
+    settings.TASKHUB_MAX_PAYLOAD_SIZE = 1024
+    assert conf.MAX_PAYLOAD_SIZE == 1024
+    settings.TASKHUB_MAX_PAYLOAD_SIZE = 2048
+    assert conf.MAX_PAYLOAD_SIZE == 2048
