@@ -200,6 +200,8 @@ class Statements:
             ],
         )
         self.instance_table = inst
+        #: Whether a transition's writes go as one statement (:meth:`combined`).
+        self.combines = conn.vendor == "postgresql"
         self._prep: dict[tuple[type[Model], str], Prep] = {}
         self._variants: dict[tuple[Any, ...], str] = {}
 
@@ -300,6 +302,22 @@ class Statements:
             ),
         )
 
+    def combined(self, steps: list[tuple[str, list[Any]]], counted: int | None) -> tuple[str, list[Any]]:
+        """One statement that runs ``steps`` as data-modifying CTEs (PostgreSQL), and its
+        parameters; it returns the row count of step ``counted`` (1 if ``None``).
+
+        psycopg's cost is per statement (~0.1 ms of CPU, and a network round trip): a
+        transition's writes were three or more. Every CTE runs to completion whether or
+        not the query reads it, all on one snapshot; the steps write different rows.
+        """
+        texts = tuple(sql for sql, _ in steps)
+
+        def build() -> str:
+            ctes = ", ".join(f"w{i} AS ({sql}{' RETURNING 1' if i == counted else ''})" for i, sql in enumerate(texts))
+            return f"WITH {ctes} SELECT {'1' if counted is None else f'(SELECT count(*) FROM w{counted})'}"
+
+        return self._variant(("combined", texts, counted), build), [p for _, params in steps for p in params]
+
     def mark_assigned(self, count: int) -> str:
         q = self.quote
         return self._variant(
@@ -397,39 +415,53 @@ def write_transition(
     SQLite's IMMEDIATE transaction); ``None`` inserts ``record`` instead, payload
     included. ``assignment_updates`` are ``(pk, state, detail)``; ``new_assignments``
     dicts with the fields of :data:`ASSIGNMENT_FIELDS` but ``id``; ``events`` dicts with
-    those of :data:`EVENT_FIELDS`.
+    those of :data:`EVENT_FIELDS`. On PostgreSQL the writes go as one statement
+    (:meth:`Statements.combined`).
 
-    Returns whether the task's row was written (``False``: its version moved on).
+    Returns whether the task's row was written (``False``: its version moved on, and
+    the caller's transaction must roll back whatever else was written).
 
     Raises:
         IntegrityError: an inserted task's id is taken.
     """
     st = statements()
+    # The statements, in order, and which one's row count says the task was written.
+    steps: list[tuple[str, list[Any]]] = []
+    counted: int | None = None
+    if fields is None:
+        names = st.task_names[True]
+        steps.append((st.insert(TaskRecord, names, 1), [st.prep(TaskRecord, n)(getattr(record, n)) for n in names]))
+    elif fields:
+        names = tuple(fields)
+        params = [st.prep(TaskRecord, n)(fields[n]) for n in names]
+        params += [st.prep(TaskRecord, "id")(record.pk), record.version]
+        counted = len(steps)
+        steps.append((st.update_task(names), params))
+    updated_at = st.prep(Assignment, "updated_at")(now)
+    steps += [(st.update_assignment, [state, detail, updated_at, pk]) for pk, state, detail in assignment_updates]
+    if new_assignments:
+        steps.append(_insert_many(st, Assignment, ASSIGNMENT_FIELDS[1:], new_assignments))
+    if events:
+        steps.append(_insert_many(st, TaskEvent, EVENT_FIELDS, events))
     with st.cursor() as cursor:
-        if fields is None:
-            names = st.task_names[True]
-            cursor.execute(st.insert(TaskRecord, names, 1), [st.prep(TaskRecord, n)(getattr(record, n)) for n in names])
-            record._state.adding = False
-        elif fields:
-            names = tuple(fields)
-            params = [st.prep(TaskRecord, n)(fields[n]) for n in names]
-            params += [st.prep(TaskRecord, "id")(record.pk), record.version]
-            cursor.execute(st.update_task(names), params)
-            if not cursor.rowcount:
-                return False
-        updated_at = st.prep(Assignment, "updated_at")(now)
-        for pk, state, detail in assignment_updates:
-            cursor.execute(st.update_assignment, [state, detail, updated_at, pk])
-        _insert_many(st, cursor, Assignment, ASSIGNMENT_FIELDS[1:], new_assignments)
-        _insert_many(st, cursor, TaskEvent, EVENT_FIELDS, events)
+        if st.combines and len(steps) > 1:
+            cursor.execute(*st.combined(steps, counted))
+            if counted is not None and not cursor.fetchone()[0]:
+                return False  # the transaction rolls back what the other steps wrote
+        else:
+            for i, (sql, params) in enumerate(steps):
+                cursor.execute(sql, params)
+                if i == counted and not cursor.rowcount:
+                    return False
+    if fields is None:
+        record._state.adding = False
     return True
 
 
 def _insert_many(
-    st: Statements, cursor: Any, model: type[Model], names: tuple[str, ...], rows: list[dict[str, Any]]
-) -> None:
-    if not rows:
-        return
+    st: Statements, model: type[Model], names: tuple[str, ...], rows: list[dict[str, Any]]
+) -> tuple[str, list[Any]]:
+    """The statement and parameters that insert ``rows``."""
     preps = [st.prep(model, n) for n in names]
     # Rows of one transition share objects (the task id, ``now``): prepare each once.
     # A fan-out to 20 services writes 41 rows, and preparing a datetime or a UUID is
@@ -444,7 +476,7 @@ def _insert_many(
                 prepared = prep(value)
                 previous[i] = (value, prepared)
             params.append(prepared)
-    cursor.execute(st.insert(model, names, len(rows)), params)
+    return st.insert(model, names, len(rows)), params
 
 
 def live_subscribers(action: str, now: datetime) -> list[dict[str, Any]]:

@@ -279,5 +279,6 @@ def test_on_postgresql_the_hot_path_is_prepared_unless_turned_off(prepared, sett
         cursor.execute("SELECT statement FROM pg_prepared_statements")
         prepared_now = [text for (text,) in cursor.fetchall()]
     table = TaskRecord._meta.db_table
-    assert any(text.startswith(f'INSERT INTO "{table}"') for text in prepared_now) is prepared
-    assert any(text.startswith(f'UPDATE "{table}"') for text in prepared_now) is prepared
+    # A transition's writes go as one statement, its steps as CTEs (store.Statements.combined).
+    assert any(f'w0 AS (INSERT INTO "{table}"' in text for text in prepared_now) is prepared
+    assert any(f'w0 AS (UPDATE "{table}"' in text for text in prepared_now) is prepared
