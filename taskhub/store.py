@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
@@ -78,6 +79,14 @@ _NATIVE: dict[str, type] = {"CharField": str, "TextField": str, "FloatField": fl
 _INTEGERS = frozenset(
     {"IntegerField", "PositiveIntegerField", "BigIntegerField", "BigAutoField", "AutoField", "SmallIntegerField"}
 )
+
+
+def _max_params(conn: BaseDatabaseWrapper) -> int:
+    if conn.vendor == "sqlite":
+        conn.ensure_connection()
+        return int(conn.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+    # PostgreSQL's protocol counts a statement's parameters in 16 bits; so does MySQL's.
+    return int(conn.features.max_query_params or 65535)
 
 
 def _field(model: type[Model], name: str) -> Field[Any, Any]:
@@ -202,6 +211,8 @@ class Statements:
         self.instance_table = inst
         #: Whether a transition's writes go as one statement (:meth:`combined`).
         self.combines = conn.vendor == "postgresql"
+        #: Most parameters one statement may carry: wider inserts go in batches.
+        self.max_params = _max_params(conn)
         self._prep: dict[tuple[type[Model], str], Prep] = {}
         self._variants: dict[tuple[Any, ...], str] = {}
 
@@ -439,12 +450,10 @@ def write_transition(
         steps.append((st.update_task(names), params))
     updated_at = st.prep(Assignment, "updated_at")(now)
     steps += [(st.update_assignment, [state, detail, updated_at, pk]) for pk, state, detail in assignment_updates]
-    if new_assignments:
-        steps.append(_insert_many(st, Assignment, ASSIGNMENT_FIELDS[1:], new_assignments))
-    if events:
-        steps.append(_insert_many(st, TaskEvent, EVENT_FIELDS, events))
+    steps += _insert_many(st, Assignment, ASSIGNMENT_FIELDS[1:], new_assignments)
+    steps += _insert_many(st, TaskEvent, EVENT_FIELDS, events)
     with st.cursor() as cursor:
-        if st.combines and len(steps) > 1:
+        if st.combines and len(steps) > 1 and sum(len(params) for _, params in steps) <= st.max_params:
             cursor.execute(*st.combined(steps, counted))
             if counted is not None and not cursor.fetchone()[0]:
                 return False  # the transaction rolls back what the other steps wrote
@@ -460,8 +469,18 @@ def write_transition(
 
 def _insert_many(
     st: Statements, model: type[Model], names: tuple[str, ...], rows: list[dict[str, Any]]
-) -> tuple[str, list[Any]]:
-    """The statement and parameters that insert ``rows``."""
+) -> list[tuple[str, list[Any]]]:
+    """The statements and parameters that insert ``rows``, as many rows in each as the
+    database's parameter limit allows."""
+    per_statement = max(1, st.max_params // len(names))
+    if len(rows) > per_statement:
+        return [
+            step
+            for start in range(0, len(rows), per_statement)
+            for step in _insert_many(st, model, names, rows[start : start + per_statement])
+        ]
+    if not rows:
+        return []
     preps = [st.prep(model, n) for n in names]
     # Rows of one transition share objects (the task id, ``now``): prepare each once.
     # A fan-out to 20 services writes 41 rows, and preparing a datetime or a UUID is
@@ -476,7 +495,7 @@ def _insert_many(
                 prepared = prep(value)
                 previous[i] = (value, prepared)
             params.append(prepared)
-    return st.insert(model, names, len(rows)), params
+    return [(st.insert(model, names, len(rows)), params)]
 
 
 def live_subscribers(action: str, now: datetime) -> list[dict[str, Any]]:

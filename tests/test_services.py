@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 from django.db import connection
 from django.utils import timezone
@@ -282,3 +284,26 @@ def test_on_postgresql_the_hot_path_is_prepared_unless_turned_off(prepared, sett
     # A transition's writes go as one statement, its steps as CTEs (store.Statements.combined).
     assert any(f'w0 AS (INSERT INTO "{table}"' in text for text in prepared_now) is prepared
     assert any(f'w0 AS (UPDATE "{table}"' in text for text in prepared_now) is prepared
+
+
+def test_a_fan_out_wider_than_the_databases_parameter_limit_is_written_in_batches(monkeypatch, request):
+    """SQLite takes 32,766 parameters per statement, PostgreSQL 65,535: a fan-out to some
+    four thousand services reaches that. A limit of 50 (enforced by SQLite itself) shows
+    the batches on 20 services."""
+    from taskhub import store
+
+    if connection.vendor == "sqlite":
+        connection.ensure_connection()
+        raw = connection.connection
+        before = raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 50)
+        request.addfinalizer(lambda: raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, before))
+    monkeypatch.setattr(store.statements(), "max_params", 50)
+    app, _ = make_credential("app", pub=["mail"])
+    for i in range(20):
+        service, _ = make_credential(f"s{i}", sub=["mail"])
+        live_instance(service, f"chan-{i}")
+    task_id, _, notices = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
+    assert sorted(n[1] for n in notices if n[2]["type"] == "taskhub.offer") == sorted(f"chan-{i}" for i in range(20))
+    record = TaskRecord.objects.get(pk=task_id)
+    assert sorted(record.assignments.values_list("service", flat=True)) == sorted(f"s{i}" for i in range(20))
+    assert list(record.events.values_list("kind", flat=True)) == ["init"] + ["start"] * 20
