@@ -446,7 +446,7 @@ def write_transition(
         names = tuple(fields)
         params = [st.prep(TaskRecord, n)(fields[n]) for n in names]
         params += [st.prep(TaskRecord, "id")(record.pk), record.version]
-        counted = len(steps)
+        counted = 0  # the first step
         steps.append((st.update_task(names), params))
     updated_at = st.prep(Assignment, "updated_at")(now)
     steps += [(st.update_assignment, [state, detail, updated_at, pk]) for pk, state, detail in assignment_updates]
