@@ -230,7 +230,9 @@ def _save(
         }
         for e in events
     ]
-    if not store.write_transition(record, None if created else fields, updated, new, event_rows, now):
+    # The instances offered the task (its start events) were just assigned one.
+    assigned = [uuid.UUID(e.instance) for e in events if e.kind == "start" and e.instance]
+    if not store.write_transition(record, None if created else fields, updated, new, event_rows, now, assigned):
         raise Conflict(record.pk)
     if not created:
         for name, value in fields.items():
@@ -374,14 +376,13 @@ def _choose_offers(action: str, now: datetime, channels: dict[str, str]) -> list
     """One live instance per subscribed service, least recently assigned first.
 
     Returns ``(service, instance id)`` pairs and adds the instances' channel names to
-    ``channels``. Marks the chosen instances as assigned at ``now``: call inside the
-    transaction that starts the task.
+    ``channels``. The transition's write marks them assigned (:func:`_save`, from their
+    ``start`` events).
     """
     chosen: dict[int, dict[str, Any]] = {}
     for sub in store.live_subscribers(action, now):
         if sub["credential_id"] not in chosen and permits(sub["sub_permissions"], action):
             chosen[sub["credential_id"]] = sub
-    store.mark_assigned([sub["instance"] for sub in chosen.values()], now)
     channels.update((str(sub["instance"]), sub["channel_name"]) for sub in chosen.values())
     return [(sub["name"], str(sub["instance"])) for sub in chosen.values()]
 

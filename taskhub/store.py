@@ -417,6 +417,7 @@ def write_transition(
     new_assignments: list[dict[str, Any]],
     events: list[dict[str, Any]],
     now: datetime,
+    assigned: list[uuid.UUID],
 ) -> bool:
     """Write one transition: the task, its assignments and its events.
 
@@ -426,7 +427,8 @@ def write_transition(
     SQLite's IMMEDIATE transaction); ``None`` inserts ``record`` instead, payload
     included. ``assignment_updates`` are ``(pk, state, detail)``; ``new_assignments``
     dicts with the fields of :data:`ASSIGNMENT_FIELDS` but ``id``; ``events`` dicts with
-    those of :data:`EVENT_FIELDS`. On PostgreSQL the writes go as one statement
+    those of :data:`EVENT_FIELDS`. ``assigned`` instances were just given the task: their
+    ``last_assigned_at`` becomes ``now``. On PostgreSQL the writes go as one statement
     (:meth:`Statements.combined`).
 
     Returns whether the task's row was written (``False``: its version moved on, and
@@ -452,6 +454,10 @@ def write_transition(
     steps += [(st.update_assignment, [state, detail, updated_at, pk]) for pk, state, detail in assignment_updates]
     steps += _insert_many(st, Assignment, ASSIGNMENT_FIELDS[1:], new_assignments)
     steps += _insert_many(st, TaskEvent, EVENT_FIELDS, events)
+    if assigned:
+        prep_id = st.prep(Instance, "id")
+        params = [st.prep(Instance, "last_assigned_at")(now), *(prep_id(i) for i in assigned)]
+        steps.append((st.mark_assigned(len(assigned)), params))
     with st.cursor() as cursor:
         if st.combines and len(steps) > 1 and sum(len(params) for _, params in steps) <= st.max_params:
             cursor.execute(*st.combined(steps, counted))
@@ -508,16 +514,3 @@ def live_subscribers(action: str, now: datetime) -> list[dict[str, Any]]:
     with st.cursor() as cursor:
         cursor.execute(st.live_subscribers, [action, st.prep(Instance, "lease_expires_at")(now), True])
         return [st.read_subscriber(row) for row in cursor.fetchall()]
-
-
-def mark_assigned(instance_ids: list[uuid.UUID], now: datetime) -> None:
-    """Set ``last_assigned_at`` of the instances just given a task."""
-    if not instance_ids:
-        return
-    st = statements()
-    prep_id = st.prep(Instance, "id")
-    with st.cursor() as cursor:
-        cursor.execute(
-            st.mark_assigned(len(instance_ids)),
-            [st.prep(Instance, "last_assigned_at")(now), *(prep_id(i) for i in instance_ids)],
-        )
