@@ -19,7 +19,8 @@ from taskhub.client import (
     backoff,
 )
 from taskhub.client.client import Client, error_from
-from taskhub.client.tasks import Task, TaskHandle
+from taskhub.client.tasks import UPDATE_WINDOW, Task, TaskHandle
+from tests.conftest import TIMEOUT
 
 
 @pytest.mark.parametrize(
@@ -104,3 +105,120 @@ async def test_close_survives_the_hub_closing_right_after_its_bye_ack():
     connection = client._ws = Connection()
     await client.close()
     assert connection.closed
+
+
+class Wire:
+    """A connection that records the frames a client sends; the test answers them."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.frames: list[dict] = []
+        client._ws = self
+        client._connected.set()
+
+    async def send(self, frame: str) -> None:
+        self.frames.append(json.loads(frame))
+
+    def answer(self, index: int, **fields) -> None:
+        frame = self.frames[index]
+        self.client._dispatch({"type": "ack", "task": frame.get("task"), **fields, "ref": frame["ref"]})
+
+    def refuse(self, index: int, code: str) -> None:
+        self.answer(index, type="error", code=code, detail=f"refused: {code}")
+
+
+TASK_ID = "6a1d5b0e-7c4f-4a53-9b1e-2f0c8d9e4a11"
+
+
+def worker_task() -> tuple[Task, Wire]:
+    client = Client("ws://x", name="n", key="k")
+    client._max_payload_size = 100
+    return Task(client, {**offer(), "task": TASK_ID}), Wire(client)
+
+
+async def test_update_returns_once_sent_and_keeps_the_order():
+    task, wire = worker_task()
+    await task.update({"step": 1}, progress=0.5)
+    await task.update({"step": 2}, progress=1)
+    assert [(f["type"], f["data"], f["progress"]) for f in wire.frames] == [
+        ("update", {"step": 1}, 0.5),
+        ("update", {"step": 2}, 1),
+    ]
+    assert [f["ref"] for f in wire.frames] == sorted(f["ref"] for f in wire.frames)
+    wire.answer(0)
+    wire.answer(1)
+    await task._settle_updates()
+    assert not task._client._pending
+
+
+async def test_update_waits_for_the_oldest_answer_once_the_window_is_full():
+    task, wire = worker_task()
+    for i in range(UPDATE_WINDOW):
+        await task.update(i)
+    blocked = asyncio.ensure_future(task.update("one more"))
+    await asyncio.sleep(0)  # let it run up to its wait
+    assert not blocked.done() and len(wire.frames) == UPDATE_WINDOW
+    wire.answer(0)
+    await asyncio.wait_for(blocked, TIMEOUT)
+    assert wire.frames[-1]["data"] == "one more"
+
+
+async def test_a_refused_update_is_raised_by_the_next_and_nothing_more_is_sent():
+    task, wire = worker_task()
+    await task.update(1)
+    wire.refuse(0, "stale_attempt")
+    with pytest.raises(InvalidTransition, match="refused: stale_attempt"):
+        await task.update(2)
+    assert len(wire.frames) == 1
+    await task.update(3)  # raised once
+    assert wire.frames[-1]["data"] == 3
+
+
+async def test_a_refused_update_is_raised_by_drop():
+    task, wire = worker_task()
+    await task.update(1)
+    drop = asyncio.ensure_future(task.drop())
+    await asyncio.sleep(0)
+    assert len(wire.frames) == 1  # the drop waits for the update's answer
+    wire.refuse(0, "stale_attempt")
+    with pytest.raises(InvalidTransition):
+        await asyncio.wait_for(drop, TIMEOUT)
+    assert len(wire.frames) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code"),
+    [
+        ({"progress": 1.5}, "invalid_field"),
+        ({"progress": "half"}, "invalid_field"),
+        ({"data": "x" * 99}, "payload_too_large"),  # 101 bytes encoded, over the hub's 100
+    ],
+)
+async def test_a_bad_update_is_refused_before_it_is_sent(kwargs, code):
+    task, wire = worker_task()
+    with pytest.raises(InvalidMessage) as info:
+        await task.update(**kwargs)
+    assert info.value.code == code and wire.frames == []
+
+
+async def test_the_result_is_returned_after_a_refused_update_and_the_refusal_logged(caplog):
+    task, wire = worker_task()
+    client = task._client
+    client._tasks[task.id] = task
+
+    async def answer_all():
+        while len(wire.frames) < 2:
+            await asyncio.sleep(0)
+        wire.answer(1)
+
+    async def handler(t):
+        await t.update("bad")
+        wire.refuse(0, "stale_attempt")
+        return "result"
+
+    answering = asyncio.ensure_future(answer_all())
+    await asyncio.wait_for(client._work(task, handler), TIMEOUT)
+    await answering
+    assert [f["type"] for f in wire.frames] == ["update", "return"]
+    assert wire.frames[1]["result"] == "result"
+    assert f"an update of {TASK_ID} was not accepted: refused: stale_attempt" in caplog.text

@@ -178,6 +178,29 @@ async def test_full_lifecycle_pub_pickup_update_return():
     await c.close()
 
 
+async def test_commands_sent_without_waiting_are_handled_and_answered_in_order():
+    w = await worker()
+    c = await caller()
+    task_id = (await c.call({"type": "pub", "action": "mail:send"}))["task"]
+    await w.recv()
+    commands = [{"type": "update", "task": task_id, "attempt": 1, "data": i, "progress": i / 3} for i in range(3)]
+    commands.append({"type": "return", "task": task_id, "attempt": 1, "result": "done"})
+    for ref, command in enumerate(commands):
+        await w.send({**command, "ref": ref})
+    assert [(await w.recv())["ref"] for _ in commands] == [0, 1, 2, 3]
+    heard = [await c.recv() for _ in range(5)]
+    assert [(m["type"], m.get("data", m.get("result"))) for m in heard] == [
+        ("update", 0),
+        ("update", 1),
+        ("update", 2),
+        ("success", "done"),
+        ("end", None),
+    ]
+    assert await event_kinds(task_id) == ["init", "start", "pickup", "update", "update", "update", "success", "end"]
+    await w.close()
+    await c.close()
+
+
 async def test_an_offer_to_a_worker_of_this_process_does_not_need_the_channel_layer(monkeypatch):
     async def layer_down(self, channel, message):
         raise ConnectionError("layer down")

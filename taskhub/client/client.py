@@ -28,56 +28,19 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from taskhub.core.actions import validate_action
-from taskhub.core.errors import (
-    AuthenticationFailed,
-    InvalidMessage,
-    InvalidTransition,
-    PermissionDenied,
-    ProtocolError,
-    TaskHubError,
-    UnknownTask,
-)
+from taskhub.core.errors import AuthenticationFailed, InvalidMessage, PermissionDenied, TaskHubError
 
+from .answers import ConnectionLost, checked, error_from
 from .tasks import Task, TaskHandle
 
 log = logging.getLogger("taskhub.client")
 
 Handler = Callable[[Task], Awaitable[Any] | Any]
 
-_AUTH_CODES = {"authentication_failed", "credential_disabled", "too_many_instances", "authentication_timeout"}
-_ERRORS: dict[str, type[ProtocolError]] = {
-    "permission_denied": PermissionDenied,
-    "unknown_task": UnknownTask,
-    "invalid_transition": InvalidTransition,
-    "stale_attempt": InvalidTransition,
-}
-
 
 def backoff(tries: int) -> float:
     """Seconds to wait before reconnect number ``tries`` (1, 2, ...): ``min((10n)² ms, 60 s)``."""
     return min((10 * tries) ** 2 / 1000, 60.0)
-
-
-def error_from(message: dict[str, Any]) -> TaskHubError:
-    """The exception matching an ``error`` message's code."""
-    code, detail = message.get("code", "error"), message.get("detail", "")
-    if code in _AUTH_CODES:
-        return AuthenticationFailed(detail, code)
-    if code in _ERRORS:
-        return _ERRORS[code](detail, code)
-    if code.startswith("invalid_") or code in (
-        "message_too_large",
-        "payload_too_large",
-        "missing_type",
-        "unknown_type",
-        "task_exists",
-    ):
-        return InvalidMessage(detail, code)
-    return _ERRORS.get(code, ProtocolError)(detail, code)
-
-
-class ConnectionLost(TaskHubError):
-    """The connection closed while a command waited for its answer (it is re-sent)."""
 
 
 class Client:
@@ -108,6 +71,7 @@ class Client:
         self.max_size = max_size
         self.instance: str | None = None
         self._max_message_size: int | None = None
+        self._max_payload_size: int | None = None
         self._handlers: dict[str, Handler] = {}
         self._refs = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -251,7 +215,21 @@ class Client:
                 if not retry:
                     raise
 
-    async def _send_request(self, ws: Any, message: dict[str, Any]) -> dict[str, Any]:
+    async def _submit(self, message: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        """Send a command (waiting for a connection) and return the future of its answer,
+        without waiting for it; read the answer with :func:`checked`."""
+        while True:
+            await self._connected.wait()
+            with contextlib.suppress(ConnectionLost):
+                return await self._send(self._ws, message)
+
+    async def _send(self, ws: Any, message: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        """Send one command on ``ws``; return the future of the hub's answer to it.
+
+        Raises:
+            InvalidMessage: ``message_too_large``, before anything is sent.
+            ConnectionLost: the connection closed before the frame was sent.
+        """
         ref = next(self._refs)
         frame = json.dumps({**message, "ref": ref}, separators=(",", ":"), ensure_ascii=False)
         size = len(frame.encode())
@@ -263,16 +241,20 @@ class Client:
             )
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[ref] = future
+        future.add_done_callback(lambda _: self._pending.pop(ref, None))
         try:
             await ws.send(frame)
-            answer = await future
+        except ConnectionClosed:
+            future.cancel()
+            raise ConnectionLost("connection closed") from None
+        return future
+
+    async def _send_request(self, ws: Any, message: dict[str, Any]) -> dict[str, Any]:
+        future = await self._send(ws, message)
+        try:
+            return checked(await future)
         except ConnectionClosed:
             raise ConnectionLost("connection closed") from None
-        finally:
-            self._pending.pop(ref, None)
-        if answer.get("type") == "error":
-            raise error_from(answer)
-        return answer
 
     async def _resync(self, handle: TaskHandle) -> None:
         """Re-read a task's state from the hub (after a reconnect or a quiet spell)."""
@@ -322,6 +304,7 @@ class Client:
                 raise error_from(welcome)
             self.instance = welcome.get("instance")
             self._max_message_size = welcome.get("max_message_size")
+            self._max_payload_size = welcome.get("max_payload_size")
             self._ws = ws
             reader = asyncio.create_task(self._read(ws))
             try:
@@ -353,7 +336,7 @@ class Client:
     def _dispatch(self, message: dict[str, Any]) -> None:
         ref = message.get("ref")
         if isinstance(ref, int) and ref in self._pending:
-            future = self._pending[ref]
+            future = self._pending.pop(ref)
             if not future.done():
                 future.set_result(message)
             return
@@ -391,8 +374,13 @@ class Client:
             await self._finish(task, "return", result=result)
         finally:
             self._tasks.pop(task.id, None)
+            task._forget_updates()
 
     async def _finish(self, task: Task, type_: str, **fields: Any) -> None:
+        try:
+            await task._settle_updates()
+        except TaskHubError as exc:
+            log.warning("taskhub: an update of %s was not accepted: %s", task.id, exc)
         if task.done:
             return
         task.done = True

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from taskhub.core.errors import NoResult, TaskFailed
+from taskhub.core.errors import InvalidMessage, NoResult, TaskFailed
+from taskhub.core.messages import encode, parse_command
+
+from .answers import checked
 
 if TYPE_CHECKING:
     from .client import Client
@@ -17,6 +21,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskhub.client")
 
 _RAISE: Any = object()
+#: Updates of one task that may await the hub's acknowledgement before :meth:`Task.update`
+#: waits for the oldest.
+UPDATE_WINDOW = 16
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,8 @@ class Task:
         self._outcome: tuple[str, Any] | None = None
         #: Set once this service returned, dropped or failed, or the task ended.
         self.done = False
+        # Answers still to come to updates sent, oldest first.
+        self._unacked: collections.deque[asyncio.Future[dict[str, Any]]] = collections.deque()
 
     async def _command(self, type_: str, **fields: Any) -> dict[str, Any]:
         return await self._client._request({"type": type_, "task": self.id, "attempt": self.attempt, **fields})
@@ -82,17 +91,59 @@ class Task:
     async def update(self, data: Any = None, progress: float | None = None) -> None:
         """Send progress to the caller and to the other services on the task.
 
+        Returns once the update is sent, without waiting for the hub to acknowledge it:
+        the hub persists a connection's commands in the order sent, so a later ``return``
+        lands after it, and the caller hears the update before the result. With
+        :data:`UPDATE_WINDOW` updates unacknowledged, waits for the oldest.
+
         Args:
             data: any JSON value.
             progress: a fraction from 0 to 1, for progress bars.
+
+        Raises:
+            InvalidMessage: ``invalid_field`` for a ``progress`` outside 0..1,
+                ``payload_too_large`` for ``data`` over the hub's payload limit; checked
+                before sending, so nothing is sent.
+            ProtocolError (a subclass by code): the hub refused an earlier update of this
+                task (say, ``stale_attempt`` after a timeout), and its answer came since.
         """
-        fields: dict[str, Any] = {"data": data}
+        message: dict[str, Any] = {"type": "update", "task": self.id, "attempt": self.attempt, "data": data}
         if progress is not None:
-            fields["progress"] = progress
-        await self._command("update", **fields)
+            message["progress"] = progress
+        parse_command(message)  # the hub's own checks
+        limit = self._client._max_payload_size
+        if limit is not None and (size := len(encode(data).encode())) > limit:
+            raise InvalidMessage(
+                f"update data of {size} bytes is over the hub's limit of {limit} bytes", "payload_too_large"
+            )
+        await self._settle_updates(keep=UPDATE_WINDOW - 1)
+        self._unacked.append(await self._client._submit(message))
+
+    async def _settle_updates(self, keep: int = 0) -> None:
+        """Read the answers to this task's updates that came, and wait for the oldest
+        until at most ``keep`` are left.
+
+        Raises:
+            ProtocolError (a subclass by code): the hub refused one of them.
+            ConnectionLost: the connection closed before it answered.
+        """
+        while self._unacked and (len(self._unacked) > keep or self._unacked[0].done()):
+            checked(await self._unacked.popleft())
+
+    def _forget_updates(self) -> None:
+        """The handler is gone: answers that come are dropped (and not logged as unread)."""
+        for future in self._unacked:
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._unacked.clear()
 
     async def drop(self) -> None:
-        """Finish without a result; the handler's return value is then ignored."""
+        """Finish without a result; the handler's return value is then ignored.
+
+        Raises:
+            ProtocolError (a subclass by code): the hub refused an update of this task
+                that still awaited its answer, or the drop itself.
+        """
+        await self._settle_updates()
         self.done = True
         await self._command("drop")
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from taskhub.client import AuthenticationFailed, Client, NoResult, PermissionDenied, TaskFailed
+from taskhub.client import AuthenticationFailed, Client, InvalidTransition, NoResult, PermissionDenied, TaskFailed
 from tests.conftest import TIMEOUT
 from tests.e2e.conftest import unique_action
 
@@ -94,6 +94,29 @@ async def test_complete_timeout_when_the_worker_hangs(hub, credential, parties):
             await asyncio.wait_for(caller.pub(action, timeout=0.5).get_result(), TIMEOUT)
         assert info.value.reason == "complete_timeout"
         await asyncio.wait_for(told.wait(), TIMEOUT)
+
+
+async def test_an_update_the_hub_refused_is_raised_by_the_next_call(hub, credential, parties):
+    action = parties.action
+    worker = parties.worker(hub.url)
+    refused = asyncio.get_running_loop().create_future()
+
+    @worker.sub(action)
+    async def handle(task):
+        timed_out = asyncio.Event()
+        task.on("fail", lambda t, reason: timed_out.set())
+        await task.pickup()
+        await timed_out.wait()
+        await task.update("too late")  # sent; the hub refuses it
+        try:
+            await task.drop()
+        except InvalidTransition as exc:
+            refused.set_result(exc.code)
+
+    async with worker, parties.caller(hub.url) as caller:
+        with pytest.raises(TaskFailed):
+            await asyncio.wait_for(caller.pub(action, timeout=0.5).get_result(), TIMEOUT)
+        assert await asyncio.wait_for(refused, TIMEOUT) in ("invalid_transition", "stale_attempt")
 
 
 async def test_waiting_task_is_delivered_to_a_late_subscriber(hub, credential, parties):
