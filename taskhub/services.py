@@ -331,7 +331,6 @@ def notices_for(
     watched, to the task's group, which holds its watchers. A relay carries the task's
     version, so that a connection that both listens and watches hears it once.
     """
-    group = task_group(record.id)
     task_id = str(record.id)
     notices: list[Notice] = []
     relayed: list[dict[str, Any]] = []
@@ -368,7 +367,7 @@ def notices_for(
         }
         notices += [("channel", channel, relay) for channel in listening]
         if record.watched:  # else the group is empty: on Redis, sending costs 2 commands
-            notices.append(("group", group, relay))
+            notices.append(("group", task_group(task_id), relay))
     return notices
 
 

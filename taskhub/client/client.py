@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from taskhub.core.actions import validate_action
 from taskhub.core.errors import AuthenticationFailed, InvalidMessage, PermissionDenied, TaskHubError
+from taskhub.core.messages import encode
 
 from .answers import ConnectionLost, checked, error_from
 from .tasks import Task, TaskHandle
@@ -231,7 +232,7 @@ class Client:
             ConnectionLost: the connection closed before the frame was sent.
         """
         ref = next(self._refs)
-        frame = json.dumps({**message, "ref": ref}, separators=(",", ":"), ensure_ascii=False)
+        frame = encode({**message, "ref": ref})
         size = len(frame.encode())
         if self._max_message_size and size > self._max_message_size:
             # The hub would refuse it (or its server drop the connection): refuse it here.

@@ -45,7 +45,8 @@ def decode_frame(text: str | bytes, max_size: int) -> Any:
         InvalidMessage: ``message_too_large``, or ``invalid_json`` for anything that is not
             strict JSON (``NaN`` and ``Infinity`` included).
     """
-    size = len(text) if isinstance(text, bytes) else len(text.encode())
+    # A character is at most 4 bytes in UTF-8: most frames need no encoding to be measured.
+    size = len(text) if isinstance(text, bytes) or 4 * len(text) <= max_size else len(text.encode())
     if size > max_size:
         raise InvalidMessage(f"message of {size} bytes is over the limit of {max_size} bytes", "message_too_large")
     try:
@@ -54,9 +55,13 @@ def decode_frame(text: str | bytes, max_size: int) -> Any:
         raise InvalidMessage(f"frame is not valid JSON: {exc}", "invalid_json") from None
 
 
-def encode(message: dict[str, Any]) -> str:
+# Built once: json.dumps with options builds a new encoder per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def encode(message: Any) -> str:
     """Encode a message for the wire (compact, UTF-8 kept as is)."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(message)
 
 
 def _field(obj: dict[str, Any], name: str, kind: str, *, required: bool = True) -> Any:
