@@ -3,8 +3,10 @@
 The hub is started as users start it (``daphne hubproject.asgi:application``, default
 settings, history persisted), on a private redis-server and a fresh database, and is
 driven with ``taskhub.client``. The peers run in the same invocation, on the same
-machine: Celery (Redis broker and result backend, ``--pool=solo``, an ``echo`` task) and a
-raw ``websockets`` echo server (the transport floor).
+machine: Celery (Redis broker and result backend, ``--pool=solo``, an ``echo`` task), a
+raw ``websockets`` echo server (the transport floor) and a daphne + Channels echo. Systems
+that are compared take turns in blocks (:func:`interleaved`), so that they meet the same
+moments of the machine.
 
 ``--quick`` runs every scenario with a handful of tasks, in seconds (CI runs it so the
 scripts keep working); the figures of a quick run mean nothing.
@@ -16,13 +18,14 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,7 @@ class Result:
     seconds: float
     latencies: list[float] = field(default_factory=list)  # seconds
     note: str = ""
+    received: int = 0  # updates the caller received (progress)
 
     @property
     def rate(self) -> float:
@@ -379,57 +383,114 @@ def load() -> str:
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores"
 
 
+Measure = Callable[[int], Awaitable[Result]]
+
+
+def merged(parts: list[Result]) -> Result:
+    """One result from the blocks of one measurement."""
+    first = parts[0]
+    return Result(
+        first.scenario,
+        first.system,
+        sum(p.count for p in parts),
+        sum(p.seconds for p in parts),
+        [latency for p in parts for latency in p.latencies],
+        first.note,
+        sum(p.received for p in parts),
+    )
+
+
+def measure(setup: Setup, scenario: str, note: str, **options: Any) -> Measure:
+    """A TaskHub measurement of ``k`` round trips (:func:`round_trips` with ``options``)."""
+
+    async def run(k: int) -> Result:
+        seconds, latencies, received = await round_trips(setup, k, **options)
+        return Result(scenario, "TaskHub", k, seconds, latencies, note, received)
+
+    return run
+
+
+async def interleaved(n: int, rounds: int, measures: list[Measure]) -> list[Result]:
+    """Each measurement in ``rounds`` blocks of ``n // rounds`` tasks, taking turns.
+
+    The machine's speed drifts by tens of percent over minutes (other tenants, CPU
+    frequency), and a run takes ten. Measured one after the other, two systems met
+    different moments and their ratio swung with them (0.53x and 0.78x Celery in two
+    runs ten minutes apart); in turns, every system meets the same moments. The order
+    alternates between rounds so that no system always follows the same one.
+    """
+    parts: list[list[Result]] = [[] for _ in measures]
+    for r in range(rounds):
+        order = list(range(len(measures)))
+        for i in order if r % 2 == 0 else reversed(order):
+            parts[i].append(await measures[i](n // rounds))
+    return [merged(p) for p in parts]
+
+
 async def run(args: argparse.Namespace) -> list[Result]:
     quick = args.quick
     n_seq, n_burst, n_fan, n_idle = (20, 100, 5, 100) if quick else (500, 1000, 50, 5000)
+    rounds = 2 if quick else 5
     results: list[Result] = []
     logs = Path(tempfile.mkdtemp(prefix="taskhub-bench-"))
     redis_url, redis = start_redis()
     base = args.database_url
     try:
-        # Peers first, on the same machine and Redis.
-        with celery_worker(redis_url, logs) as echo:
-            results.append(celery_sequential(echo, n_seq))
-            results.append(celery_burst(echo, n_burst))
-        for system in ECHO_SERVERS:
-            results.append(await ws_echo(n_seq, 1, system))
-            results.append(await ws_echo(n_burst, 50, system))
-
-        # The embedded default: SQLite, in-memory layer, one daphne process.
+        # The embedded default (SQLite, in-memory layer, one daphne process), in turns
+        # with the peers on the same machine and Redis.
         database = create_database("", logs / "embedded")
         (logs / "embedded").mkdir(exist_ok=True)
         setup = Setup(database, None, logs)
         try:
-            seconds, lat, _ = await round_trips(setup, n_seq)
-            results.append(Result("1 sequential", "TaskHub", n_seq, seconds, lat, "SQLite, in-memory layer"))
-            seconds, lat, _ = await round_trips(setup, n_burst, concurrency=50, instances=4)
-            results.append(Result("2 50 in flight", "TaskHub", n_burst, seconds, lat, "4 worker instances"))
-            seconds, lat, got = await round_trips(setup, n_seq, updates=3)
-            results.append(Result("3 progress", "TaskHub", n_seq, seconds, lat, f"3 updates each; {got} received"))
+            with celery_worker(redis_url, logs) as echo:
+
+                async def celery_seq(k: int) -> Result:
+                    return celery_sequential(echo, k)
+
+                async def celery_many(k: int) -> Result:
+                    return celery_burst(echo, k)
+
+                sequential = measure(setup, "1 sequential", "SQLite, in-memory layer")
+                progress = measure(setup, "3 progress", "3 updates each", updates=3)
+                in_flight = measure(setup, "2 50 in flight", "4 worker instances", concurrency=50, instances=4)
+
+                def echoes(concurrency: int) -> list[Measure]:
+                    return [functools.partial(ws_echo, concurrency=concurrency, system=s) for s in ECHO_SERVERS]
+
+                one_at_a_time = await interleaved(n_seq, rounds, [celery_seq, *echoes(1), sequential, progress])
+                results += one_at_a_time[:-1]
+                many = await interleaved(n_burst, rounds, [celery_many, *echoes(50), in_flight])
+                results += many
+                updated = one_at_a_time[-1]
+                updated.note += f"; {updated.received} received"
+                results.append(updated)
             results.extend(await fanout(setup, n_fan))
             results.extend(await fanout(setup, n_fan, one_at_a_time=True))
             results.append(await idle(setup, n_idle))
         finally:
             setup.stop()
 
-        # Scaled out: Redis layers, PostgreSQL (when reachable), one process versus two.
+        # Scaled out: Redis layers, PostgreSQL (when reachable), one process and two, in
+        # turns (the worker on one, the caller on the other).
         (logs / "scaled").mkdir(exist_ok=True)
         database = create_database(base, logs / "scaled")
         db_name = "PostgreSQL" if is_postgres(base) else "SQLite"
         try:
             for layer in ("core", "pubsub"):
-                for processes in (1, 2):
-                    setup = Setup(database, redis_url, logs, processes, TASKHUB_LAYER=layer)
-                    try:
-                        caller_hub = processes - 1
+                setups = [Setup(database, redis_url, logs, processes, TASKHUB_LAYER=layer) for processes in (1, 2)]
+                try:
+                    measures: dict[str, list[Measure]] = {"6 sequential": [], "6 50 in flight": []}
+                    for processes, setup in enumerate(setups, start=1):
                         where = f"{layer} layer, {db_name}, {processes} process{'es' if processes > 1 else ''}"
-                        seconds, lat, _ = await round_trips(setup, n_seq, caller_hub=caller_hub)
-                        results.append(Result("6 sequential", "TaskHub", n_seq, seconds, lat, where))
-                        seconds, lat, _ = await round_trips(
-                            setup, n_burst, concurrency=50, instances=4, caller_hub=caller_hub
+                        caller_hub = processes - 1
+                        measures["6 sequential"].append(measure(setup, "6 sequential", where, caller_hub=caller_hub))
+                        measures["6 50 in flight"].append(
+                            measure(setup, "6 50 in flight", where, concurrency=50, instances=4, caller_hub=caller_hub)
                         )
-                        results.append(Result("6 50 in flight", "TaskHub", n_burst, seconds, lat, where))
-                    finally:
+                    results += await interleaved(n_seq, rounds, measures["6 sequential"])
+                    results += await interleaved(n_burst, rounds, measures["6 50 in flight"])
+                finally:
+                    for setup in setups:
                         setup.stop()
         finally:
             drop_database(base, database)
