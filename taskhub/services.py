@@ -28,7 +28,7 @@ from .conf import conf
 from .core import machine
 from .core.actions import permits
 from .core.errors import AuthenticationFailed, InvalidMessage, PermissionDenied, UnknownTask
-from .core.messages import MISSING, Drop, Fail, Pickup, Pub, Return, Update, encode
+from .core.messages import MISSING, Drop, Fail, Pickup, Pub, Return, Update, encoded_size
 from .core.states import ACTIVE_ASSIGNMENT_STATES, AssignmentState, TaskStatus
 from .models import Assignment, Credential, Instance, Subscription, TaskRecord
 
@@ -50,17 +50,13 @@ def task_group(task_id: str | uuid.UUID) -> str:
     return f"taskhub.task.{uuid.UUID(str(task_id)).hex}"
 
 
-def json_size(value: Any) -> int:
-    return len(encode(value).encode())
-
-
 def check_size(value: Any, what: str) -> int:
     """Return the encoded size of ``value``.
 
     Raises:
         InvalidMessage: ``payload_too_large`` over ``TASKHUB_MAX_PAYLOAD_SIZE``.
     """
-    size = json_size(value)
+    size = encoded_size(value)
     if size > conf.MAX_PAYLOAD_SIZE:
         raise InvalidMessage(
             f"{what} of {size} bytes is over the limit of {conf.MAX_PAYLOAD_SIZE} bytes", "payload_too_large"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from taskhub.core.errors import InvalidMessage, NoResult, TaskFailed
-from taskhub.core.messages import encode, parse_command
+from taskhub.core.messages import encoded_size, parse_command
 
 from .answers import checked
 
@@ -112,7 +112,7 @@ class Task:
             message["progress"] = progress
         parse_command(message)  # the hub's own checks
         limit = self._client._max_payload_size
-        if limit is not None and (size := len(encode(data).encode())) > limit:
+        if limit is not None and (size := encoded_size(data)) > limit:
             raise InvalidMessage(
                 f"update data of {size} bytes is over the hub's limit of {limit} bytes", "payload_too_large"
             )

@@ -64,6 +64,11 @@ def encode(message: Any) -> str:
     return _ENCODER.encode(message)
 
 
+def encoded_size(value: Any) -> int:
+    """Bytes ``value`` takes on the wire, as payload limits count them."""
+    return len(_ENCODER.encode(value).encode())
+
+
 def _field(obj: dict[str, Any], name: str, kind: str, *, required: bool = True) -> Any:
     """Read and check one field. ``kind`` is one of the checkers below."""
     if name not in obj:
