@@ -113,11 +113,19 @@ class Wire:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.frames: list[dict] = []
+        self._more = asyncio.Event()
         client._ws = self
         client._connected.set()
 
     async def send(self, frame: str) -> None:
         self.frames.append(json.loads(frame))
+        self._more.set()
+
+    async def sent(self, count: int) -> None:
+        """Wait until ``count`` frames were sent."""
+        while len(self.frames) < count:
+            self._more.clear()
+            await asyncio.wait_for(self._more.wait(), TIMEOUT)
 
     def answer(self, index: int, **fields) -> None:
         frame = self.frames[index]
@@ -156,7 +164,9 @@ async def test_update_waits_for_the_oldest_answer_once_the_window_is_full():
     for i in range(UPDATE_WINDOW):
         await task.update(i)
     blocked = asyncio.ensure_future(task.update("one more"))
-    await asyncio.sleep(0)  # let it run up to its wait
+    # One turn of the loop, not a wait for time: the task runs until it suspends, which
+    # (the window being full) is on the oldest update's answer, having sent nothing.
+    await asyncio.sleep(0)
     assert not blocked.done() and len(wire.frames) == UPDATE_WINDOW
     wire.answer(0)
     await asyncio.wait_for(blocked, TIMEOUT)
@@ -178,7 +188,7 @@ async def test_a_refused_update_is_raised_by_drop():
     task, wire = worker_task()
     await task.update(1)
     drop = asyncio.ensure_future(task.drop())
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop: the drop runs until it suspends
     assert len(wire.frames) == 1  # the drop waits for the update's answer
     wire.refuse(0, "stale_attempt")
     with pytest.raises(InvalidTransition):
@@ -207,8 +217,7 @@ async def test_the_result_is_returned_after_a_refused_update_and_the_refusal_log
     client._tasks[task.id] = task
 
     async def answer_all():
-        while len(wire.frames) < 2:
-            await asyncio.sleep(0)
+        await wire.sent(2)
         wire.answer(1)
 
     async def handler(t):

@@ -251,11 +251,7 @@ class Client:
         return future
 
     async def _send_request(self, ws: Any, message: dict[str, Any]) -> dict[str, Any]:
-        future = await self._send(ws, message)
-        try:
-            return checked(await future)
-        except ConnectionClosed:
-            raise ConnectionLost("connection closed") from None
+        return checked(await (await self._send(ws, message)))
 
     async def _resync(self, handle: TaskHandle) -> None:
         """Re-read a task's state from the hub (after a reconnect or a quiet spell)."""
