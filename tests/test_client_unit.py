@@ -184,6 +184,23 @@ async def test_a_refused_update_is_raised_by_the_next_and_nothing_more_is_sent()
     assert wire.frames[-1]["data"] == 3
 
 
+async def test_pickup_returns_once_sent_and_what_follows_goes_after_it():
+    task, wire = worker_task()
+    await task.pickup()  # no answer yet: it did not wait for one
+    await task.update("half")
+    assert [f["type"] for f in wire.frames] == ["pickup", "update"]
+    assert wire.frames[0] == {"type": "pickup", "task": task.id, "attempt": task.attempt, "ref": wire.frames[0]["ref"]}
+
+
+async def test_a_refused_pickup_is_raised_by_the_next_update():
+    task, wire = worker_task()
+    await task.pickup()
+    wire.refuse(0, "invalid_transition")
+    with pytest.raises(InvalidTransition, match="refused: invalid_transition"):
+        await task.update("too late")
+    assert len(wire.frames) == 1  # the update was not sent
+
+
 async def test_a_refused_update_is_raised_by_drop():
     task, wire = worker_task()
     await task.update(1)

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskhub.client")
 
 _RAISE: Any = object()
-#: Updates of one task that may await the hub's acknowledgement before :meth:`Task.update`
-#: waits for the oldest.
+#: A task's pickup and updates that may await the hub's acknowledgement before the next
+#: :meth:`Task.pickup` or :meth:`Task.update` waits for the oldest.
 UPDATE_WINDOW = 16
 
 
@@ -76,10 +76,17 @@ class Task:
     async def pickup(self) -> None:
         """Tell the hub this service works on the task.
 
+        Returns once the pickup is sent, as :meth:`update` does: the hub handles a
+        connection's commands in order, so what the handler sends next lands after it.
+
         Raises:
-            InvalidTransition: the task is no longer this service's to work on.
+            ProtocolError (a subclass by code): the hub refused an earlier command of this
+                task, and its answer came since. A refused pickup (``InvalidTransition``: the
+                task is no longer this service's to work on) is raised by the next
+                :meth:`update` or :meth:`drop`, or logged when the handler returns.
         """
-        await self._command("pickup")
+        await self._settle_updates(keep=UPDATE_WINDOW - 1)
+        self._unacked.append(await self._client._submit({"type": "pickup", "task": self.id, "attempt": self.attempt}))
 
     async def get_payload(self) -> Any:
         """The task's payload (fetched from the hub when it was too large to come inline)."""
