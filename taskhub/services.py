@@ -1,19 +1,22 @@
 """The hub's operations on the database: the sans-I/O core applied to the ORM.
 
-Every function here is synchronous and runs its writes in ``transaction.atomic()``
-(the async ORM cannot). Call them from async code on the hub's database threads
-(:func:`taskhub.db.run`), as the consumer and the sweeper do.
+Every function here is synchronous: its writes run in ``transaction.atomic()``, or, for
+a task's transitions on PostgreSQL, as one fenced statement each (:func:`unit_of_work`).
+Call them from async code on the hub's database threads (:func:`taskhub.db.run`), as the
+consumer and the sweeper do.
 
 Functions that change tasks return :data:`Notice` lists: what to send on the channel
 layer *after* the transaction committed. A lost notice is recovered from the database.
 
 A task transition loads the task, lets :mod:`taskhub.core.machine` decide, and writes
 back with ``UPDATE ... WHERE version = <loaded version>``; if another process got there
-first the transition is retried on the fresh row, so every transition happens once.
+first the transition is retried on the fresh row, so every transition happens once
+(``tests/test_races.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Iterable
@@ -29,7 +32,7 @@ from .core import machine
 from .core.actions import permits
 from .core.errors import AuthenticationFailed, InvalidMessage, PermissionDenied, UnknownTask
 from .core.messages import MISSING, Drop, Fail, Pickup, Pub, Return, Update, encoded_size
-from .core.states import ACTIVE_ASSIGNMENT_STATES, AssignmentState, TaskStatus
+from .core.states import ACTIVE_ASSIGNMENT_STATES, TERMINAL_TASK_STATUSES, AssignmentState, TaskStatus
 from .models import Assignment, Credential, Instance, Subscription, TaskRecord
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 Notice = tuple[str, str, dict[str, Any]]
 
 MAX_TRANSITION_RETRIES = 10
+#: Attempts of a transition that read without a lock (PostgreSQL) before it locks.
+OPTIMISTIC_ATTEMPTS = 3
 DISPATCH_BATCH = 200
 
 
@@ -158,7 +163,7 @@ def _save(
     rows: list[store.AssignmentRow],
     *,
     created: bool = False,
-) -> None:
+) -> store.Written:
     """Write the task's new state, its changed assignments and its events.
 
     ``rows`` are the assignment rows the task was loaded with. Raises :class:`Conflict`
@@ -188,10 +193,14 @@ def _save(
         # (SQLite rewrites the entries of every column in SET; PostgreSQL cannot update
         # in place). A late return or an update changes one or two columns.
         fields = {name: value for name, value in fields.items() if getattr(record, name) != value}
-        # The version orders relays (a connection hears each once). A transition that
-        # changes no column and relays nothing (a late return) leaves the row alone: the
-        # row is locked since it was read, so no other transition slipped in between.
-        if fields or any(e.kind in RELAYED_EVENTS for e in events):
+        # The version orders relays (a connection hears each once) and fences writes.
+        # Under a lock on read (SQLite), a transition that changes no column and relays
+        # nothing (a late return) leaves the row alone: no other transition can slip in
+        # between. Without one (PostgreSQL), every transition of a running task moves the
+        # version, since its decision read the other services' assignments too; on a
+        # finished task a service's transition concerns its own rows only, which fence it.
+        bump = fields or any(e.kind in RELAYED_EVENTS for e in events)
+        if bump or (store.statements().optimistic and record.status not in TERMINAL_TASK_STATUSES):
             fields["version"] = record.version + 1
     existing = {(a.service, a.attempt): a for a in rows}
     new, updated = [], []
@@ -228,11 +237,13 @@ def _save(
     ]
     # The instances offered the task (its start events) were just assigned one.
     assigned = [uuid.UUID(e.instance) for e in events if e.kind == "start" and e.instance]
-    if not store.write_transition(record, None if created else fields, updated, new, event_rows, now, assigned):
+    written = store.write_transition(record, None if created else fields, updated, new, event_rows, now, assigned)
+    if written is None:
         raise Conflict(record.pk)
     if not created:
         for name, value in fields.items():
             setattr(record, name, value)
+    return written
 
 
 def transition(
@@ -258,10 +269,14 @@ def transition(
         UnknownTask: no such task.
         ProtocolError: whatever ``decide`` raises.
     """
-    for _ in range(MAX_TRANSITION_RETRIES):
+    optimistic = store.statements().optimistic
+    for attempt in range(MAX_TRANSITION_RETRIES):
+        # Without a lock on read, a busy task can keep moving on: after a few fences that
+        # did not hold, wait for it under the lock instead.
+        lock = not optimistic or attempt >= OPTIMISTIC_ATTEMPTS
         try:
-            with transaction.atomic():
-                loaded = store.load_task(task_id, with_payload=with_payload, service=service)
+            with unit_of_work(lock=lock):
+                loaded = store.load_task(task_id, with_payload=with_payload, service=service, lock=lock)
                 if loaded is None:
                     raise UnknownTask(f"no task {task_id}")
                 record, rows, publisher_channel = loaded
@@ -269,12 +284,28 @@ def transition(
                 events = decide(task)
                 if not events:
                     return []
-                _save(record, task, events, now, rows)
+                written = _save(record, task, events, now, rows)
         except Conflict:
             continue
+        if written.fresh:
+            record.watched, publisher_channel = written.watched, written.publisher_channel
         listening = listeners(publisher_channel, rows, task, events, sender)
         return notices_for(record, events, channels or {}, listening)
     raise RuntimeError(f"task {task_id}: gave up after {MAX_TRANSITION_RETRIES} conflicting updates")
+
+
+def unit_of_work(*, lock: bool = True) -> contextlib.AbstractContextManager[Any]:
+    """What a transition's (or a publish's) statements run in.
+
+    ``transaction.atomic()`` where transitions lock on read (SQLite), or when ``lock``.
+    Without a lock (PostgreSQL), each of its two statements stands alone and the write
+    is fenced (:func:`store.write_transition`), so no transaction is needed, and its
+    BEGIN and COMMIT would be two more round trips; inside a caller's transaction it is
+    a savepoint still, so that an error leaves that transaction usable.
+    """
+    if lock or not store.statements().optimistic or transaction.get_connection().in_atomic_block:
+        return transaction.atomic()
+    return contextlib.nullcontext()
 
 
 # Task events that travel to the task's listeners, one relay per transition (notices_for).
@@ -438,7 +469,7 @@ def publish(
     )
     channels: dict[str, str] = {}
     try:
-        with transaction.atomic():
+        with unit_of_work(lock=False):
             events[0] = machine.Event("init", credential.name, data={"action": action, "payload_size": size})
             events += machine.start(task, _choose_offers(action, now, channels), now)
             _save(record, task, events, now, [], created=True)

@@ -14,7 +14,9 @@ SQLite, error translation, execute wrappers) cost a tenth of a transition. Error
 still Django's (``IntegrityError``), but these statements are not in
 ``connection.queries`` or seen by execute wrappers.
 
-Every function must be called inside the caller's ``transaction.atomic()``.
+Call :func:`load_task` and :func:`write_transition` as :func:`taskhub.services.transition`
+does: inside ``transaction.atomic()`` where transitions lock on read (SQLite), outside
+one, or in a savepoint, where they do not (PostgreSQL, see :func:`write_transition`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model
 
@@ -168,20 +170,21 @@ class Statements:
         # one network round trip less per transition on PostgreSQL. With a service, a
         # finished task brings that service's assignments only (see load_task).
         agg = _JSON_ROWS.get(conn.vendor)
-        self.select_task_joined: dict[tuple[bool, bool], str] = {}
+        self.select_task_joined: dict[tuple[bool, bool, bool], str] = {}
         if agg is not None:
             columns = f"{self.columns(Assignment, [f for _, f in loaded], 'a')}, i.{q('channel_name')}"
             own = f" AND (a.{q('service')} = %s OR t.{q('status')} NOT IN ({', '.join(['%s'] * len(_TERMINAL))}))"
             for with_payload, names in self.task_names.items():
                 for mine in (False, True):
-                    self.select_task_joined[with_payload, mine] = self.sql(
-                        f"SELECT {self.columns(TaskRecord, names, 't')}, pi.{q('channel_name')}, "
-                        f"(SELECT {agg.format(columns)} FROM {self.assignment} a "
-                        f"LEFT JOIN {inst} i ON a.{q('instance')} = i.{q('id')} "
-                        f"WHERE a.{q('task_id')} = t.{q('id')}{own if mine else ''}) "
-                        f"FROM {self.task} t LEFT JOIN {inst} pi ON t.{q('publisher_instance')} = pi.{q('id')} "
-                        f"WHERE t.{q('id')} = %s{lock}"
-                    )
+                    for locked in (False, True):
+                        self.select_task_joined[with_payload, mine, locked] = self.sql(
+                            f"SELECT {self.columns(TaskRecord, names, 't')}, pi.{q('channel_name')}, "
+                            f"(SELECT {agg.format(columns)} FROM {self.assignment} a "
+                            f"LEFT JOIN {inst} i ON a.{q('instance')} = i.{q('id')} "
+                            f"WHERE a.{q('task_id')} = t.{q('id')}{own if mine else ''}) "
+                            f"FROM {self.task} t LEFT JOIN {inst} pi ON t.{q('publisher_instance')} = pi.{q('id')} "
+                            f"WHERE t.{q('id')} = %s{lock if locked else ''}"
+                        )
         self.read_assignment = _Reader(
             conn, [*((n, Assignment, f) for n, f in loaded), ("channel", Instance, "channel_name")]
         )
@@ -211,6 +214,12 @@ class Statements:
         self.instance_table = inst
         #: Whether a transition's writes go as one statement (:meth:`combined`).
         self.combines = conn.vendor == "postgresql"
+        #: Whether transitions read without a lock and write in one fenced statement,
+        #: outside a transaction (see :func:`write_transition`); else they lock on read.
+        self.optimistic = self.combines
+        # On PostgreSQL, the types of the values an ``INSERT ... SELECT`` carries: unlike
+        # in ``VALUES`` of an ``INSERT``, the server cannot infer them from the columns.
+        self._casts: dict[tuple[type[Model], str], str] = {}
         #: Most parameters one statement may carry: wider inserts go in batches.
         self.max_params = _max_params(conn)
         self._prep: dict[tuple[type[Model], str], Prep] = {}
@@ -303,15 +312,37 @@ class Statements:
             ),
         )
 
-    def insert(self, model: type[Model], names: tuple[str, ...], rows: int) -> str:
-        placeholders = "(" + ", ".join(["%s"] * len(names)) + ")"
+    def insert(self, model: type[Model], names: tuple[str, ...], rows: int, *, gated: bool = False) -> str:
+        """A multi-row insert; ``gated``, it inserts only if the fence ``w0`` found its row
+        (:meth:`fenced`), and its values carry their types."""
+        if not gated:
+            placeholders = "(" + ", ".join(["%s"] * len(names)) + ")"
+            return self._variant(
+                ("insert", model, names, rows),
+                lambda: (
+                    f"INSERT INTO {self.quote(model._meta.db_table)} ({self.columns(model, names)}) "
+                    f"VALUES {', '.join([placeholders] * rows)}"
+                ),
+            )
+        typed = "(" + ", ".join(f"%s{self.cast(model, n)}" for n in names) + ")"
         return self._variant(
-            ("insert", model, names, rows),
+            ("insert gated", model, names, rows),
             lambda: (
                 f"INSERT INTO {self.quote(model._meta.db_table)} ({self.columns(model, names)}) "
-                f"VALUES {', '.join([placeholders] * rows)}"
+                f"SELECT * FROM (VALUES {', '.join([typed] * rows)}) v WHERE EXISTS (SELECT 1 FROM w0)"
             ),
         )
+
+    def cast(self, model: type[Model], name: str) -> str:
+        """``::type`` for a value of the field where the statement gives it no type (in
+        ``SELECT`` rather than ``INSERT ... VALUES``); none for text, which is what a value
+        of unknown type becomes, so that a too long one still fails as the column says."""
+        key = (model, name)
+        if key not in self._casts:
+            field = _field(model, name)
+            text = field.get_internal_type() in ("CharField", "TextField")
+            self._casts[key] = "" if text else f"::{field.db_type(self.conn)}"
+        return self._casts[key]
 
     def combined(self, steps: list[tuple[str, list[Any]]], counted: int | None) -> tuple[str, list[Any]]:
         """One statement that runs ``steps`` as data-modifying CTEs (PostgreSQL), and its
@@ -329,13 +360,61 @@ class Statements:
 
         return self._variant(("combined", texts, counted), build), [p for _, params in steps for p in params]
 
-    def mark_assigned(self, count: int) -> str:
+    def fenced(self, fence: str, by_task: bool, steps: tuple[str, ...]) -> str:
+        """One statement (PostgreSQL, outside a transaction): the ``fence`` as CTE ``w0``,
+        then ``steps`` that each write only if ``w0`` found its row (they say so with
+        ``EXISTS (SELECT 1 FROM w0)``).
+
+        Its one result row says that the fence held: for a fence on the task's row
+        (``by_task``), the task's ``watched`` flag and its publisher's channel as they are
+        now; otherwise the fence's row count. No row: the fence found nothing (the version
+        moved on), and nothing was written. A data-modifying CTE runs once and to the end
+        whether or not the query reads it; the steps see the fence's rows through its
+        ``RETURNING``, which is why they wait for it.
+        """
+        q = self.quote
+
+        def build() -> str:
+            ctes = ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate((fence, *steps)))
+            if by_task:
+                tail = (
+                    f"SELECT w0.{q('watched')}, pi.{q('channel_name')} FROM w0 "
+                    f"LEFT JOIN {self.instance_table} pi ON pi.{q('id')} = w0.{q('publisher_instance')}"
+                )
+            else:
+                tail = "SELECT count(*) FROM w0 HAVING count(*) > 0"
+            return f"WITH {ctes} {tail}"
+
+        return self._variant(("fenced", fence, by_task, steps), build)
+
+    def fence_task(self, names: tuple[str, ...]) -> str:
+        """The task's update as a fence: only at the version read, returning what
+        :meth:`fenced` reports."""
         q = self.quote
         return self._variant(
-            ("mark_assigned", count),
+            ("fence_task", names),
+            lambda: f"{self.update_task(names)} RETURNING {q('watched')}, {q('publisher_instance')}",
+        )
+
+    def fence_exists(self) -> str:
+        """A fence that only finds the task's row (a write of events alone)."""
+        q = self.quote
+        return self._variant(("fence_exists",), lambda: f"SELECT 1 FROM {self.task} WHERE {q('id')} = %s")
+
+    def update_assignment_gated(self) -> str:
+        """An assignment's update that writes only if the fence ``w0`` held."""
+        return self._variant(
+            ("update_assignment gated",), lambda: f"{self.update_assignment} AND EXISTS (SELECT 1 FROM w0)"
+        )
+
+    def mark_assigned(self, count: int, *, gated: bool = False) -> str:
+        q = self.quote
+        return self._variant(
+            ("mark_assigned", count, gated),
             lambda: (
                 f"UPDATE {self.instance_table} SET {q('last_assigned_at')} = %s "
                 f"WHERE {q('id')} IN ({', '.join(['%s'] * count)})"
+                + (" AND EXISTS (SELECT 1 FROM w0)" if gated else "")
             ),
         )
 
@@ -358,9 +437,13 @@ class LoadedTask(NamedTuple):
     publisher_channel: str | None
 
 
-def load_task(task_id: uuid.UUID | str, *, with_payload: bool = False, service: str | None = None) -> LoadedTask | None:
-    """The task (locked on PostgreSQL) and its assignments, or ``None``.
+def load_task(
+    task_id: uuid.UUID | str, *, with_payload: bool = False, service: str | None = None, lock: bool = True
+) -> LoadedTask | None:
+    """The task and its assignments, or ``None``.
 
+    ``lock`` locks the task's row on PostgreSQL until the caller's transaction ends; a
+    transition that reads without it must fence its write (:func:`write_transition`).
     The payload, which can be large, is loaded only ``with_payload`` (for offers);
     otherwise ``record.payload`` is ``None``. With ``service``, a finished task comes with
     that service's assignments only: what a service does to a finished task (a late
@@ -371,7 +454,7 @@ def load_task(task_id: uuid.UUID | str, *, with_payload: bool = False, service: 
         pk = st.prep(TaskRecord, "id")(uuid.UUID(str(task_id)))
     except ValueError:
         return None
-    joined = st.select_task_joined.get((with_payload, service is not None))
+    joined = st.select_task_joined.get((with_payload, service is not None, lock))
     with st.cursor() as cursor:
         if joined is not None:
             cursor.execute(joined, [pk] if service is None else [service, *_TERMINAL, pk])
@@ -410,6 +493,16 @@ def _assignment_rows(aggregated: str | list[list[Any]] | None) -> list[Assignmen
     return rows
 
 
+class Written(NamedTuple):
+    """A transition's write that held. A fenced write (PostgreSQL) read back the task's
+    ``watched`` flag and its publisher's channel as they were when it wrote (``fresh``);
+    otherwise the values loaded under the lock still hold."""
+
+    fresh: bool = False
+    watched: bool = False
+    publisher_channel: str | None = None
+
+
 def write_transition(
     record: TaskRecord,
     fields: dict[str, Any] | None,
@@ -418,66 +511,101 @@ def write_transition(
     events: list[dict[str, Any]],
     now: datetime,
     assigned: list[uuid.UUID],
-) -> bool:
+) -> Written | None:
     """Write one transition: the task, its assignments and its events.
 
     ``fields`` are the task's changed columns, written with ``UPDATE ... WHERE id = ...
-    AND version = <record.version>``; empty, the task's row is left alone (it is locked
-    since :func:`load_task` read it: ``FOR UPDATE`` on PostgreSQL, the write lock of
-    SQLite's IMMEDIATE transaction); ``None`` inserts ``record`` instead, payload
-    included. ``assignment_updates`` are ``(pk, state, detail)``; ``new_assignments``
-    dicts with the fields of :data:`ASSIGNMENT_FIELDS` but ``id``; ``events`` dicts with
-    those of :data:`EVENT_FIELDS`. ``assigned`` instances were just given the task: their
-    ``last_assigned_at`` becomes ``now``. On PostgreSQL the writes go as one statement
-    (:meth:`Statements.combined`).
+    AND version = <record.version>``; empty, the task's row is left alone; ``None``
+    inserts ``record`` instead, payload included. ``assignment_updates`` are ``(pk,
+    state, detail)``; ``new_assignments`` dicts with the fields of
+    :data:`ASSIGNMENT_FIELDS` but ``id``; ``events`` dicts with those of
+    :data:`EVENT_FIELDS`. ``assigned`` instances were just given the task: their
+    ``last_assigned_at`` becomes ``now``.
 
-    Returns whether the task's row was written (``False``: its version moved on, and
-    the caller's transaction must roll back whatever else was written).
+    Where transitions lock on read (SQLite, under its IMMEDIATE transaction's write
+    lock), the statements run in the caller's transaction. Where they do not
+    (PostgreSQL, :attr:`Statements.optimistic`), the write is *fenced*: the task's update
+    at the version read, which every transition of a running task makes; or, leaving
+    the task's row alone (a finished task, whose assignments are all final: a late
+    return writes its event only), the task's row still being there. The rest is written
+    only if the fence held, all in one statement (:meth:`Statements.fenced`), so that it
+    needs no transaction. An insert is its own fence (a taken id fails it).
+
+    Returns ``None`` when the fence did not hold (the caller's transaction, if any, must
+    roll back whatever else was written), else :class:`Written`.
 
     Raises:
         IntegrityError: an inserted task's id is taken.
     """
     st = statements()
-    # The statements, in order, and which one's row count says the task was written.
-    steps: list[tuple[str, list[Any]]] = []
+    fenced = st.optimistic and fields is not None
+    # The statements, in order, as (text, text when fenced, parameters); the first one's
+    # row count says whether the task was written (``counted``) or the fence held.
+    steps: list[tuple[str, str, list[Any]]] = []
     counted: int | None = None
+    updated_at = st.prep(Assignment, "updated_at")(now)
+    pk = st.prep(TaskRecord, "id")(record.pk)
     if fields is None:
         names = st.task_names[True]
-        steps.append((st.insert(TaskRecord, names, 1), [st.prep(TaskRecord, n)(getattr(record, n)) for n in names]))
+        sql = st.insert(TaskRecord, names, 1)
+        steps.append((sql, sql, [st.prep(TaskRecord, n)(getattr(record, n)) for n in names]))
     elif fields:
         names = tuple(fields)
-        params = [st.prep(TaskRecord, n)(fields[n]) for n in names]
-        params += [st.prep(TaskRecord, "id")(record.pk), record.version]
-        counted = 0  # the first step
-        steps.append((st.update_task(names), params))
-    updated_at = st.prep(Assignment, "updated_at")(now)
-    steps += [(st.update_assignment, [state, detail, updated_at, pk]) for pk, state, detail in assignment_updates]
+        params = [st.prep(TaskRecord, n)(fields[n]) for n in names] + [pk, record.version]
+        counted = 0
+        steps.append((st.update_task(names), st.fence_task(names), params))
+    elif fenced:
+        counted = 0
+        steps.append(("", st.fence_exists(), [pk]))
+    steps += [
+        (st.update_assignment, st.update_assignment_gated(), [state, detail, updated_at, apk])
+        for apk, state, detail in assignment_updates
+    ]
     steps += _insert_many(st, Assignment, ASSIGNMENT_FIELDS[1:], new_assignments)
     steps += _insert_many(st, TaskEvent, EVENT_FIELDS, events)
     if assigned:
         prep_id = st.prep(Instance, "id")
         params = [st.prep(Instance, "last_assigned_at")(now), *(prep_id(i) for i in assigned)]
-        steps.append((st.mark_assigned(len(assigned)), params))
+        steps.append((st.mark_assigned(len(assigned)), st.mark_assigned(len(assigned), gated=True), params))
+    fits = sum(len(params) for _, _, params in steps) <= st.max_params
     with st.cursor() as cursor:
-        if st.combines and len(steps) > 1 and sum(len(params) for _, params in steps) <= st.max_params:
-            cursor.execute(*st.combined(steps, counted))
+        if fenced:
+            (_, fence, fence_params), rest = steps[0], steps[1:]
+            if fits:
+                sql = st.fenced(fence, bool(fields), tuple(gated for _, gated, _ in rest))
+                cursor.execute(sql, [*fence_params, *(p for _, _, params in rest for p in params)])
+                row = cursor.fetchone()
+            else:
+                # Too many values for one statement: the fence, then the rest, in a transaction.
+                with transaction.atomic(using=st.conn.alias):
+                    cursor.execute(st.fenced(fence, bool(fields), ()), fence_params)
+                    row = cursor.fetchone()
+                    for sql, _, params in rest if row is not None else ():
+                        cursor.execute(sql, params)
+            if row is None:
+                return None  # the fence did not hold: nothing was written
+            written = Written(True, bool(row[0]), row[1]) if fields else Written()
+        elif st.combines and len(steps) > 1 and fits:
+            cursor.execute(*st.combined([(sql, params) for sql, _, params in steps], counted))
             if counted is not None and not cursor.fetchone()[0]:
-                return False  # the transaction rolls back what the other steps wrote
+                return None  # the transaction rolls back what the other steps wrote
+            written = Written()
         else:
-            for i, (sql, params) in enumerate(steps):
+            for i, (sql, _, params) in enumerate(steps):
                 cursor.execute(sql, params)
                 if i == counted and not cursor.rowcount:
-                    return False
+                    return None
+            written = Written()
     if fields is None:
         record._state.adding = False
-    return True
+    return written
 
 
 def _insert_many(
     st: Statements, model: type[Model], names: tuple[str, ...], rows: list[dict[str, Any]]
-) -> list[tuple[str, list[Any]]]:
-    """The statements and parameters that insert ``rows``, as many rows in each as the
-    database's parameter limit allows."""
+) -> list[tuple[str, str, list[Any]]]:
+    """The statements (plain, and fenced) and parameters that insert ``rows``, as many
+    rows in each as the database's parameter limit allows."""
     per_statement = max(1, st.max_params // len(names))
     if len(rows) > per_statement:
         return [
@@ -501,7 +629,8 @@ def _insert_many(
                 prepared = prep(value)
                 previous[i] = (value, prepared)
             params.append(prepared)
-    return [(st.insert(model, names, len(rows)), params)]
+    plain = st.insert(model, names, len(rows))
+    return [(plain, st.insert(model, names, len(rows), gated=True) if st.optimistic else plain, params)]
 
 
 def live_subscribers(action: str, now: datetime) -> list[dict[str, Any]]:

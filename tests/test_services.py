@@ -286,10 +286,11 @@ def test_on_postgresql_the_hot_path_is_prepared_unless_turned_off(prepared, sett
     assert any(f'w0 AS (UPDATE "{table}"' in text for text in prepared_now) is prepared
 
 
-def test_a_fan_out_wider_than_the_databases_parameter_limit_is_written_in_batches(monkeypatch, request):
+@pytest.fixture
+def fan_out_of_20_at_50_parameters(monkeypatch, request):
     """SQLite takes 32,766 parameters per statement, PostgreSQL 65,535: a fan-out to some
     four thousand services reaches that. A limit of 50 (enforced by SQLite itself) shows
-    the batches on 20 services."""
+    the batches on 20 services. Returns ``(app, the services)``."""
     from taskhub import store
 
     if connection.vendor == "sqlite":
@@ -302,8 +303,70 @@ def test_a_fan_out_wider_than_the_databases_parameter_limit_is_written_in_batche
     for i in range(20):
         service, _ = make_credential(f"s{i}", sub=["mail"])
         live_instance(service, f"chan-{i}")
+    return app
+
+
+def test_a_fan_out_wider_than_the_databases_parameter_limit_is_written_in_batches(fan_out_of_20_at_50_parameters):
+    app = fan_out_of_20_at_50_parameters
     task_id, _, notices = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
     assert sorted(n[1] for n in notices if n[2]["type"] == "taskhub.offer") == sorted(f"chan-{i}" for i in range(20))
     record = TaskRecord.objects.get(pk=task_id)
     assert sorted(record.assignments.values_list("service", flat=True)) == sorted(f"s{i}" for i in range(20))
     assert list(record.events.values_list("kind", flat=True)) == ["init"] + ["start"] * 20
+
+
+def test_a_transition_wider_than_the_parameter_limit_is_still_fenced(fan_out_of_20_at_50_parameters):
+    """A pickup timeout on the fan-out writes 20 assignments and events: on PostgreSQL the
+    fence and the rest then go in a transaction."""
+    app = fan_out_of_20_at_50_parameters
+    task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
+    later = timezone.now() + timezone.timedelta(days=1)
+    services.transition(task_id, lambda task: services.machine.expire(task, later), later)
+    record = TaskRecord.objects.get(pk=task_id)
+    assert (record.status, record.version) == ("ended", 1)
+    assert set(record.assignments.values_list("state", flat=True)) == {"seen"}
+    assert list(record.events.values_list("kind", flat=True)) == ["init"] + ["start"] * 20 + ["seen"] * 20 + ["end"]
+
+
+optimistic = pytest.mark.skipif(connection.vendor != "postgresql", reason="SQLite's transitions lock on read")
+
+
+@optimistic
+def test_a_transition_that_read_no_watchers_tells_those_who_came_before_it_wrote(from_a_connected_publisher):
+    """PostgreSQL reads a task without a lock: a watch can land between a transition's
+    read and its write, and the write reads the flag back."""
+    task_id, a, _, _ = from_a_connected_publisher
+
+    def decide(task):
+        TaskRecord.objects.filter(pk=task_id).update(watched=True)  # another connection's watch
+        return services.machine.return_result(task, "a", 1, "ok", timezone.now())
+
+    notices = services.transition(task_id, decide, timezone.now(), sender="chan-a", service="a")
+    assert relayed_to(notices) == {"chan-app": ["success", "end"], "group": ["success", "end"]}
+
+
+@optimistic
+def test_a_publisher_gone_between_a_transitions_read_and_its_write_is_sent_nothing(from_a_connected_publisher):
+    task_id, a, _, publisher = from_a_connected_publisher
+
+    def decide(task):
+        Instance.objects.filter(pk=publisher.pk).delete()
+        return services.machine.return_result(task, "a", 1, "ok", timezone.now())
+
+    notices = services.transition(task_id, decide, timezone.now(), sender="chan-a", service="a")
+    assert relayed_to(notices) == {}
+
+
+@optimistic
+@pytest.mark.django_db(transaction=True)  # the purge commits while the transition runs
+def test_a_command_on_a_task_deleted_between_read_and_write_finds_no_task(offered_to_two):
+    """A late return writes an event alone; its fence is the task's row still being there."""
+    task_id, a, b = offered_to_two
+    act(a, task_id, "return", result=1)
+
+    def decide(task):
+        TaskRecord.objects.filter(pk=task_id).delete()  # retention purged it meanwhile
+        return services.machine.return_result(task, "b", 1, 2, timezone.now())
+
+    with pytest.raises(UnknownTask):
+        services.transition(task_id, decide, timezone.now(), service="b")

@@ -1,0 +1,118 @@
+"""Transitions racing on one task from several database connections at once, as the
+commands of several connections (or hub processes) do: each happens exactly once.
+
+On PostgreSQL transitions read without a lock and fence their writes; on SQLite they
+queue for the write lock. Both must come out the same.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.db import connections
+from django.utils import timezone
+
+from taskhub import services
+from taskhub.core.errors import ProtocolError
+from taskhub.core.messages import parse_command
+from taskhub.models import TaskRecord
+
+from .conftest import TIMEOUT, make_credential
+from .test_services import live_instance
+
+pytestmark = pytest.mark.django_db(transaction=True)  # each thread commits on its own connection
+
+
+def race(work: list[Callable[[], Any]]) -> list[Any]:
+    """Run each callable on its own thread (and connection), all released at once;
+    return their results, or the exceptions they raised."""
+    barrier = threading.Barrier(len(work))
+    results: list[Any] = [None] * len(work)
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait(TIMEOUT)
+            results[i] = work[i]()
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            results[i] = exc
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(work))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(4 * TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads)
+    return results
+
+
+def fan_out(services_count: int) -> tuple[str, list[Any]]:
+    app, _ = make_credential("app", pub=["mail"])
+    workers = []
+    for i in range(services_count):
+        worker, _ = make_credential(f"s{i}", sub=["mail"])
+        live_instance(worker, f"chan-{i}")
+        workers.append(worker)
+    task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
+    return task_id, workers
+
+
+def command(credential: Any, task_id: str, type_: str, **fields: Any) -> Callable[[], Any]:
+    cmd = parse_command({"type": type_, "task": task_id, "attempt": 1, **fields})
+    return lambda: services.act(credential, cmd, timezone.now(), f"chan-{credential.name[1:]}")
+
+
+def test_of_racing_returns_the_first_completes_the_task_and_the_rest_are_recorded_late():
+    task_id, workers = fan_out(8)
+    results = race([command(w, task_id, "return", result=w.name) for w in workers])
+    assert not [r for r in results if isinstance(r, Exception)]
+    record = TaskRecord.objects.get(pk=task_id)
+    kinds = list(record.events.values_list("kind", flat=True))
+    assert kinds.count("success") == 1 and kinds.count("end") == 1
+    assert kinds.count("late_return") == 7
+    (winner,) = record.events.filter(kind="success").values_list("service", flat=True)
+    assert (record.status, record.result) == ("success", winner)
+    # The winner's relay told the others; each service's outcome is recorded once.
+    states = dict(record.assignments.values_list("service", "state"))
+    assert states.pop(winner) == "returned" and set(states.values()) == {"told"}
+
+
+def test_racing_updates_are_each_persisted_once_and_relayed_with_versions_of_their_own():
+    task_id, workers = fan_out(6)
+    per_worker = 10
+
+    def updates(worker: Any) -> Callable[[], list[int]]:
+        def run() -> list[int]:
+            versions = []
+            for step in range(per_worker):
+                notices = command(worker, task_id, "update", data=step, progress=step / per_worker)()
+                versions += [m["version"] for _, _, m in notices if m["type"] == "taskhub.relay"]
+            return versions
+
+        return run
+
+    results = race([updates(w) for w in workers])
+    assert not [r for r in results if isinstance(r, Exception)]
+    record = TaskRecord.objects.get(pk=task_id)
+    assert record.events.filter(kind="update").count() == 6 * per_worker
+    assert record.events.filter(kind="pickup").count() == 6  # each worker's first update picked it up
+    relayed = {version for versions in results for version in set(versions)}
+    assert len(relayed) == 6 * per_worker  # no two transitions shared a version
+    assert max(relayed) == record.version
+
+
+def test_a_racing_drop_and_return_of_one_service_apply_one_of_them():
+    """Two connections of one service (or a re-sent command) finish the same assignment:
+    the second finds it finished and is refused."""
+    task_id, (worker,) = fan_out(1)
+    results = race([command(worker, task_id, "drop"), command(worker, task_id, "return", result=1)])
+    refused = [r for r in results if isinstance(r, ProtocolError)]
+    assert len(refused) == 1 and refused[0].code == "invalid_transition"
+    record = TaskRecord.objects.get(pk=task_id)
+    assert record.status in ("success", "ended")
+    assert list(record.events.values_list("kind", flat=True))[-1] == "end"
+    assert record.events.filter(kind__in=["drop", "success"]).count() == 1
