@@ -57,6 +57,17 @@ class Result:
     latencies: list[float] = field(default_factory=list)  # seconds
     note: str = ""
     received: int = 0  # updates the caller received (progress)
+    hub_cpu: float = 0.0  # seconds of CPU the hub processes spent (TaskHub), from /proc
+    machine_busy: float = 0.0  # seconds of CPU the whole machine spent meanwhile
+
+    @property
+    def hub_ms_per_task(self) -> float:
+        return 1000 * self.hub_cpu / self.count if self.count else float("nan")
+
+    @property
+    def machine_load(self) -> float:
+        """The machine's busy CPUs during the measurement (2.0: both cores busy)."""
+        return self.machine_busy / self.seconds if self.seconds else float("nan")
 
     @property
     def rate(self) -> float:
@@ -69,13 +80,35 @@ class Result:
         return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     def row(self) -> str:
+        note = self.note
+        if self.hub_cpu:
+            note += (
+                f"; hub CPU {self.hub_ms_per_task:.2f} ms/task; machine {self.machine_load:.2f} of "
+                f"{os.cpu_count()} cores busy"
+            )
         return (
             f"| {self.scenario} | {self.system} | {self.count} | {self.rate:,.0f}/s | {self.ms(0.5):.2f} | "
-            f"{self.ms(0.99):.2f} | {1000 * max(self.latencies, default=float('nan')):.2f} | {self.note} |"
+            f"{self.ms(0.99):.2f} | {1000 * max(self.latencies, default=float('nan')):.2f} | {note} |"
         )
 
 
 # -- TaskHub scenarios ---------------------------------------------------------------------
+
+#: Frames one sequential round trip carries: pub, its ack, the offer, pickup, its ack,
+#: return, its ack, success and end.
+FRAMES_PER_ROUND_TRIP = 9
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU a process has spent."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, from /proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
 
 
 class Setup:
@@ -107,8 +140,9 @@ async def round_trips(
     instances: int = 1,
     updates: int = 0,
     caller_hub: int = 0,
-) -> tuple[float, list[float], int]:
-    """``n`` tasks, ``concurrency`` in flight; returns (seconds, latencies, updates received)."""
+) -> tuple[float, list[float], int, float, float]:
+    """``n`` tasks, ``concurrency`` in flight; returns (seconds, latencies, updates
+    received, the hubs' CPU seconds, the machine's busy CPU seconds)."""
     action = f"bench{time.monotonic_ns()}:echo"
     worker_cred = setup.credential(sub=[action], max_instances=instances)
     caller_cred = setup.credential(pub=[action])
@@ -145,9 +179,13 @@ async def round_trips(
                 await caller.pub(action, PAYLOAD).on("update", on_update).get_result()
                 latencies.append(time.perf_counter() - start)
 
+        pids = [hub.process.pid for hub in setup.hubs]
+        cpu_before, machine_before = sum(cpu_seconds(pid) for pid in pids), machine_seconds()
         start = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(n)))
-        return time.perf_counter() - start, latencies, received
+        seconds = time.perf_counter() - start
+        hub_cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+        return seconds, latencies, received, hub_cpu, machine_seconds() - machine_before
 
 
 async def settled(workers: list[Client], task_id: str) -> None:
@@ -397,6 +435,8 @@ def merged(parts: list[Result]) -> Result:
         [latency for p in parts for latency in p.latencies],
         first.note,
         sum(p.received for p in parts),
+        sum(p.hub_cpu for p in parts),
+        sum(p.machine_busy for p in parts),
     )
 
 
@@ -404,8 +444,8 @@ def measure(setup: Setup, scenario: str, note: str, **options: Any) -> Measure:
     """A TaskHub measurement of ``k`` round trips (:func:`round_trips` with ``options``)."""
 
     async def run(k: int) -> Result:
-        seconds, latencies, received = await round_trips(setup, k, **options)
-        return Result(scenario, "TaskHub", k, seconds, latencies, note, received)
+        seconds, latencies, received, hub_cpu, busy = await round_trips(setup, k, **options)
+        return Result(scenario, "TaskHub", k, seconds, latencies, note, received, hub_cpu, busy)
 
     return run
 
@@ -515,8 +555,23 @@ def ratios(results: list[Result]) -> list[str]:
             f"p99 {seq.ms(0.99):.2f} ms (target <= 5 ms); one round trip costs "
             f"{daphne.rate / seq.rate:.1f} daphne echoes and {floor.rate / seq.rate:.1f} websockets echoes"
         )
+    if seq and celery_seq and daphne:
+        # What daphne carries bounds what any hub on it can do: its echo is two frames
+        # (one each way) through daphne and Channels, with nothing else to do.
+        frames_ms = 1000 * FRAMES_PER_ROUND_TRIP / (2 * daphne.rate)
+        target_ms = 1000 / (1.5 * celery_seq.rate)
+        lines.append(
+            f"- the transport's share: {FRAMES_PER_ROUND_TRIP} frames per round trip at the daphne echo's cost "
+            f"take {frames_ms:.2f} ms; 1.5x Celery allows {target_ms:.2f} ms per round trip, which leaves "
+            f"{target_ms - frames_ms:.2f} ms for three persisted transitions and the protocol; TaskHub's hub "
+            f"spent {seq.hub_ms_per_task:.2f} ms of CPU per round trip"
+        )
     if burst and celery_burst_:
-        lines.append(f"- 50 in flight: {burst.rate / celery_burst_.rate:.2f}x Celery's burst (target >= 2x)")
+        lines.append(
+            f"- 50 in flight: {burst.rate / celery_burst_.rate:.2f}x Celery's burst (target >= 2x); "
+            f"the hub spent {burst.hub_ms_per_task:.2f} ms of CPU per task, {burst.hub_cpu / burst.seconds:.0%} "
+            "of one core (one process runs on one)"
+        )
     if progress and seq:
         lines.append(f"- progress: {progress.rate / seq.rate:.2f}x our sequential (target >= 0.6x)")
     for how in ("back to back", "one task at a time"):
@@ -539,7 +594,11 @@ def ratios(results: list[Result]) -> list[str]:
             None,
         )
         if one and two:
-            lines.append(f"- scaled out ({layer}): two processes {two.rate / one.rate:.2f}x one (target >= 1.3x)")
+            lines.append(
+                f"- scaled out ({layer}): two processes {two.rate / one.rate:.2f}x one (target >= 1.3x); "
+                f"machine busy {one.machine_load:.2f} → {two.machine_load:.2f} of {os.cpu_count()} cores, hub CPU "
+                f"{one.hub_ms_per_task:.2f} → {two.hub_ms_per_task:.2f} ms per task"
+            )
     return lines
 
 
