@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from django.db import connections
+from django.db import connection, connections
 from django.utils import timezone
 
 from taskhub import services
@@ -116,3 +116,31 @@ def test_a_racing_drop_and_return_of_one_service_apply_one_of_them():
     assert record.status in ("success", "ended")
     assert list(record.events.values_list("kind", flat=True))[-1] == "end"
     assert record.events.filter(kind__in=["drop", "success"]).count() == 1
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="SQLite's transitions lock on read")
+def test_a_transition_whose_fences_keep_failing_takes_the_lock(monkeypatch):
+    """A task that other connections keep moving cannot starve a transition: after
+    ``OPTIMISTIC_ATTEMPTS`` fences that did not hold, it reads under the lock."""
+    from taskhub import store
+
+    task_id, (worker,) = fan_out(1)
+    locks: list[bool] = []
+    load = store.load_task
+
+    def recording_load(*args: Any, lock: bool = True, **kwargs: Any) -> Any:
+        locks.append(lock)
+        return load(*args, lock=lock, **kwargs)
+
+    monkeypatch.setattr(store, "load_task", recording_load)
+
+    def decide(task: Any) -> Any:
+        if len(locks) <= services.OPTIMISTIC_ATTEMPTS:  # another connection moves it on
+            race([lambda: TaskRecord.objects.filter(pk=task_id).update(version=100 + len(locks))])
+        return services.machine.pickup(task, worker.name, 1, timezone.now())
+
+    services.transition(task_id, decide, timezone.now(), service=worker.name)
+    assert locks == [False] * services.OPTIMISTIC_ATTEMPTS + [True]
+    record = TaskRecord.objects.get(pk=task_id)
+    assert list(record.events.values_list("kind", flat=True)).count("pickup") == 1
+    assert record.version == 100 + services.OPTIMISTIC_ATTEMPTS + 1
