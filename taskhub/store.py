@@ -401,8 +401,10 @@ class Statements:
         q = self.quote
         return self._variant(("fence_exists",), lambda: f"SELECT 1 FROM {self.task} WHERE {q('id')} = %s")
 
-    def update_assignment_gated(self) -> str:
-        """An assignment's update that writes only if the fence ``w0`` held."""
+    def update_assignment_text(self, gated: bool) -> str:
+        """An assignment's update; ``gated``, it writes only if the fence ``w0`` held."""
+        if not gated:
+            return self.update_assignment
         return self._variant(
             ("update_assignment gated",), lambda: f"{self.update_assignment} AND EXISTS (SELECT 1 FROM w0)"
         )
@@ -493,6 +495,11 @@ def _assignment_rows(aggregated: str | list[list[Any]] | None) -> list[Assignmen
     return rows
 
 
+#: A step's SQL text: plain, or (``True``) as a step gated by the fence of one fenced
+#: statement (:meth:`Statements.fenced`). Built only for the way it runs.
+Text = Callable[[bool], str]
+
+
 class Written(NamedTuple):
     """A transition's write that held. A fenced write (PostgreSQL) read back the task's
     ``watched`` flag and its publisher's channel as they were when it wrote (``fresh``);
@@ -539,60 +546,62 @@ def write_transition(
     """
     st = statements()
     fenced = st.optimistic and fields is not None
-    # The statements, in order, as (text, text when fenced, parameters); the first one's
-    # row count says whether the task was written (``counted``) or the fence held.
-    steps: list[tuple[str, str, list[Any]]] = []
+    # The steps, in order: each statement's text (plain, or gated by the fence when it
+    # is a step of one fenced statement) and its parameters. The first one's row count
+    # says whether the task was written (``counted``) or the fence held.
+    steps: list[tuple[Text, list[Any]]] = []
     counted: int | None = None
     updated_at = st.prep(Assignment, "updated_at")(now)
     pk = st.prep(TaskRecord, "id")(record.pk)
     if fields is None:
         names = st.task_names[True]
-        sql = st.insert(TaskRecord, names, 1)
-        steps.append((sql, sql, [st.prep(TaskRecord, n)(getattr(record, n)) for n in names]))
+        steps.append(
+            (lambda gated: st.insert(TaskRecord, names, 1), [st.prep(TaskRecord, n)(getattr(record, n)) for n in names])
+        )
     elif fields:
         names = tuple(fields)
         params = [st.prep(TaskRecord, n)(fields[n]) for n in names] + [pk, record.version]
         counted = 0
-        steps.append((st.update_task(names), st.fence_task(names), params))
+        steps.append((lambda gated: st.fence_task(names) if gated else st.update_task(names), params))
     elif fenced:
         counted = 0
-        steps.append(("", st.fence_exists(), [pk]))
+        steps.append((lambda gated: st.fence_exists(), [pk]))
     steps += [
-        (st.update_assignment, st.update_assignment_gated(), [state, detail, updated_at, apk])
-        for apk, state, detail in assignment_updates
+        (st.update_assignment_text, [state, detail, updated_at, apk]) for apk, state, detail in assignment_updates
     ]
     steps += _insert_many(st, Assignment, ASSIGNMENT_FIELDS[1:], new_assignments)
     steps += _insert_many(st, TaskEvent, EVENT_FIELDS, events)
     if assigned:
         prep_id = st.prep(Instance, "id")
         params = [st.prep(Instance, "last_assigned_at")(now), *(prep_id(i) for i in assigned)]
-        steps.append((st.mark_assigned(len(assigned)), st.mark_assigned(len(assigned), gated=True), params))
-    fits = sum(len(params) for _, _, params in steps) <= st.max_params
+        steps.append((lambda gated: st.mark_assigned(len(assigned), gated=gated), params))
+    fits = sum(len(params) for _, params in steps) <= st.max_params
     with st.cursor() as cursor:
         if fenced:
-            (_, fence, fence_params), rest = steps[0], steps[1:]
+            (fence, fence_params), rest = steps[0], steps[1:]
             if fits:
-                sql = st.fenced(fence, bool(fields), tuple(gated for _, gated, _ in rest))
-                cursor.execute(sql, [*fence_params, *(p for _, _, params in rest for p in params)])
+                sql = st.fenced(fence(True), bool(fields), tuple(text(True) for text, _ in rest))
+                cursor.execute(sql, [*fence_params, *(p for _, params in rest for p in params)])
                 row = cursor.fetchone()
             else:
                 # Too many values for one statement: the fence, then the rest, in a transaction.
                 with transaction.atomic(using=st.conn.alias):
-                    cursor.execute(st.fenced(fence, bool(fields), ()), fence_params)
+                    cursor.execute(st.fenced(fence(True), bool(fields), ()), fence_params)
                     row = cursor.fetchone()
-                    for sql, _, params in rest if row is not None else ():
-                        cursor.execute(sql, params)
+                    if row is not None:
+                        for text, params in rest:
+                            cursor.execute(text(False), params)
             if row is None:
                 return None  # the fence did not hold: nothing was written
             written = Written(True, bool(row[0]), row[1]) if fields else Written()
         elif st.combines and len(steps) > 1 and fits:
-            cursor.execute(*st.combined([(sql, params) for sql, _, params in steps], counted))
+            cursor.execute(*st.combined([(text(False), params) for text, params in steps], counted))
             if counted is not None and not cursor.fetchone()[0]:
                 return None  # the transaction rolls back what the other steps wrote
             written = Written()
         else:
-            for i, (sql, _, params) in enumerate(steps):
-                cursor.execute(sql, params)
+            for i, (text, params) in enumerate(steps):
+                cursor.execute(text(False), params)
                 if i == counted and not cursor.rowcount:
                     return None
             written = Written()
@@ -603,9 +612,9 @@ def write_transition(
 
 def _insert_many(
     st: Statements, model: type[Model], names: tuple[str, ...], rows: list[dict[str, Any]]
-) -> list[tuple[str, str, list[Any]]]:
-    """The statements (plain, and fenced) and parameters that insert ``rows``, as many
-    rows in each as the database's parameter limit allows."""
+) -> list[tuple[Text, list[Any]]]:
+    """The statements (as :data:`Text`) and parameters that insert ``rows``, as many rows
+    in each as the database's parameter limit allows."""
     per_statement = max(1, st.max_params // len(names))
     if len(rows) > per_statement:
         return [
@@ -629,8 +638,8 @@ def _insert_many(
                 prepared = prep(value)
                 previous[i] = (value, prepared)
             params.append(prepared)
-    plain = st.insert(model, names, len(rows))
-    return [(plain, st.insert(model, names, len(rows), gated=True) if st.optimistic else plain, params)]
+    count = len(rows)
+    return [(lambda gated: st.insert(model, names, count, gated=gated), params)]
 
 
 def live_subscribers(action: str, now: datetime) -> list[dict[str, Any]]:

@@ -85,8 +85,7 @@ class Task:
                 task is no longer this service's to work on) is raised by the next
                 :meth:`update` or :meth:`drop`, or logged when the handler returns.
         """
-        await self._settle_updates(keep=UPDATE_WINDOW - 1)
-        self._unacked.append(await self._client._submit({"type": "pickup", "task": self.id, "attempt": self.attempt}))
+        await self._send_windowed({"type": "pickup", "task": self.id, "attempt": self.attempt})
 
     async def get_payload(self) -> Any:
         """The task's payload (fetched from the hub when it was too large to come inline)."""
@@ -123,6 +122,11 @@ class Task:
             raise InvalidMessage(
                 f"update data of {size} bytes is over the hub's limit of {limit} bytes", "payload_too_large"
             )
+        await self._send_windowed(message)
+
+    async def _send_windowed(self, message: dict[str, Any]) -> None:
+        """Send a command without waiting for its answer, once fewer than
+        :data:`UPDATE_WINDOW` of this task's answers are outstanding."""
         await self._settle_updates(keep=UPDATE_WINDOW - 1)
         self._unacked.append(await self._client._submit(message))
 
