@@ -131,7 +131,7 @@ class TaskEventInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type-
 
 class AssignmentInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type-arg]
     model = Assignment
-    fields = readonly_fields = ("service", "attempt", "state", "detail", "instance", "created_at", "updated_at")
+    fields = readonly_fields = ("service", "attempt", "state", "detail", "instance_id", "created_at", "updated_at")
     extra = 0
     can_delete = False
     verbose_name_plural = "services on the task"

@@ -12,6 +12,7 @@ taskhub.E006   INSTANCE_LEASE is at least three SWEEP_INTERVALs (leases are rene
 taskhub.E007   a channel layer is configured
 taskhub.E008   DB_THREADS is a positive integer or None
 taskhub.E009   PREPARED_STATEMENTS and SQLITE_INLINE are True or False
+taskhub.E010   STORE is "auto" or the name of a backend that fits the database
 taskhub.W001   MAX_MESSAGE_SIZE is below daphne's default frame limit (1 MiB)
 =============  ===========================================================
 """
@@ -100,6 +101,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         value = getattr(conf, name)
         if not isinstance(value, bool):
             errors.append(Error(f"TASKHUB_{name} must be True or False, not {value!r}.", id="taskhub.E009"))
+    errors += _check_store()
     if not getattr(settings, "CHANNEL_LAYERS", None):
         errors.append(
             Error(
@@ -109,3 +111,21 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
         )
     return errors
+
+
+def _check_store() -> list[CheckMessage]:
+    from django.db import DEFAULT_DB_ALIAS, connections
+
+    from .store import BACKENDS
+
+    vendor = connections[DEFAULT_DB_ALIAS].vendor
+    value = conf.STORE
+    if value == "auto" or value == "orm" or (value in BACKENDS and value == vendor):
+        return []
+    return [
+        Error(
+            f"TASKHUB_STORE must be 'auto', 'orm' or this database's own backend, not {value!r}.",
+            hint=f"The database is {vendor}; 'auto' picks its fast backend when TaskHub has one.",
+            id="taskhub.E010",
+        )
+    ]

@@ -44,6 +44,9 @@ DEFAULTS: dict[str, Any] = {
     # On PostgreSQL, prepare the hot path's statements once per connection. False for a
     # pooler that cannot carry prepared statements (PgBouncer in transaction mode < 1.21).
     "PREPARED_STATEMENTS": True,
+    # The hot path's database backend (taskhub/store): "auto" (SQLite's or PostgreSQL's
+    # own, else the ORM's) or "orm" (the reference, on any database).
+    "STORE": "auto",
 }
 
 
@@ -72,6 +75,7 @@ class Settings:
     DB_THREADS: int | None
     PREPARED_STATEMENTS: bool
     SQLITE_INLINE: bool
+    STORE: str
 
 
 conf = Settings()

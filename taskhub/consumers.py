@@ -1,9 +1,11 @@
 """The WebSocket consumer: one connection of a service (an *instance*).
 
-Thin by design: frames are decoded and validated by :mod:`taskhub.core.messages`, each
-command is one call into :mod:`taskhub.services` (on a database thread), and the notices it
-returns go out after commit (:mod:`taskhub.notify`: directly to consumers of this process,
-on the channel layer to the others). See docs/protocol.md.
+Thin by design: frames are decoded and validated by the core (:mod:`taskhub.core.frames`,
+:mod:`taskhub.core.commands`), each command is one call into :mod:`taskhub.services` (on a
+database thread) and is answered with a message the core builds
+(:mod:`taskhub.core.messages`), and the notices it returns go out after the write
+(:mod:`taskhub.notify`: directly to consumers of this process, on the channel layer to
+the others). See docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -23,9 +25,8 @@ from django.utils import timezone
 
 from . import db, notify, services, sweeper
 from .conf import conf
-from .core.errors import AuthenticationFailed, InvalidMessage, ProtocolError
-from .core.messages import (
-    PROTOCOL_VERSION,
+from .core.codes import CloseCode, ErrorCode
+from .core.commands import (
     Bye,
     Command,
     Drop,
@@ -40,31 +41,20 @@ from .core.messages import (
     Unsub,
     Update,
     Watch,
-    decode_frame,
-    encode,
-    error_message,
     parse_command,
     read_ref,
 )
+from .core.errors import AuthenticationFailed, InvalidMessage, ProtocolError
+from .core.frames import decode_frame, encode
+from .core.messages import Ack, Error, Message, Payload, Pong, State, Welcome
 from .models import Credential
 from .notify import send_notices
 
 log = logging.getLogger(__name__)
 
-# Close codes (docs/protocol.md, "Closing").
-CLOSE_AUTH_TIMEOUT = 4000
-CLOSE_AUTH_FAILED = 4001
-CLOSE_DISABLED = 4002
-CLOSE_TOO_MANY_INSTANCES = 4003
 # Tasks whose last version heard a connection remembers. A copy of a relay comes within
 # moments of the first; the bound keeps a long-lived caller's memory flat.
 HEARD_TASKS = 1000
-
-_AUTH_CLOSE_CODES = {
-    "authentication_failed": CLOSE_AUTH_FAILED,
-    "credential_disabled": CLOSE_DISABLED,
-    "too_many_instances": CLOSE_TOO_MANY_INSTANCES,
-}
 
 
 def basic_credentials(scope: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -104,8 +94,9 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
 
     async def auth_timed_out(self) -> None:
         if self.credential is None:
-            await self.reply(error_message("authentication_timeout", "no hello within the authentication timeout"))
-            await self.close(CLOSE_AUTH_TIMEOUT)
+            code = ErrorCode.AUTHENTICATION_TIMEOUT
+            await self.reply(Error(code=code, detail="no hello within the authentication timeout"))
+            await self.close(CloseCode.for_error(code))
 
     async def login(self, name: str, key: str, ref: str | int | None) -> None:
         if self.auth_timer is not None:
@@ -118,20 +109,17 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
                 services.register_instance, credential, self.channel_name, sweeper.PROCESS, str(client[0]), now
             )
         except AuthenticationFailed as exc:
-            await self.reply(error_message(exc.code, exc.detail, ref))
-            await self.close(_AUTH_CLOSE_CODES.get(exc.code, CLOSE_AUTH_FAILED))
+            await self.reply(Error(code=exc.code, detail=exc.detail, ref=ref))
+            await self.close(CloseCode.for_error(exc.code))
             return
         self.credential, self.instance_id = credential, instance.pk
-        welcome = {
-            "type": "welcome",
-            "v": PROTOCOL_VERSION,
-            "service": credential.name,
-            "instance": str(instance.pk),
-            "max_message_size": conf.MAX_MESSAGE_SIZE,
-            "max_payload_size": conf.MAX_PAYLOAD_SIZE,
-        }
-        if ref is not None:
-            welcome["ref"] = ref
+        welcome = Welcome(
+            service=credential.name,
+            instance=str(instance.pk),
+            max_message_size=conf.MAX_MESSAGE_SIZE,
+            max_payload_size=conf.MAX_PAYLOAD_SIZE,
+            ref=ref,
+        )
         await self.reply(welcome)
 
     async def disconnect(self, code: int) -> None:
@@ -154,73 +142,75 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
             raise ValueError(f"no handler for message type {message['type']}")
         await handler(message)
 
-    async def reply(self, message: dict[str, Any]) -> None:
-        await self.send(text_data=encode(message))
+    async def reply(self, message: Message | dict[str, Any]) -> None:
+        """Send a message (or a message's dict, as relays carry them)."""
+        await self.send(text_data=encode(message.to_dict() if isinstance(message, Message) else message))
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         obj: Any = None
         try:
             if text_data is None:
-                raise InvalidMessage("binary frames are not supported: send JSON text frames", "invalid_frame")
+                raise InvalidMessage("binary frames are not supported: send JSON text frames", ErrorCode.INVALID_FRAME)
             obj = decode_frame(text_data, conf.MAX_MESSAGE_SIZE)
             cmd = parse_command(obj)
         except InvalidMessage as exc:
-            await self.reply(error_message(exc.code, exc.detail, read_ref(obj)))
+            await self.reply(Error(code=exc.code, detail=exc.detail, ref=read_ref(obj)))
             return
         try:
             await self.dispatch_command(cmd)
         except ProtocolError as exc:
-            await self.reply(error_message(exc.code, exc.detail, cmd.ref))
+            await self.reply(Error(code=exc.code, detail=exc.detail, ref=cmd.ref))
         except Exception:
             log.exception("command %s failed", cmd.type)
-            await self.reply(error_message("internal_error", "the hub could not process this command", cmd.ref))
+            detail = "the hub could not process this command"
+            await self.reply(Error(code=ErrorCode.INTERNAL_ERROR, detail=detail, ref=cmd.ref))
 
     async def dispatch_command(self, cmd: Command) -> None:
         if isinstance(cmd, Hello):
             if self.credential is not None:
-                raise InvalidMessage("already authenticated", "already_authenticated")
+                raise InvalidMessage("already authenticated", ErrorCode.ALREADY_AUTHENTICATED)
             await self.login(cmd.name, cmd.key, cmd.ref)
             return
         credential, instance_id = self.credential, self.instance_id
         if credential is None or instance_id is None:
-            raise ProtocolError("send hello (or authenticate at the handshake) first", "not_authenticated")
-        ack: dict[str, Any] = {"type": "ack", "ref": cmd.ref} if cmd.ref is not None else {"type": "ack"}
+            raise ProtocolError("send hello (or authenticate at the handshake) first", ErrorCode.NOT_AUTHENTICATED)
         now = timezone.now()
         notices: list[services.Notice] = []
+        answer: Message
         match cmd:
             case Ping():
-                ack["type"] = "pong"
+                answer = Pong(ref=cmd.ref)
             case Bye():
                 self.instance_id = None
                 notices = await db.run(services.disconnect, instance_id, now)
-                await self.reply(ack)
+                await self.reply(Ack(ref=cmd.ref))
                 await send_notices(self.channel_layer, notices)
                 await self.close(1000)
                 return
             case Sub(action=action):
                 started, notices = await db.run(services.subscribe, instance_id, credential, action, now)
-                ack.update(action=action, waiting=started)
+                answer = Ack(ref=cmd.ref, action=action, waiting=started)
             case Unsub(action=action):
                 await db.run(services.unsubscribe, instance_id, action)
-                ack["action"] = action
+                answer = Ack(ref=cmd.ref, action=action)
             case Pub():
                 task_id, created, notices = await db.run(services.publish, credential, cmd, now, instance_id)
                 if not created:
                     # A re-sent pub, maybe from a new connection: follow the task as its
                     # watchers do, since its events go to the connection that published it.
                     await self.follow(task_id)
-                ack.update(task=task_id, created=created)
+                answer = Ack(ref=cmd.ref, task=task_id, created=created)
             case Pickup() | Update() | Return() | Drop() | Fail():
                 notices = await db.run(services.act, credential, cmd, now, self.channel_name)
-                ack["task"] = cmd.task
+                answer = Ack(ref=cmd.ref, task=cmd.task)
             case GetPayload(task=task_id):
                 payload = await db.run(services.get_payload, credential, task_id)
-                ack.update(type="payload", task=task_id, payload=payload)
+                answer = Payload(ref=cmd.ref, task=task_id, payload=payload)
             case Watch(task=task_id, since=since):
                 await self.follow(task_id)
                 state = await db.run(services.watch, credential, task_id, since if isinstance(since, int) else 0)
-                ack.update(type="state", **state)
-        await self.reply(ack)
+                answer = State(ref=cmd.ref, **state)
+        await self.reply(answer)
         await send_notices(self.channel_layer, notices)
 
     async def follow(self, task_id: str) -> None:
@@ -259,5 +249,6 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
 
     async def taskhub_close(self, event: dict[str, Any]) -> None:
         """An operator disabled this instance's credential."""
-        await self.reply(error_message(event.get("code", "credential_disabled"), "the credential was disabled"))
-        await self.close(CLOSE_DISABLED)
+        code = event.get("code", ErrorCode.CREDENTIAL_DISABLED)
+        await self.reply(Error(code=code, detail="the credential was disabled"))
+        await self.close(CloseCode.for_error(code))

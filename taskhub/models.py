@@ -1,8 +1,10 @@
 """TaskHub's tables: credentials, tasks with their append-only event log, assignments,
 and the live instances (connections) with their subscriptions.
 
-The database is the truth. Every transition of a task is one transaction guarded by
-``TaskRecord.version``; the channel layer only carries notices after commit.
+The database is the truth: every transition of a task is written at the version it read
+(``TaskRecord.version``), so it happens once whatever other hub processes do
+(:mod:`taskhub.services.transitions`); the channel layer only carries notices after the
+write.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 
 from .core.actions import validate_pattern
+from .core.codes import EventKind, FailureReason
 from .core.states import AssignmentState, TaskStatus
 
 
@@ -26,6 +29,26 @@ def validate_patterns(value: object) -> None:
             validate_pattern(pattern)
         except ValueError as exc:
             raise ValidationError(str(exc)) from None
+
+
+InstanceLink = models.ForeignKey["Instance | None", "Instance | None"]
+
+
+def instance_link(column: str, related_name: str, help_text: str) -> InstanceLink:
+    """A link to an :class:`Instance` that outlives it: no constraint, since instances come
+    and go (a disconnect deletes the row) while tasks stay, and no index of its own. The
+    ORM and the store join through it to find an instance's channel while it is there."""
+    return models.ForeignKey(
+        "Instance",
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,
+        db_column=column,
+        related_name=related_name,
+        help_text=help_text,
+    )
 
 
 class Credential(models.Model):
@@ -85,10 +108,10 @@ class TaskRecord(models.Model):
     publisher_name = models.CharField(
         max_length=100, help_text="The publisher's name (kept if the credential is deleted)."
     )
-    publisher_instance = models.UUIDField(
-        null=True,
-        blank=True,
-        help_text="The instance (connection) that published the task: its events go there while it is connected.",
+    publisher_instance = instance_link(
+        "publisher_instance",
+        "+",
+        "The instance (connection) that published the task: its events go there while it is connected.",
     )
     payload = models.JSONField(null=True, blank=True, help_text="The task's input.")
     payload_size = models.PositiveIntegerField(default=0, help_text="Size of the JSON-encoded payload in bytes.")
@@ -103,7 +126,8 @@ class TaskRecord(models.Model):
     failure_reason = models.CharField(
         max_length=40,
         blank=True,
-        help_text="Why the task failed: error, worker_lost, pickup_timeout, complete_timeout, ...",
+        choices={r.value: r.value for r in FailureReason},
+        help_text="Why the task failed (empty unless it failed).",
     )
     failure_detail = models.TextField(blank=True, help_text="The failure's detail, e.g. the worker's error text.")
     attempt = models.PositiveIntegerField(default=1, help_text="The current attempt, counted from 1.")
@@ -156,7 +180,8 @@ class TaskEvent(models.Model):
     )
     kind = models.CharField(
         max_length=20,
-        help_text="init, start, pickup, update, drop, success, late_return, error, lost, seen, fail or end.",
+        choices={k.value: k.value for k in EventKind},
+        help_text="What happened (docs/protocol.md, \"Events\").",
     )
     service = models.CharField(max_length=100, blank=True, help_text="The service the event concerns, if any.")
     instance = models.UUIDField(null=True, blank=True, help_text="The instance (connection) involved, if any.")
@@ -181,7 +206,10 @@ class Assignment(models.Model):
         TaskRecord, on_delete=models.CASCADE, related_name="assignments", db_index=False, help_text="The task."
     )
     service = models.CharField(max_length=100, help_text="The service's credential name.")
-    instance = models.UUIDField(null=True, blank=True, help_text="The instance the task was offered to.")
+    # taskhub_assignment_instance (instance, state) serves look-ups by instance.
+    instance = instance_link(
+        "instance", "assignments", "The instance the task was offered to (gone once it disconnected)."
+    )
     attempt = models.PositiveIntegerField(default=1, help_text="The attempt this assignment belongs to.")
     state = models.CharField(
         max_length=20,

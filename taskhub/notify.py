@@ -17,7 +17,7 @@ from typing import Any
 from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer, InMemoryChannelLayer
 
-from .services import Notice
+from .services.routing import Notice
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,9 @@ from django.utils import timezone
 
 from . import db, services
 from .conf import conf
+from .core.codes import ErrorCode
 from .notify import send_notices
+from .services.routing import CLOSE, Notice
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +56,8 @@ async def sweep_once(now: datetime | None = None) -> None:
     notices, to_close = await db.run(services.sweep, PROCESS, now or timezone.now())
     layer = get_channel_layer()
     await send_notices(layer, notices)
-    await send_notices(
-        layer, [("channel", name, {"type": "taskhub.close", "code": "credential_disabled"}) for name in to_close]
-    )
+    close = {"type": CLOSE, "code": ErrorCode.CREDENTIAL_DISABLED.value}
+    await send_notices(layer, [Notice("channel", name, close) for name in to_close])
 
 
 async def _run() -> None:

@@ -16,6 +16,28 @@ SCALE = float(os.environ.get("TASKHUB_TEST_SCALE", "1"))
 TIMEOUT = 5 * SCALE
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """With ``TASKHUB_TEST_EXTRA_COLUMN=name``, add a column of that name to ``TaskRecord``,
+    right after ``status``, with a Python-side default (``tests/test_store.py``)."""
+    name = os.environ.get("TASKHUB_TEST_EXTRA_COLUMN")
+    if not name:
+        return
+    import django
+    from django.db import models
+
+    django.setup()
+    from taskhub.models import TaskRecord
+
+    field = models.CharField(max_length=20, default=_extra_default, help_text="added by the test")
+    # Fields are ordered by creation: this one goes right after status.
+    field.creation_counter = TaskRecord._meta.get_field("status").creation_counter + 0.5  # type: ignore[assignment]
+    TaskRecord.add_to_class(name, field)
+
+
+def _extra_default() -> str:
+    return "set in Python"
+
+
 @pytest.fixture(autouse=True)
 async def _stop_sweeper():
     yield
@@ -32,6 +54,14 @@ async def _stop_sweeper():
         from django.db import connections
 
         await sync_to_async(connections.close_all)()
+
+
+@pytest.fixture(params=["orm", "fast"])
+def store_backend(request, settings) -> str:
+    """Run the test against the ORM's store and against the database's own (SQLite's or
+    PostgreSQL's): ``"orm"`` or ``"fast"``."""
+    settings.TASKHUB_STORE = "orm" if request.param == "orm" else "auto"
+    return str(request.param)
 
 
 def make_credential(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import timedelta
+from unittest.mock import ANY
 
 import pytest
 from channels.db import database_sync_to_async
@@ -166,10 +167,21 @@ async def test_full_lifecycle_pub_pickup_update_return():
     assert (await w.call({"type": "pickup", "task": task_id, "attempt": 1}))["type"] == "ack"
     await w.call({"type": "update", "task": task_id, "attempt": 1, "data": {"sent": 1}, "progress": 0.5})
     update = await c.recv()
-    assert update == {"type": "update", "task": task_id, "service": "mailer", "data": {"sent": 1}, "progress": 0.5}
+    assert update == {
+        **{"type": "update", "task": task_id, "seq": ANY, "attempt": 1},
+        **{"service": "mailer", "data": {"sent": 1}, "progress": 0.5},
+    }
     await w.call({"type": "return", "task": task_id, "attempt": 1, "result": {"ok": True}})
-    assert await c.recv() == {"type": "success", "task": task_id, "service": "mailer", "result": {"ok": True}}
-    assert await c.recv() == {"type": "end", "task": task_id, "status": "success"}
+    success, end = await c.recv(), await c.recv()
+    assert success == {
+        **{"type": "success", "task": task_id, "seq": ANY, "attempt": 1},
+        **{"service": "mailer", "result": {"ok": True}},
+    }
+    assert end == {"type": "end", "task": task_id, "seq": ANY, "attempt": 1, "status": "success"}
+    # Live events carry the seq that watch replays them by.
+    replayed = (await c.call({"type": "watch", "task": task_id}))["events"]
+    seqs = {e["kind"]: e["seq"] for e in replayed}
+    assert [update["seq"], success["seq"], end["seq"]] == [seqs["update"], seqs["success"], seqs["end"]]
     row = await task_row(task_id)
     assert (row.status, row.result, row.progress, row.publisher_name) == ("success", {"ok": True}, 0.5, "app")
     assert await event_kinds(task_id) == ["init", "start", "pickup", "update", "success", "end"]
@@ -245,8 +257,10 @@ async def test_a_service_that_publishes_to_itself_still_hears_the_outcome():
     task_id = (await peer.call({"type": "pub", "action": "mail:send"}))["task"]
     assert (await peer.expect(lambda m: m["type"] == "task"))["task"] == task_id
     await peer.call({"type": "return", "task": task_id, "attempt": 1, "result": "done"})
-    assert await peer.recv() == {"type": "success", "task": task_id, "service": "loop", "result": "done"}
-    assert await peer.recv() == {"type": "end", "task": task_id, "status": "success"}
+    assert [(m["type"], m.get("result")) for m in (await peer.recv(), await peer.recv())] == [
+        ("success", "done"),
+        ("end", None),
+    ]
     await peer.close()
 
 
@@ -292,7 +306,8 @@ async def test_fan_out_to_every_service_first_return_wins_others_are_told():
     await a.call({"type": "update", "task": task_id, "attempt": 1, "data": "half"})
     assert (await b.recv())["type"] == "update"  # another service's update
     await a.call({"type": "return", "task": task_id, "attempt": 1, "result": "A"})
-    assert await b.recv() == {"type": "success", "task": task_id, "service": "a", "result": "A"}
+    success = {"type": "success", "task": task_id, "seq": ANY, "attempt": 1, "service": "a", "result": "A"}
+    assert await b.recv() == success
     late = await b.call({"type": "return", "task": task_id, "attempt": 1, "result": "B"})
     assert late["type"] == "ack"
     assert (await task_row(task_id)).result == "A"
@@ -347,6 +362,8 @@ async def test_pickup_timeout_fails_a_task_nobody_subscribes_to():
     assert fail == {
         "type": "fail",
         "task": task_id,
+        "seq": ANY,
+        "attempt": 1,
         "reason": "pickup_timeout",
         "detail": "no service subscribed within the pickup timeout",
     }
@@ -369,7 +386,7 @@ async def test_offered_but_never_picked_up_ends_without_result():
     task_id = (await c.call({"type": "pub", "action": "mail:send", "pickup_timeout": 5}))["task"]
     await w.recv()
     await later(6)
-    assert await c.recv() == {"type": "end", "task": task_id, "status": "ended"}
+    assert await c.recv() == {"type": "end", "task": task_id, "seq": ANY, "attempt": 1, "status": "ended"}
     assert await event_kinds(task_id) == ["init", "start", "seen", "end"]
     await w.close()
     await c.close()
@@ -402,6 +419,8 @@ async def test_worker_failure_fails_the_task_with_its_error():
     assert await c.recv() == {
         "type": "fail",
         "task": task_id,
+        "seq": ANY,
+        "attempt": 1,
         "reason": "error",
         "detail": "ValueError: no such mailbox",
     }
@@ -415,7 +434,7 @@ async def test_drop_ends_without_result():
     task_id = (await c.call({"type": "pub", "action": "mail:send"}))["task"]
     await w.recv()
     await w.call({"type": "drop", "task": task_id, "attempt": 1})
-    assert await c.recv() == {"type": "end", "task": task_id, "status": "ended"}
+    assert await c.recv() == {"type": "end", "task": task_id, "seq": ANY, "attempt": 1, "status": "ended"}
     await w.close()
     await c.close()
 

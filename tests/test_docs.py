@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from taskhub.core.commands import COMMANDS
 from taskhub.core.diagram import state_diagrams
-from taskhub.core.messages import COMMANDS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -12,18 +12,21 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from django.db import connection, connections
+from django.db import connections
 from django.utils import timezone
 
 from taskhub import services
+from taskhub.core import machine
+from taskhub.core.commands import parse_command
 from taskhub.core.errors import ProtocolError
-from taskhub.core.messages import parse_command
 from taskhub.models import TaskRecord
+from taskhub.store import get_store
 
 from .conftest import TIMEOUT, make_credential
 from .test_services import live_instance
 
-pytestmark = pytest.mark.django_db(transaction=True)  # each thread commits on its own connection
+# Each thread commits on its own connection; against every store (see conftest.store_backend).
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("store_backend")]
 
 
 def race(work: list[Callable[[], Any]]) -> list[Any]:
@@ -118,12 +121,12 @@ def test_a_racing_drop_and_return_of_one_service_apply_one_of_them():
     assert record.events.filter(kind__in=["drop", "success"]).count() == 1
 
 
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="SQLite's transitions lock on read")
 def test_a_transition_whose_fences_keep_failing_takes_the_lock(monkeypatch):
     """A task that other connections keep moving cannot starve a transition: after
     ``OPTIMISTIC_ATTEMPTS`` fences that did not hold, it reads under the lock."""
-    from taskhub import store
-
+    store = get_store()
+    if not store.optimistic:
+        pytest.skip("this store's transitions lock on read")
     task_id, (worker,) = fan_out(1)
     locks: list[bool] = []
     load = store.load_task
@@ -137,7 +140,7 @@ def test_a_transition_whose_fences_keep_failing_takes_the_lock(monkeypatch):
     def decide(task: Any) -> Any:
         if len(locks) <= services.OPTIMISTIC_ATTEMPTS:  # another connection moves it on
             race([lambda: TaskRecord.objects.filter(pk=task_id).update(version=100 + len(locks))])
-        return services.machine.pickup(task, worker.name, 1, timezone.now())
+        return machine.pickup(task, worker.name, 1, timezone.now())
 
     services.transition(task_id, decide, timezone.now(), service=worker.name)
     assert locks == [False] * services.OPTIMISTIC_ATTEMPTS + [True]

@@ -9,13 +9,16 @@ from django.db import connection
 from django.utils import timezone
 
 from taskhub import services
+from taskhub.core import machine
+from taskhub.core.commands import parse_command
 from taskhub.core.errors import UnknownTask
-from taskhub.core.messages import parse_command
 from taskhub.models import Instance, Subscription, TaskRecord
+from taskhub.store import get_store
 
 from .conftest import make_credential
 
-pytestmark = pytest.mark.django_db
+# Every test runs against the ORM's store and against the database's own (a differential test).
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("store_backend")]
 
 
 def live_instance(credential, channel, subscribe=True):
@@ -145,7 +148,7 @@ def test_a_conflicting_write_is_retried_on_the_fresh_row():
         calls.append(task.status)
         if len(calls) == 1:  # another process moves the task between our read and our write
             TaskRecord.objects.filter(pk=task_id).update(version=99)
-        return services.machine.expire(task, timezone.now() + timezone.timedelta(days=1))
+        return machine.expire(task, timezone.now() + timezone.timedelta(days=1))
 
     services.transition(task_id, decide, timezone.now())
     assert len(calls) == 2  # the conflict was detected and the decision taken again
@@ -176,14 +179,9 @@ def test_an_assignments_updated_at_says_when_its_state_last_changed():
     assert act(returned, type="return").updated_at == returned
 
 
-@pytest.mark.parametrize("joined", [True, False], ids=["one query", "two queries"])
 @pytest.mark.parametrize("prepared", [True, False])
-def test_the_store_reads_rows_as_the_orm_does(prepared, joined, settings, monkeypatch):
-    from taskhub import store
-
+def test_the_store_reads_rows_as_the_orm_does(prepared, settings):
     settings.TASKHUB_PREPARED_STATEMENTS = prepared  # PostgreSQL only
-    if not joined:  # as on a database that aggregates no JSON
-        monkeypatch.setattr(store.statements(), "select_task_joined", {})
     app, _ = make_credential("app", pub=["mail"])
     a, _ = make_credential("a", sub=["mail"])
     live_instance(a, "chan-a")
@@ -195,16 +193,18 @@ def test_the_store_reads_rows_as_the_orm_does(prepared, joined, settings, monkey
     services.act(
         a, parse_command({"type": "return", "task": task_id, "attempt": 1, "result": {"ok": [True]}}), timezone.now()
     )
-    record, rows, publisher_channel = store.load_task(task_id, with_payload=True)
+    record, rows, publisher_channel = get_store().load_task(task_id, with_payload=True)
     assert publisher_channel is None  # published with no instance (from a shell, say)
     orm = TaskRecord.objects.get(pk=task_id)
-    for name in (*store.TASK_FIELDS, "payload"):
-        assert getattr(record, name) == getattr(orm, name), name
+    for field in TaskRecord._meta.concrete_fields:
+        assert getattr(record, field.attname) == getattr(orm, field.attname), field.attname
     assert [tuple(r) for r in rows] == [
-        (r.pk, r.service, r.instance, r.attempt, r.state, r.detail, "chan-a") for r in orm.assignments.order_by("pk")
+        (r.pk, r.service, r.instance_id, r.attempt, r.state, r.detail, "chan-a")
+        for r in orm.assignments.order_by("pk")
     ]
-    assert store.load_task("not-a-uuid") is None
-    assert store.load_task("8d7f6a0e-3b7c-4f4e-9a51-2d6f0f1f6b2a") is None
+    assert get_store().load_task(task_id).record.payload is None  # loaded only for offers
+    assert get_store().load_task("not-a-uuid") is None
+    assert get_store().load_task("8d7f6a0e-3b7c-4f4e-9a51-2d6f0f1f6b2a") is None
 
 
 @pytest.fixture
@@ -226,12 +226,8 @@ def act(credential, task_id, type, **fields):
     )
 
 
-@pytest.mark.parametrize("joined", [True, False], ids=["one query", "two queries"])
-def test_a_finished_task_is_loaded_with_the_acting_services_assignments_only(offered_to_two, joined, monkeypatch):
-    from taskhub import store
-
-    if not joined:
-        monkeypatch.setattr(store.statements(), "select_task_joined", {})
+def test_a_finished_task_is_loaded_with_the_acting_services_assignments_only(offered_to_two):
+    store = get_store()
     task_id, a, b = offered_to_two
     assert [r.service for r in store.load_task(task_id, service="b").assignments] == ["a", "b"]  # running
     act(a, task_id, "return", result=1)
@@ -267,7 +263,9 @@ def test_an_update_that_changes_no_column_still_moves_the_version_its_relay_carr
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements are PostgreSQL's")
 @pytest.mark.parametrize("prepared", [True, False])
-def test_on_postgresql_the_hot_path_is_prepared_unless_turned_off(prepared, settings):
+def test_on_postgresql_the_hot_path_is_prepared_unless_turned_off(prepared, settings, store_backend):
+    if store_backend == "orm":
+        pytest.skip("the ORM's store prepares nothing")
     settings.TASKHUB_PREPARED_STATEMENTS = prepared
     with connection.cursor() as cursor:
         cursor.execute("DEALLOCATE ALL")  # psycopg forgets its own records of them too
@@ -281,7 +279,7 @@ def test_on_postgresql_the_hot_path_is_prepared_unless_turned_off(prepared, sett
         cursor.execute("SELECT statement FROM pg_prepared_statements")
         prepared_now = [text for (text,) in cursor.fetchall()]
     table = TaskRecord._meta.db_table
-    # A transition's writes go as one statement, its steps as CTEs (store.Statements.combined).
+    # A transition's writes go as one statement, its steps as CTEs (store.postgresql).
     assert any(f'w0 AS (INSERT INTO "{table}"' in text for text in prepared_now) is prepared
     assert any(f'w0 AS (UPDATE "{table}"' in text for text in prepared_now) is prepared
 
@@ -291,14 +289,13 @@ def fan_out_of_20_at_50_parameters(monkeypatch, request):
     """SQLite takes 32,766 parameters per statement, PostgreSQL 65,535: a fan-out to some
     four thousand services reaches that. A limit of 50 (enforced by SQLite itself) shows
     the batches on 20 services. Returns ``(app, the services)``."""
-    from taskhub import store
-
     if connection.vendor == "sqlite":
         connection.ensure_connection()
         raw = connection.connection
         before = raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 50)
         request.addfinalizer(lambda: raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, before))
-    monkeypatch.setattr(store.statements(), "max_params", 50)
+    monkeypatch.setattr(get_store(), "max_params", 50, raising=False)
+    monkeypatch.setattr(connection.features, "max_query_params", 50)  # the ORM batches by it
     app, _ = make_credential("app", pub=["mail"])
     for i in range(20):
         service, _ = make_credential(f"s{i}", sub=["mail"])
@@ -321,14 +318,21 @@ def test_a_transition_wider_than_the_parameter_limit_is_still_fenced(fan_out_of_
     app = fan_out_of_20_at_50_parameters
     task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
     later = timezone.now() + timezone.timedelta(days=1)
-    services.transition(task_id, lambda task: services.machine.expire(task, later), later)
+    services.transition(task_id, lambda task: machine.expire(task, later), later)
     record = TaskRecord.objects.get(pk=task_id)
     assert (record.status, record.version) == ("ended", 1)
     assert set(record.assignments.values_list("state", flat=True)) == {"seen"}
     assert list(record.events.values_list("kind", flat=True)) == ["init"] + ["start"] * 20 + ["seen"] * 20 + ["end"]
 
 
-optimistic = pytest.mark.skipif(connection.vendor != "postgresql", reason="SQLite's transitions lock on read")
+@pytest.fixture
+def optimistic_store(store_backend):
+    """Skip unless transitions read without a lock (PostgreSQL's own store)."""
+    if not get_store().optimistic:
+        pytest.skip("this store's transitions lock on read")
+
+
+optimistic = pytest.mark.usefixtures("optimistic_store")
 
 
 @optimistic
@@ -339,7 +343,7 @@ def test_a_transition_that_read_no_watchers_tells_those_who_came_before_it_wrote
 
     def decide(task):
         TaskRecord.objects.filter(pk=task_id).update(watched=True)  # another connection's watch
-        return services.machine.return_result(task, "a", 1, "ok", timezone.now())
+        return machine.return_result(task, "a", 1, "ok", timezone.now())
 
     notices = services.transition(task_id, decide, timezone.now(), sender="chan-a", service="a")
     assert relayed_to(notices) == {"chan-app": ["success", "end"], "group": ["success", "end"]}
@@ -351,7 +355,7 @@ def test_a_publisher_gone_between_a_transitions_read_and_its_write_is_sent_nothi
 
     def decide(task):
         Instance.objects.filter(pk=publisher.pk).delete()
-        return services.machine.return_result(task, "a", 1, "ok", timezone.now())
+        return machine.return_result(task, "a", 1, "ok", timezone.now())
 
     notices = services.transition(task_id, decide, timezone.now(), sender="chan-a", service="a")
     assert relayed_to(notices) == {}
@@ -366,7 +370,7 @@ def test_a_command_on_a_task_deleted_between_read_and_write_finds_no_task(offere
 
     def decide(task):
         TaskRecord.objects.filter(pk=task_id).delete()  # retention purged it meanwhile
-        return services.machine.return_result(task, "b", 1, 2, timezone.now())
+        return machine.return_result(task, "b", 1, 2, timezone.now())
 
     with pytest.raises(UnknownTask):
         services.transition(task_id, decide, timezone.now(), service="b")

@@ -30,11 +30,14 @@ from taskhub.core.errors import (
 )
 
 from .client import Client, backoff
+from .protocol import ClientProtocol, ConnectionLost
 from .tasks import Task, TaskHandle, Update
 
 __all__ = [
     "AuthenticationFailed",
     "Client",
+    "ClientProtocol",
+    "ConnectionLost",
     "InvalidMessage",
     "InvalidTransition",
     "NoResult",

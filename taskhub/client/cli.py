@@ -99,10 +99,10 @@ async def _pub(client: Client, args: argparse.Namespace) -> int:
 
 async def _watch(client: Client, args: argparse.Namespace) -> int:
     async with client:
-        state = await client._request({"type": "watch", "task": args.task_id})
-        for event in state["events"]:
+        state = await client.get_task(args.task_id)
+        for event in state.events:
             print(f"{event['at']}  {event['kind']:<12} {event['service']:<20} {json.dumps(event['data'])}")
-        print(json.dumps(state["task"], indent=2))
+        print(json.dumps(state.task, indent=2))
     return 0
 
 

@@ -1,13 +1,17 @@
-"""The TaskHub client: one WebSocket connection, reconnected with backoff.
+"""The TaskHub client: the sans-I/O protocol on a ``websockets`` connection, reconnected
+with backoff.
 
 Use it as ``async with Client(...) as client:`` (returns once authenticated and every
 registered subscription is acknowledged) or ``await client.run_forever()`` in a worker.
 
+This module owns the socket, the clock and the asyncio tasks; what a frame means, what to
+send and what a reconnect recovers is :class:`~taskhub.client.protocol.ClientProtocol`'s.
+
 Reconnects: after a lost connection the client waits :func:`backoff` (``min((10n)² ms,
-60 s)`` for the n-th try, as wsq does), reconnects, re-subscribes, re-sends ``pub``
-commands that were not acknowledged (with their task id, so the hub never creates a
-task twice) and re-reads the state of the tasks it waits for from the hub's database.
-Authentication errors are final: they are raised, not retried.
+60 s)`` for the n-th try, as wsq does), reconnects, re-subscribes, re-sends the commands
+that were not answered and are safe to send again (a ``pub`` with its task id, so the hub
+never creates a task twice) and watches the tasks it waits for from the last event it
+heard. Authentication errors are final: they are raised, not retried.
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ import asyncio
 import base64
 import contextlib
 import inspect
-import itertools
-import json
 import logging
 import math
 import uuid
@@ -28,15 +30,34 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from taskhub.core.actions import validate_action
-from taskhub.core.errors import AuthenticationFailed, InvalidMessage, PermissionDenied, TaskHubError
-from taskhub.core.messages import encode
+from taskhub.core.commands import Bye, Command, Ping, Pub, Watch
+from taskhub.core.errors import AuthenticationFailed, PermissionDenied, TaskHubError
+from taskhub.core.messages import Message, State
 
-from .answers import ConnectionLost, checked, error_from
+from .protocol import (
+    Answered,
+    ClientProtocol,
+    ConnectionLost,
+    Event,
+    Failed,
+    HubError,
+    Offered,
+    Refused,
+    SessionRefused,
+    TaskEventIn,
+    Welcomed,
+)
 from .tasks import Task, TaskHandle
 
 log = logging.getLogger("taskhub.client")
 
 Handler = Callable[[Task], Awaitable[Any] | Any]
+
+
+def _log_refusal(future: asyncio.Future[Message]) -> None:
+    error = None if future.cancelled() else future.exception()
+    if error is not None and not isinstance(error, ConnectionLost):  # lost: sent again on reconnect
+        log.error("taskhub: %s", error)
 
 
 def backoff(tries: int) -> float:
@@ -53,6 +74,7 @@ class Client:
         backoff: seconds to wait before reconnect number n.
         resync_interval: seconds a waiting ``get_result`` stays quiet before it re-reads
             the task's state from the hub.
+        max_size: the largest frame to accept from the hub, in bytes.
     """
 
     def __init__(
@@ -70,20 +92,27 @@ class Client:
         self.backoff = backoff
         self.resync_interval = resync_interval
         self.max_size = max_size
-        self.instance: str | None = None
-        self._max_message_size: int | None = None
-        self._max_payload_size: int | None = None
+        self.protocol = ClientProtocol()
+        self._futures: dict[int, asyncio.Future[Message]] = {}
         self._handlers: dict[str, Handler] = {}
-        self._refs = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._handles: dict[str, TaskHandle] = {}
         self._tasks: dict[str, Task] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._ws: Any = None
-        self._connected = asyncio.Event()
+        self._ready = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._first: asyncio.Future[None] | None = None
         self._closing = False
+
+    @property
+    def instance(self) -> str | None:
+        """This connection's instance id, once connected."""
+        return self.protocol.instance
+
+    @property
+    def connected(self) -> bool:
+        """Whether the session is open and its subscriptions acknowledged."""
+        return self._ready.is_set()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -112,14 +141,16 @@ class Client:
         """Close the connection and stop reconnecting. Running handlers are cancelled."""
         self._closing = True
         ws = self._ws  # the session forgets it as soon as the hub closes, maybe during bye
-        if ws is not None:
+        if ws is not None and self.connected:
             # Leave gracefully, so that the instance's slot is free once close() returns.
             with contextlib.suppress(TaskHubError, ConnectionClosed, TimeoutError):
-                await asyncio.wait_for(self._send_request(ws, {"type": "bye"}), 5)
+                await asyncio.wait_for(self._request(Bye.build()), 5)
+        if ws is not None:
             await ws.close()
-        for task in [*self._background, *([self._runner] if self._runner else [])]:
+        runner = [self._runner] if self._runner else []
+        for task in [*self._background, *runner]:
             task.cancel()
-        await asyncio.gather(*self._background, *([self._runner] if self._runner else []), return_exceptions=True)
+        await asyncio.gather(*self._background, *runner, return_exceptions=True)
         self._runner = None
 
     async def run_forever(self) -> None:
@@ -144,8 +175,11 @@ class Client:
 
         def register(fn: Handler) -> Handler:
             self._handlers[action] = fn
-            if self._connected.is_set():
-                self._spawn(self._request({"type": "sub", "action": action}))
+            ref = self.protocol.subscribe(action)
+            if ref is not None:
+                answer = self._expect(ref)
+                answer.add_done_callback(_log_refusal)
+                self._spawn(self._flush())
             return fn
 
         return register if handler is None else register(handler)
@@ -170,100 +204,116 @@ class Client:
                 creates the task once.
 
         Raises:
-            InvalidMessage: ``action`` is not a valid action name.
+            InvalidMessage: ``action`` is not a valid action name, or a timeout is not a
+                positive number.
         """
         validate_action(action)
-        task_id = str(uuid.UUID(task_id)) if task_id else str(uuid.uuid4())
-        message: dict[str, Any] = {"type": "pub", "action": action, "payload": payload, "task_id": task_id}
-        for field, value in (("timeout", timeout), ("pickup_timeout", pickup_timeout)):
+        fields: dict[str, Any] = {"task_id": task_id or str(uuid.uuid4())}
+        for name, value in (("timeout", timeout), ("pickup_timeout", pickup_timeout)):
             if value is not None:
-                message[field] = None if math.isinf(value) else value
-        handle = TaskHandle(self, task_id, message)
-        self._handles[task_id] = handle
-        self._spawn(self._publish(handle))
+                fields[name] = None if math.isinf(value) else value
+        command = Pub.build(action=action, payload=payload, **fields)
+        handle = TaskHandle(self, command.task_id)
+        self._handles[handle.task_id] = handle
+        self.protocol.follow(handle.task_id, resume=True)
+        self._spawn(self._publish(handle, command))
         return handle
 
-    # -- internals ------------------------------------------------------------------------
+    async def get_task(self, task_id: str, since: int = 0) -> State:
+        """The task's current state and its events with a ``seq`` above ``since``, from the
+        hub's database: ``.task`` (a dict, see docs/protocol.md, ``watch``) and ``.events``.
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+        For the task's publisher and the services it was offered to.
 
-    async def _publish(self, handle: TaskHandle) -> None:
+        Raises:
+            UnknownTask: no such task, or not one of this credential's.
+            InvalidMessage: ``task_id`` is not a UUID.
+        """
+        answer = await self._request(Watch.build(task=task_id, since=since))
+        assert isinstance(answer, State)
+        return answer
+
+    async def ping(self) -> float:
+        """Seconds a ``ping`` takes to the hub and back (once the session is open)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await self._request(Ping.build())
+        return loop.time() - start
+
+    # -- commands -------------------------------------------------------------------------
+
+    async def _submit(self, command: Command) -> asyncio.Future[Message]:
+        """Send ``command`` (or hold it until the session is open) and return the future
+        of its answer, without waiting for it. The future raises the hub's refusal (the
+        exception of its code) or :class:`ConnectionLost`.
+
+        Raises:
+            InvalidMessage: ``message_too_large``; nothing was sent.
+        """
+        future = self._expect(self.protocol.send(command))
+        await self._flush()
+        return future
+
+    async def _request(self, command: Command) -> Message:
+        """Send ``command`` and return the hub's answer (see :meth:`_submit`)."""
+        return await (await self._submit(command))
+
+    def _expect(self, ref: int) -> asyncio.Future[Message]:
+        """The future of the answer to the command ``ref``; register it before the answer
+        can be read (synchronously after ``protocol.send``)."""
+        future = self._futures.get(ref)
+        if future is None:
+            future = self._futures[ref] = asyncio.get_running_loop().create_future()
+        return future
+
+    async def _flush(self) -> None:
+        """Send what the protocol queued. A frame lost to a closing connection is the
+        protocol's to send again or to fail (:meth:`ClientProtocol.connection_lost`)."""
+        ws = self._ws
+        frames = self.protocol.data_to_send()
+        if ws is None:
+            return
         try:
-            answer = await self._request(handle._message)
+            for frame in frames:
+                await ws.send(frame)
+        except ConnectionClosed:
+            pass
+
+    async def _publish(self, handle: TaskHandle, command: Pub) -> None:
+        try:
+            answer = await self._request(command)
         except Exception as exc:
-            self._handles.pop(handle.task_id, None)
+            self._forget(handle)
             if not handle.published.done():
                 handle.published.set_exception(exc)
             return
         if not handle.published.done():
             handle.published.set_result(answer)
 
-    async def _request(self, message: dict[str, Any], *, retry: bool = True) -> dict[str, Any]:
-        """Send a command and return its answer; re-sent after a reconnect when ``retry``.
-
-        Raises:
-            ProtocolError (a subclass by code): the hub answered with an error.
-        """
-        while True:
-            await self._connected.wait()
-            try:
-                return await self._send_request(self._ws, message)
-            except ConnectionLost:
-                if not retry:
-                    raise
-
-    async def _submit(self, message: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
-        """Send a command (waiting for a connection) and return the future of its answer,
-        without waiting for it; read the answer with :func:`checked`."""
-        while True:
-            await self._connected.wait()
-            with contextlib.suppress(ConnectionLost):
-                return await self._send(self._ws, message)
-
-    async def _send(self, ws: Any, message: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
-        """Send one command on ``ws``; return the future of the hub's answer to it.
-
-        Raises:
-            InvalidMessage: ``message_too_large``, before anything is sent.
-            ConnectionLost: the connection closed before the frame was sent.
-        """
-        ref = next(self._refs)
-        frame = encode({**message, "ref": ref})
-        size = len(frame.encode())
-        if self._max_message_size and size > self._max_message_size:
-            # The hub would refuse it (or its server drop the connection): refuse it here.
-            raise InvalidMessage(
-                f"message of {size} bytes is over the hub's limit of {self._max_message_size} bytes",
-                "message_too_large",
-            )
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[ref] = future
-        future.add_done_callback(lambda _: self._pending.pop(ref, None))
-        try:
-            await ws.send(frame)
-        except ConnectionClosed:
-            future.cancel()
-            raise ConnectionLost("connection closed") from None
-        return future
-
-    async def _send_request(self, ws: Any, message: dict[str, Any]) -> dict[str, Any]:
-        return checked(await (await self._send(ws, message)))
-
     async def _resync(self, handle: TaskHandle) -> None:
-        """Re-read a task's state from the hub (after a reconnect or a quiet spell)."""
+        """Re-read a task's events and state from the hub (after a quiet spell, or an
+        ``end`` whose outcome was lost); the missed events reach the handle first."""
+        task_id = handle.task_id
         try:
-            state = await self._request({"type": "watch", "task": handle.task_id}, retry=False)
-        except (ConnectionLost, TaskHubError) as exc:
-            log.debug("resync of %s failed: %s", handle.task_id, exc)
+            state = await self._request(Watch.build(task=task_id, since=self.protocol.last_seq(task_id)))
+        except TaskHubError as exc:
+            log.debug("resync of %s failed: %s", task_id, exc)
             return
-        handle._apply_snapshot(state["task"])
+        assert isinstance(state, State)
+        handle._apply_snapshot(state.task)
 
     def _forget(self, handle: TaskHandle) -> None:
         self._handles.pop(handle.task_id, None)
+        if handle.task_id not in self._tasks:
+            self.protocol.forget(handle.task_id)
+
+    # -- the connection -------------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _run(self) -> None:
         tries = 0
@@ -276,7 +326,7 @@ class Client:
                     self._first.set_exception(exc)
                     return
                 log.error("taskhub: %s; reconnecting", exc)
-            except (OSError, InvalidHandshake, ConnectionClosed, ConnectionLost, TimeoutError) as exc:
+            except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
                 log.info("taskhub: connection to %s lost or refused: %s", self.url, exc)
                 refused = isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403)
                 if refused and self._first is not None and not self._first.done():
@@ -288,7 +338,7 @@ class Client:
             await asyncio.sleep(self.backoff(tries))
 
     async def _session(self) -> None:
-        """One connection: authenticate, subscribe, recover, then read until it closes."""
+        """One connection: read frames and act on the protocol's events until it closes."""
         async with websockets.connect(
             self.url,
             additional_headers={"Authorization": self._auth},
@@ -296,63 +346,73 @@ class Client:
             open_timeout=10,
             compression=None,
         ) as ws:
-            welcome = json.loads(await ws.recv())
-            if welcome.get("type") == "error":
-                raise error_from(welcome)
-            self.instance = welcome.get("instance")
-            self._max_message_size = welcome.get("max_message_size")
-            self._max_payload_size = welcome.get("max_payload_size")
+            self.protocol.connection_made()
             self._ws = ws
-            reader = asyncio.create_task(self._read(ws))
             try:
-                for action in list(self._handlers):
-                    await self._send_request(ws, {"type": "sub", "action": action})
-                self._connected.set()
-                if self._first is not None and not self._first.done():
-                    self._first.set_result(None)
-                for handle in list(self._handles.values()):
-                    if handle.published.done():
-                        self._spawn(self._resync(handle))
-                await reader
+                async for raw in ws:
+                    self._handle(self.protocol.receive(raw))
+                    await self._flush()
             finally:
-                self._connected.clear()
                 self._ws = None
-                reader.cancel()
-                for future in self._pending.values():
-                    if not future.done():
-                        future.set_exception(ConnectionLost("connection closed"))
+                self._ready.clear()
+                self._handle(self.protocol.connection_lost())
 
-    async def _read(self, ws: Any) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            async for raw in ws:
-                try:
-                    self._dispatch(json.loads(raw))
-                except Exception:
-                    log.exception("taskhub: could not handle %r", raw[:200])
+    def _handle(self, events: list[Event]) -> None:
+        for event in events:
+            match event:
+                case Answered(ref=ref, message=message):
+                    self._settle(ref, message, None)
+                case Refused(ref=ref, error=error) | Failed(ref=ref, error=error):
+                    self._settle(ref, None, error)
+                case Welcomed(subscriptions=refs):
+                    self._spawn(self._opened([self._expect(ref) for ref in refs]))
+                case SessionRefused(error=error):
+                    raise error
+                case Offered(offer=offer):
+                    self._offer(offer)
+                case TaskEventIn(message=message):
+                    if message.task in self._handles:
+                        self._handles[message.task]._notify(message)
+                    if message.task in self._tasks:
+                        self._tasks[message.task]._notify(message)
+                case HubError(error=error):
+                    log.error("taskhub: %s", error)
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        ref = message.get("ref")
-        if isinstance(ref, int) and ref in self._pending:
-            future = self._pending.pop(ref)
-            if not future.done():
-                future.set_result(message)
+    def _settle(self, ref: int, message: Message | None, error: BaseException | None) -> None:
+        future = self._futures.pop(ref, None)
+        if future is None or future.done():
             return
-        kind = message.get("type")
-        if kind == "task":
-            self._offer(message)
-        elif kind in ("update", "success", "fail", "end"):
-            task_id = message.get("task", "")
-            if task_id in self._handles:
-                self._handles[task_id]._notify(message)
-            if task_id in self._tasks:
-                self._tasks[task_id]._notify(message)
-        elif kind == "error":
-            log.error("taskhub: %s: %s", message.get("code"), message.get("detail"))
+        if error is None:
+            future.set_result(message)  # type: ignore[arg-type]
+        else:
+            future.set_exception(error)
 
-    def _offer(self, offer: dict[str, Any]) -> None:
-        handler = self._handlers.get(offer["action"])
+    async def _opened(self, subscriptions: list[asyncio.Future[Message]]) -> None:
+        """The session is open: once its subscriptions are acknowledged, it is ready."""
+        try:
+            for future in subscriptions:
+                await future
+        except PermissionDenied as exc:
+            if self._first is None or self._first.done():
+                log.error("taskhub: %s", exc)  # revoked since: serve the other actions
+            else:  # the first connect: the caller learns why, and nothing reconnects
+                self._first.set_exception(exc)
+                self._closing = True
+                if self._ws is not None:
+                    await self._ws.close()
+                return
+        except ConnectionLost:
+            return  # the next session subscribes again
+        self._ready.set()
+        if self._first is not None and not self._first.done():
+            self._first.set_result(None)
+
+    # -- a worker's tasks -----------------------------------------------------------------
+
+    def _offer(self, offer: Any) -> None:
+        handler = self._handlers.get(offer.action)
         if handler is None:
-            log.warning("taskhub: offered %s, which has no handler", offer["action"])
+            log.warning("taskhub: offered %s, which has no handler", offer.action)
             return
         task = Task(self, offer)
         self._tasks[task.id] = task
@@ -371,6 +431,8 @@ class Client:
             await self._finish(task, "return", result=result)
         finally:
             self._tasks.pop(task.id, None)
+            if task.id not in self._handles:
+                self.protocol.forget(task.id)
             task._forget_updates()
 
     async def _finish(self, task: Task, type_: str, **fields: Any) -> None:

@@ -10,10 +10,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from taskhub.core.codes import ErrorCode
+from taskhub.core.commands import COMMANDS, MISSING, GetPayload, Pickup
+from taskhub.core.commands import Update as UpdateCommand
 from taskhub.core.errors import InvalidMessage, NoResult, TaskFailed
-from taskhub.core.messages import encoded_size, parse_command
-
-from .answers import checked
+from taskhub.core.frames import encoded_size
+from taskhub.core.messages import (
+    Message,
+    Offer,
+    Payload,
+    TaskEnd,
+    TaskEventMessage,
+    TaskFailure,
+    TaskSuccess,
+    TaskUpdate,
+)
 
 if TYPE_CHECKING:
     from .client import Client
@@ -28,11 +39,17 @@ UPDATE_WINDOW = 16
 
 @dataclass(frozen=True)
 class Update:
-    """A progress update: any JSON ``data``, an optional ``progress`` fraction, who sent it."""
+    """A progress update: any JSON ``data``, an optional ``progress`` fraction, who sent
+    it, and the task attempt it belongs to."""
 
     data: Any
     progress: float | None
     service: str
+    attempt: int = 1
+
+    @classmethod
+    def of(cls, message: TaskUpdate) -> Update:
+        return cls(message.data, message.progress, str(message.service), int(message.attempt))
 
 
 def _call(callback: Callable[..., Any], *args: Any) -> None:
@@ -53,14 +70,14 @@ class Task:
     return the result, raise to fail the task, or call :meth:`drop` to finish without one.
     """
 
-    def __init__(self, client: Client, offer: dict[str, Any]) -> None:
+    def __init__(self, client: Client, offer: Offer) -> None:
         self._client = client
-        self.id: str = offer["task"]
-        self.action: str = offer["action"]
-        self.attempt: int = offer["attempt"]
-        self.publisher: str = offer.get("publisher", "")
-        self.payload_size: int = offer.get("payload_size", 0)
-        self._payload: Any = offer.get("payload", _RAISE)
+        self.id: str = offer.task
+        self.action: str = offer.action
+        self.attempt: int = offer.attempt
+        self.publisher: str = str(offer.publisher)
+        self.payload_size: int = int(offer.payload_size)
+        self._payload: Any = _RAISE if offer.payload is MISSING else offer.payload
         self._callbacks: dict[str, list[Callable[..., Any]]] = {"update": [], "success": [], "fail": []}
         # "success" or "fail" with its argument, once it happened: like a settled promise,
         # a callback registered later is still called.
@@ -68,10 +85,11 @@ class Task:
         #: Set once this service returned, dropped or failed, or the task ended.
         self.done = False
         # Answers still to come to updates sent, oldest first.
-        self._unacked: collections.deque[asyncio.Future[dict[str, Any]]] = collections.deque()
+        self._unacked: collections.deque[asyncio.Future[Message]] = collections.deque()
 
-    async def _command(self, type_: str, **fields: Any) -> dict[str, Any]:
-        return await self._client._request({"type": type_, "task": self.id, "attempt": self.attempt, **fields})
+    async def _command(self, type_: str, **fields: Any) -> Message:
+        command = COMMANDS[type_].build(task=self.id, attempt=self.attempt, **fields)
+        return await self._client._request(command)
 
     async def pickup(self) -> None:
         """Tell the hub this service works on the task.
@@ -85,13 +103,14 @@ class Task:
                 task is no longer this service's to work on) is raised by the next
                 :meth:`update` or :meth:`drop`, or logged when the handler returns.
         """
-        await self._send_windowed({"type": "pickup", "task": self.id, "attempt": self.attempt})
+        await self._send_windowed(Pickup.build(task=self.id, attempt=self.attempt))
 
     async def get_payload(self) -> Any:
         """The task's payload (fetched from the hub when it was too large to come inline)."""
         if self._payload is _RAISE:
-            answer = await self._client._request({"type": "get_payload", "task": self.id})
-            self._payload = answer["payload"]
+            answer = await self._client._request(GetPayload.build(task=self.id))
+            assert isinstance(answer, Payload)
+            self._payload = answer.payload
         return self._payload
 
     async def update(self, data: Any = None, progress: float | None = None) -> None:
@@ -113,22 +132,22 @@ class Task:
             ProtocolError (a subclass by code): the hub refused an earlier update of this
                 task (say, ``stale_attempt`` after a timeout), and its answer came since.
         """
-        message: dict[str, Any] = {"type": "update", "task": self.id, "attempt": self.attempt, "data": data}
-        if progress is not None:
-            message["progress"] = progress
-        parse_command(message)  # the hub's own checks
-        limit = self._client._max_payload_size
+        # The hub's own checks, before anything is sent.
+        command = UpdateCommand.build(
+            task=self.id, attempt=self.attempt, data=data, progress=MISSING if progress is None else progress
+        )
+        limit = self._client.protocol.max_payload_size
         if limit is not None and (size := encoded_size(data)) > limit:
             raise InvalidMessage(
-                f"update data of {size} bytes is over the hub's limit of {limit} bytes", "payload_too_large"
+                f"update data of {size} bytes is over the hub's limit of {limit} bytes", ErrorCode.PAYLOAD_TOO_LARGE
             )
-        await self._send_windowed(message)
+        await self._send_windowed(command)
 
-    async def _send_windowed(self, message: dict[str, Any]) -> None:
+    async def _send_windowed(self, command: Pickup | UpdateCommand) -> None:
         """Send a command without waiting for its answer, once fewer than
         :data:`UPDATE_WINDOW` of this task's answers are outstanding."""
         await self._settle_updates(keep=UPDATE_WINDOW - 1)
-        self._unacked.append(await self._client._submit(message))
+        self._unacked.append(await self._client._submit(command))
 
     async def _settle_updates(self, keep: int = 0) -> None:
         """Read the answers to this task's updates that came, and wait for the oldest
@@ -139,7 +158,7 @@ class Task:
             ConnectionLost: the connection closed before it answered.
         """
         while self._unacked and (len(self._unacked) > keep or self._unacked[0].done()):
-            checked(await self._unacked.popleft())
+            await self._unacked.popleft()
 
     def _forget_updates(self) -> None:
         """The handler is gone: answers that come are dropped (and not logged as unread)."""
@@ -170,18 +189,19 @@ class Task:
             _call(callback, self, self._outcome[1])
         return self
 
-    def _notify(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "update":
-            arg: Any = Update(message.get("data"), message.get("progress"), message.get("service", ""))
-        elif kind in ("success", "fail"):
-            arg = message.get("result") if kind == "success" else message.get("reason")
-            self.done = True
-            self._outcome = (kind, arg)
-        else:
-            self.done = True
-            return
-        for callback in self._callbacks.get(kind, ()):
+    def _notify(self, message: TaskEventMessage) -> None:
+        arg: Any
+        match message:
+            case TaskUpdate():
+                arg = Update.of(message)
+            case TaskSuccess(result=result) | TaskFailure(reason=result):
+                arg = result
+                self.done = True
+                self._outcome = (message.type, arg)
+            case _:
+                self.done = True
+                return
+        for callback in self._callbacks.get(message.type, ()):
             _call(callback, self, arg)
 
     def __repr__(self) -> str:
@@ -191,11 +211,11 @@ class Task:
 class TaskHandle:
     """A published task, as its caller sees it. Returned by :meth:`Client.pub` at once."""
 
-    def __init__(self, client: Client, task_id: str, message: dict[str, Any]) -> None:
+    def __init__(self, client: Client, task_id: str) -> None:
         self._client = client
         self.task_id = task_id
-        self._message = message  # the pub command, re-sent as is after a reconnect
-        self.published = asyncio.get_running_loop().create_future()
+        #: Done once the hub acknowledged the ``pub`` (its answer), or raises its refusal.
+        self.published: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._callbacks: list[Callable[[Update], Any]] = []
         self.status: str = "pending"
@@ -231,23 +251,21 @@ class TaskHandle:
                 raise
             return default
 
-    def _notify(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "update":
-            update = Update(message.get("data"), message.get("progress"), message.get("service", ""))
-            for callback in self._callbacks:
-                _call(callback, update)
-        elif kind == "success":
-            self._finish("success", result=message.get("result"))
-        elif kind == "fail":
-            self._finish("failed", reason=message.get("reason", ""), detail=message.get("detail", ""))
-        elif kind == "end":
-            status = message.get("status", "ended")
-            if status == "ended":
-                self._finish(status)
-            else:
+    def _notify(self, message: TaskEventMessage) -> None:
+        match message:
+            case TaskUpdate():
+                update = Update.of(message)
+                for callback in self._callbacks:
+                    _call(callback, update)
+            case TaskSuccess(result=result):
+                self._finish("success", result=result)
+            case TaskFailure(reason=reason, detail=detail):
+                self._finish("failed", reason=str(reason), detail=str(detail))
+            case TaskEnd(status="ended"):
+                self._finish("ended")
+            case TaskEnd():
                 # The result or the failure reason travels in "success"/"fail", which the
-                # layer may have lost or delivered late: read the outcome back.
+                # layer may have lost: read them back.
                 asyncio.ensure_future(self._client._resync(self))
 
     def _finish(self, status: str, *, result: Any = None, reason: str = "", detail: str = "") -> None:

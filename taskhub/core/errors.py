@@ -13,10 +13,13 @@ The hierarchy::
     └── NoResult                      the task ended without a result
 
 Every :class:`ProtocolError` maps to an ``error`` message on the wire with its
-``code``; the client turns an ``error`` back into the matching class.
+``code`` (:class:`~taskhub.core.codes.ErrorCode`); :func:`error_for` turns an ``error``
+back into the matching class, for the client.
 """
 
 from __future__ import annotations
+
+from .codes import AUTHENTICATION_CODES, ErrorCode
 
 
 class TaskHubError(Exception):
@@ -29,7 +32,7 @@ class ProtocolError(TaskHubError):
     ``code`` is stable and machine-readable; ``detail`` is a human sentence.
     """
 
-    default_code = "protocol_error"
+    default_code: str = "protocol_error"
 
     def __init__(self, detail: str, code: str | None = None) -> None:
         super().__init__(detail)
@@ -40,38 +43,38 @@ class ProtocolError(TaskHubError):
 class InvalidMessage(ProtocolError):
     """A frame that is not valid JSON, not an object, or a command with bad fields."""
 
-    default_code = "invalid_message"
+    default_code = ErrorCode.INVALID_FIELD
 
 
 class InvalidTransition(ProtocolError):
     """A command that the task (or this service's part in it) cannot take now."""
 
-    default_code = "invalid_transition"
+    default_code = ErrorCode.INVALID_TRANSITION
 
 
 class PermissionDenied(ProtocolError):
     """The credential's permissions do not allow this action."""
 
-    default_code = "permission_denied"
+    default_code = ErrorCode.PERMISSION_DENIED
 
 
 class UnknownTask(ProtocolError):
     """No such task, or a task this connection neither published nor works on."""
 
-    default_code = "unknown_task"
+    default_code = ErrorCode.UNKNOWN_TASK
 
 
 class AuthenticationFailed(TaskHubError):
     """Wrong name or key, a disabled credential, or no free instance slot."""
 
-    def __init__(self, detail: str, code: str = "authentication_failed") -> None:
+    def __init__(self, detail: str, code: str = ErrorCode.AUTHENTICATION_FAILED) -> None:
         super().__init__(detail)
         self.detail = detail
         self.code = code
 
 
 class TaskFailed(TaskHubError):
-    """The task failed. ``reason`` is one of :data:`taskhub.core.states.FAILURE_REASONS`."""
+    """The task failed. ``reason`` is a :class:`~taskhub.core.codes.FailureReason`."""
 
     def __init__(self, task_id: str, reason: str, detail: str = "") -> None:
         super().__init__(f"task {task_id} failed ({reason}){': ' + detail if detail else ''}")
@@ -86,3 +89,36 @@ class NoResult(TaskHubError):
     def __init__(self, task_id: str) -> None:
         super().__init__(f"task {task_id} ended without a result")
         self.task_id = task_id
+
+
+_CLASS_OF_CODE: dict[str, type[ProtocolError]] = {
+    ErrorCode.PERMISSION_DENIED: PermissionDenied,
+    ErrorCode.UNKNOWN_TASK: UnknownTask,
+    ErrorCode.INVALID_TRANSITION: InvalidTransition,
+    ErrorCode.STALE_ATTEMPT: InvalidTransition,
+    **dict.fromkeys(
+        (
+            ErrorCode.INVALID_JSON,
+            ErrorCode.INVALID_FRAME,
+            ErrorCode.MESSAGE_TOO_LARGE,
+            ErrorCode.MISSING_TYPE,
+            ErrorCode.UNKNOWN_TYPE,
+            ErrorCode.INVALID_FIELD,
+            ErrorCode.INVALID_ACTION,
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            ErrorCode.TASK_EXISTS,
+        ),
+        InvalidMessage,
+    ),
+}
+
+
+def error_for(code: str, detail: str) -> TaskHubError:
+    """The exception an ``error`` message with ``code`` stands for.
+
+    Authentication codes give :class:`AuthenticationFailed`; codes this version does not
+    know (a newer hub's) give a plain :class:`ProtocolError` that keeps the code.
+    """
+    if code in AUTHENTICATION_CODES:
+        return AuthenticationFailed(detail, code)
+    return _CLASS_OF_CODE.get(code, ProtocolError)(detail, code)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from .codes import ErrorCode, EventKind, FailureReason
 from .errors import InvalidTransition, UnknownTask
 from .states import (
     ACTIVE_ASSIGNMENT_STATES,
@@ -75,7 +76,7 @@ class Task:
 class Event:
     """A persisted step in a task's life (see docs/protocol.md, "Events")."""
 
-    kind: str
+    kind: EventKind
     service: str = ""
     instance: str | None = None
     attempt: int = 1
@@ -100,7 +101,7 @@ def new_task(
         complete_timeout=complete_timeout,
         pickup_deadline=_after(now, pickup_timeout),
     )
-    return task, [Event("init")]
+    return task, [Event(EventKind.INIT)]
 
 
 def start(task: Task, offers: list[tuple[str, str]], now: datetime) -> list[Event]:
@@ -121,7 +122,7 @@ def start(task: Task, offers: list[tuple[str, str]], now: datetime) -> list[Even
     events = []
     for service, instance in offers:
         task.assignments.append(Assignment(service, instance, task.attempt, changed=True))
-        events.append(Event("start", service, instance, task.attempt))
+        events.append(Event(EventKind.START, service, instance, task.attempt))
     return events
 
 
@@ -132,7 +133,7 @@ def _find(task: Task, service: str, attempt: int) -> Assignment:
     if attempt != task.attempt:
         raise InvalidTransition(
             f"attempt {attempt} of task {task.id} is over; the current attempt is {task.attempt}",
-            "stale_attempt",
+            ErrorCode.STALE_ATTEMPT,
         )
     for a in mine:
         if a.attempt == attempt:
@@ -140,15 +141,20 @@ def _find(task: Task, service: str, attempt: int) -> Assignment:
     raise UnknownTask(f"attempt {attempt} of task {task.id} was not offered to {service}")
 
 
-def _move(a: Assignment, event: AssignmentTrigger) -> None:
-    state = advance_assignment(a.state, event)
+def _move(a: Assignment, event: AssignmentTrigger) -> AssignmentState:
+    """Move ``a`` as the table says; return the state it was in."""
+    before = a.state
+    state = advance_assignment(before, event)
     # A move to the same state (a second update) leaves the row as it is: its
     # ``updated_at`` says when the state last changed.
-    if state is not a.state:
+    if state is not before:
         a.state, a.changed = state, True
+    return before
 
 
-def _finish_task(task: Task, event: TaskTrigger, now: datetime, reason: str = "", detail: str = "") -> list[Event]:
+def _finish_task(
+    task: Task, event: TaskTrigger, now: datetime, reason: FailureReason | None = None, detail: str = ""
+) -> list[Event]:
     """Move the task to a final status and close every active assignment."""
     task.status = advance_task(task.status, event)
     closing = AssignmentTrigger.TELL if task.status is TaskStatus.SUCCESS else AssignmentTrigger.ABORT
@@ -158,9 +164,10 @@ def _finish_task(task: Task, event: TaskTrigger, now: datetime, reason: str = ""
     task.pickup_deadline = task.complete_deadline = None
     events = []
     if task.status is TaskStatus.FAILED:
-        task.failure_reason, task.failure_detail = reason, detail
-        events.append(Event("fail", attempt=task.attempt, data={"reason": reason, "detail": detail}))
-    events.append(Event("end", attempt=task.attempt, data={"status": task.status.value}))
+        assert reason is not None, "a failure has a reason"
+        task.failure_reason, task.failure_detail = reason.value, detail
+        events.append(Event(EventKind.FAIL, attempt=task.attempt, data={"reason": reason.value, "detail": detail}))
+    events.append(Event(EventKind.END, attempt=task.attempt, data={"status": task.status.value}))
     return events
 
 
@@ -172,9 +179,17 @@ def _settle(task: Task, now: datetime) -> list[Event]:
     failed = [a for a in current if a.state in FAILED_ASSIGNMENT_STATES]
     if failed:
         first = failed[0]
-        reason = "worker_lost" if first.state is AssignmentState.LOST else "error"
+        reason = FailureReason.WORKER_LOST if first.state is AssignmentState.LOST else FailureReason.ERROR
         return _finish_task(task, TaskTrigger.SETTLE_FAILED, now, reason, first.detail)
     return _finish_task(task, TaskTrigger.SETTLE_EMPTY, now)
+
+
+def _picked_up(task: Task, a: Assignment, attempt: int, now: datetime) -> list[Event]:
+    """What a move out of ``offered`` into ``picked_up`` records; the complete deadline
+    starts with the task's first pickup."""
+    if task.complete_deadline is None:
+        task.complete_deadline = _after(now, task.complete_timeout)
+    return [Event(EventKind.PICKUP, a.service, a.instance, attempt)]
 
 
 def pickup(task: Task, service: str, attempt: int, now: datetime) -> list[Event]:
@@ -186,9 +201,7 @@ def pickup(task: Task, service: str, attempt: int, now: datetime) -> list[Event]
     """
     a = _find(task, service, attempt)
     _move(a, AssignmentTrigger.PICKUP)
-    if task.complete_deadline is None:
-        task.complete_deadline = _after(now, task.complete_timeout)
-    return [Event("pickup", service, a.instance, attempt)]
+    return _picked_up(task, a, attempt, now)
 
 
 def update(task: Task, service: str, attempt: int, data: Any, progress: float | None, now: datetime) -> list[Event]:
@@ -198,14 +211,11 @@ def update(task: Task, service: str, attempt: int, data: Any, progress: float | 
         UnknownTask, InvalidTransition: as :func:`pickup`.
     """
     a = _find(task, service, attempt)
-    events = []
-    if a.state is AssignmentState.OFFERED:
-        events = pickup(task, service, attempt, now)
-    else:
-        _move(a, AssignmentTrigger.UPDATE)
+    before = _move(a, AssignmentTrigger.UPDATE)
+    events = _picked_up(task, a, attempt, now) if before is AssignmentState.OFFERED else []
     if progress is not None:
         task.progress = progress
-    events.append(Event("update", service, a.instance, attempt, {"data": data, "progress": progress}))
+    events.append(Event(EventKind.UPDATE, service, a.instance, attempt, {"data": data, "progress": progress}))
     return events
 
 
@@ -219,11 +229,11 @@ def return_result(task: Task, service: str, attempt: int, result: Any, now: date
         UnknownTask, InvalidTransition: as :func:`pickup`.
     """
     a = _find(task, service, attempt)
-    if a.state is AssignmentState.TOLD:
-        return [Event("late_return", service, a.instance, attempt, {"result": result})]
     _move(a, AssignmentTrigger.RETURN)
+    if a.state is AssignmentState.TOLD:
+        return [Event(EventKind.LATE_RETURN, service, a.instance, attempt, {"result": result})]
     task.has_result, task.result = True, result
-    events = [Event("success", service, a.instance, attempt, {"result": result})]
+    events = [Event(EventKind.SUCCESS, service, a.instance, attempt, {"result": result})]
     return events + _finish_task(task, TaskTrigger.SUCCEED, now)
 
 
@@ -235,7 +245,7 @@ def drop(task: Task, service: str, attempt: int, now: datetime) -> list[Event]:
     """
     a = _find(task, service, attempt)
     _move(a, AssignmentTrigger.DROP)
-    return [Event("drop", service, a.instance, attempt)] + _settle(task, now)
+    return [Event(EventKind.DROP, service, a.instance, attempt)] + _settle(task, now)
 
 
 def fail(task: Task, service: str, attempt: int, detail: str, now: datetime) -> list[Event]:
@@ -249,7 +259,7 @@ def fail(task: Task, service: str, attempt: int, detail: str, now: datetime) -> 
     a = _find(task, service, attempt)
     _move(a, AssignmentTrigger.FAIL)
     a.detail = detail
-    return [Event("error", service, a.instance, attempt, {"detail": detail})] + _settle(task, now)
+    return [Event(EventKind.ERROR, service, a.instance, attempt, {"detail": detail})] + _settle(task, now)
 
 
 def lose_instance(task: Task, instance: str, now: datetime) -> list[Event]:
@@ -259,7 +269,7 @@ def lose_instance(task: Task, instance: str, now: datetime) -> list[Event]:
         if a.instance == instance and a.active:
             _move(a, AssignmentTrigger.LOSE)
             a.detail = "the instance holding the task disconnected"
-            events.append(Event("lost", a.service, instance, a.attempt))
+            events.append(Event(EventKind.LOST, a.service, instance, a.attempt))
     return events + (_settle(task, now) if events else [])
 
 
@@ -271,7 +281,7 @@ def expire(task: Task, now: datetime) -> list[Event]:
                 task,
                 TaskTrigger.PICKUP_TIMEOUT,
                 now,
-                "pickup_timeout",
+                FailureReason.PICKUP_TIMEOUT,
                 "no service subscribed within the pickup timeout",
             )
         return []
@@ -282,7 +292,7 @@ def expire(task: Task, now: datetime) -> list[Event]:
             task,
             TaskTrigger.COMPLETE_TIMEOUT,
             now,
-            "complete_timeout",
+            FailureReason.COMPLETE_TIMEOUT,
             "the task did not finish within its complete timeout",
         )
     events = []
@@ -291,7 +301,7 @@ def expire(task: Task, now: datetime) -> list[Event]:
         for a in task.current():
             if a.state is AssignmentState.OFFERED:
                 _move(a, AssignmentTrigger.PICKUP_TIMEOUT)
-                events.append(Event("seen", a.service, a.instance, a.attempt))
+                events.append(Event(EventKind.SEEN, a.service, a.instance, a.attempt))
     return events + _settle(task, now)
 
 

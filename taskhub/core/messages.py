@@ -1,337 +1,262 @@
-"""Protocol frames: decoding, and the commands a client may send.
+"""Messages: what the hub sends a client.
 
-Call :func:`decode_frame` on every text frame, then :func:`parse_command` on the object
-it returns. Both raise :class:`~taskhub.core.errors.InvalidMessage` with a stable code
-(``invalid_json``, ``invalid_frame``, ``message_too_large``, ``missing_type``,
-``unknown_type``, ``invalid_field``, ``invalid_action``) and change nothing.
+The hub builds every message it sends with these classes and writes them with
+:meth:`Message.to_dict`; the client reads every frame it receives with
+:func:`parse_message`. Task events live (``update``, ``success``, ``fail``, ``end``) and
+task events replayed by ``watch`` come from the same function, :func:`event_message`,
+and carry the same ``seq``, so a client can tell one it heard from one it missed.
 
-Unknown fields are ignored, so that newer clients can talk to older hubs.
+Optional fields a message does not carry are :data:`MISSING` (as opposed to ``None``, a
+JSON ``null``), and are not sent.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .actions import validate_action
+from .codes import ErrorCode, EventKind
+from .commands import MISSING
 from .errors import InvalidMessage
+from .frames import PROTOCOL_VERSION
 
-PROTOCOL_VERSION = 1
-MAX_REF_LENGTH = 100
-MAX_ERROR_LENGTH = 10_000
+Ref = str | int | None
 
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "MISSING"
-
-
-#: Marks an optional field the client did not send (as opposed to an explicit null).
-MISSING: Any = _Missing()
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def decode_frame(text: str | bytes, max_size: int) -> Any:
-    """Decode one text frame of at most ``max_size`` bytes into a JSON value.
-
-    Raises:
-        InvalidMessage: ``message_too_large``, or ``invalid_json`` for anything that is not
-            strict JSON (``NaN`` and ``Infinity`` included).
-    """
-    # A character is at most 4 bytes in UTF-8: most frames need no encoding to be measured.
-    size = len(text) if isinstance(text, bytes) or 4 * len(text) <= max_size else len(text.encode())
-    if size > max_size:
-        raise InvalidMessage(f"message of {size} bytes is over the limit of {max_size} bytes", "message_too_large")
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except ValueError as exc:
-        raise InvalidMessage(f"frame is not valid JSON: {exc}", "invalid_json") from None
+__all__ = [
+    "MESSAGES",
+    "MISSING",
+    "Ack",
+    "Error",
+    "Message",
+    "Offer",
+    "Payload",
+    "Pong",
+    "State",
+    "TaskEnd",
+    "TaskEventMessage",
+    "TaskFailure",
+    "TaskSuccess",
+    "TaskUpdate",
+    "Welcome",
+    "event_message",
+    "parse_message",
+]
 
 
-# Built once: json.dumps with options builds a new encoder per call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-
-def encode(message: Any) -> str:
-    """Encode a message for the wire (compact, UTF-8 kept as is)."""
-    return _ENCODER.encode(message)
-
-
-def encoded_size(value: Any) -> int:
-    """Bytes ``value`` takes on the wire, as payload limits count them."""
-    return len(_ENCODER.encode(value).encode())
-
-
-def _field(obj: dict[str, Any], name: str, kind: str, *, required: bool = True) -> Any:
-    """Read and check one field. ``kind`` is one of the checkers below."""
-    if name not in obj:
-        if required:
-            raise InvalidMessage(f"field {name!r} is required", "invalid_field")
-        return MISSING
-    return _CHECKERS[kind](name, obj[name])
-
-
-def _bad(name: str, expected: str) -> InvalidMessage:
-    return InvalidMessage(f"field {name!r} must be {expected}", "invalid_field")
-
-
-def _task_id(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise _bad(name, "a task id (a UUID string)")
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise _bad(name, "a task id (a UUID string)") from None
-
-
-def _attempt(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _bad(name, "a positive integer")
-    return int(value)
-
-
-def _timeout(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise _bad(name, "a positive number of seconds or null")
-    return float(value)
-
-
-def _progress(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise _bad(name, "a number from 0 to 1 or null")
-    return float(value)
-
-
-def _text(name: str, value: Any) -> str:
-    if not isinstance(value, str) or len(value) > MAX_ERROR_LENGTH:
-        raise _bad(name, f"a string of at most {MAX_ERROR_LENGTH} characters")
-    return value
-
-
-def _since(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _bad(name, "a non-negative integer")
-    return int(value)
-
-
-def _action(name: str, value: Any) -> str:
-    return validate_action(value)
-
-
-_CHECKERS: dict[str, Callable[[str, Any], Any]] = {
-    "task": _task_id,
-    "attempt": _attempt,
-    "timeout": _timeout,
-    "progress": _progress,
-    "text": _text,
-    "since": _since,
-    "action": _action,
-    "json": lambda name, value: value,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """Base of every command. ``ref`` is the client's tag, echoed in the answer."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """Base of every message. ``ref`` echoes the ref of the command it answers."""
 
     type: ClassVar[str]
-    fields: ClassVar[tuple[tuple[str, str, bool], ...]] = ()
-    ref: str | int | None
+    #: Fields every message of the class carries; the others may be ``MISSING``.
+    required: ClassVar[tuple[str, ...]] = ()
+    #: The fields in the order they are written.
+    order: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The message as a frame's object."""
+        frame: dict[str, Any] = {"type": self.type}
+        for name in self.order:
+            value = getattr(self, name)
+            if value is not MISSING and not (name == "ref" and value is None):
+                frame[name] = value
+        return frame
 
     @classmethod
-    def from_dict(cls, obj: dict[str, Any], ref: str | int | None) -> Command:
-        values = {name: _field(obj, name, kind, required=required) for name, kind, required in cls.fields}
-        return cls(ref, **values)
+    def from_dict(cls, obj: dict[str, Any]) -> Message:
+        """Read a message of this class.
+
+        Raises:
+            InvalidMessage: ``invalid_field`` when a field it must carry is missing.
+        """
+        for name in cls.required:
+            if name not in obj:
+                raise InvalidMessage(f"{cls.type} message without {name!r}", ErrorCode.INVALID_FIELD)
+        return cls(**{name: obj[name] for name in cls.order if name in obj})
 
 
-@dataclass(frozen=True, slots=True)
-class Hello(Command):
-    """Authenticate (when the handshake carried no credentials): ``name``, ``key``."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Welcome(Message):
+    """Authenticated: the instance's id and the hub's limits (bytes)."""
 
-    type = "hello"
-    fields = (("name", "text", True), ("key", "text", True))
-    name: str
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
-class Sub(Command):
-    """Subscribe this instance to ``action``; waiting tasks are then offered to it."""
-
-    type = "sub"
-    fields = (("action", "action", True),)
-    action: str
+    type = "welcome"
+    required = ("service", "instance")
+    order = ("v", "service", "instance", "max_message_size", "max_payload_size", "ref")
+    service: str
+    instance: str
+    max_message_size: Any = MISSING
+    max_payload_size: Any = MISSING
+    v: Any = PROTOCOL_VERSION
+    ref: Ref = None
 
 
-@dataclass(frozen=True, slots=True)
-class Unsub(Command):
-    """Stop receiving new tasks of ``action``."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ack(Message):
+    """A command was applied (persisted, where it changes something).
 
-    type = "unsub"
-    fields = (("action", "action", True),)
-    action: str
-
-
-@dataclass(frozen=True, slots=True)
-class Pub(Command):
-    """Publish a task. ``task_id`` (optional, caller-chosen) makes re-sending safe.
-
-    ``timeout`` / ``pickup_timeout``: seconds, ``null`` for none, absent for the hub's
-    default.
+    ``task`` answers task commands and ``pub`` (with ``created``); ``action`` answers
+    ``sub`` (with ``waiting``, the waiting tasks offered because of it) and ``unsub``.
     """
 
-    type = "pub"
-    fields = (
-        ("action", "action", True),
-        ("payload", "json", False),
-        ("task_id", "task", False),
-        ("timeout", "timeout", False),
-        ("pickup_timeout", "timeout", False),
-    )
+    type = "ack"
+    order = ("ref", "task", "created", "action", "waiting")
+    ref: Ref = None
+    task: Any = MISSING
+    created: Any = MISSING
+    action: Any = MISSING
+    waiting: Any = MISSING
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pong(Message):
+    type = "pong"
+    order = ("ref",)
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Error(Message):
+    """A command (or the session) was refused; it changed nothing."""
+
+    type = "error"
+    required = ("code",)
+    order = ("code", "detail", "ref")
+    code: str
+    detail: Any = ""
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Offer(Message):
+    """A task offered to this instance. ``payload`` is there when it is small enough."""
+
+    type = "task"
+    required = ("task", "action", "attempt")
+    order = ("task", "action", "attempt", "publisher", "payload_size", "payload")
+    task: str
     action: str
-    payload: Any
-    task_id: str
-    timeout: float | None
-    pickup_timeout: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Pickup(Command):
-    type = "pickup"
-    fields = (("task", "task", True), ("attempt", "attempt", True))
-    task: str
     attempt: int
+    publisher: Any = ""
+    payload_size: Any = 0
+    payload: Any = MISSING
 
 
-@dataclass(frozen=True, slots=True)
-class Update(Command):
-    """Progress: any JSON ``data`` and an optional ``progress`` fraction."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Payload(Message):
+    """The answer to ``get_payload``."""
 
+    type = "payload"
+    required = ("task",)
+    order = ("ref", "task", "payload")
+    task: str
+    payload: Any = None
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class State(Message):
+    """The answer to ``watch``: the task's state and the events after ``since``, each
+    ``{"seq", "kind", "service", "attempt", "data", "at"}``."""
+
+    type = "state"
+    required = ("task", "events")
+    order = ("ref", "task", "events")
+    task: dict[str, Any]
+    events: list[dict[str, Any]]
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskEventMessage(Message):
+    """A task event, live: ``seq`` is the event's number in the task's log (what
+    ``watch`` replays by)."""
+
+    required = ("task", "seq")
+    task: str
+    seq: int
+    attempt: Any = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskUpdate(TaskEventMessage):
     type = "update"
-    fields = (
-        ("task", "task", True),
-        ("attempt", "attempt", True),
-        ("data", "json", False),
-        ("progress", "progress", False),
-    )
-    task: str
-    attempt: int
-    data: Any
-    progress: float | None
+    order = ("task", "seq", "attempt", "service", "data", "progress")
+    service: Any = ""
+    data: Any = None
+    progress: Any = None
 
 
-@dataclass(frozen=True, slots=True)
-class Return(Command):
-    type = "return"
-    fields = (("task", "task", True), ("attempt", "attempt", True), ("result", "json", False))
-    task: str
-    attempt: int
-    result: Any
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskSuccess(TaskEventMessage):
+    type = "success"
+    order = ("task", "seq", "attempt", "service", "result")
+    service: Any = ""
+    result: Any = None
 
 
-@dataclass(frozen=True, slots=True)
-class Drop(Command):
-    type = "drop"
-    fields = (("task", "task", True), ("attempt", "attempt", True))
-    task: str
-    attempt: int
-
-
-@dataclass(frozen=True, slots=True)
-class Fail(Command):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskFailure(TaskEventMessage):
     type = "fail"
-    fields = (("task", "task", True), ("attempt", "attempt", True), ("error", "text", True))
-    task: str
-    attempt: int
-    error: str
+    order = ("task", "seq", "attempt", "reason", "detail")
+    reason: Any = ""
+    detail: Any = ""
 
 
-@dataclass(frozen=True, slots=True)
-class GetPayload(Command):
-    type = "get_payload"
-    fields = (("task", "task", True),)
-    task: str
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskEnd(TaskEventMessage):
+    """The last message about a task: ``status`` is ``success``, ``failed`` or ``ended``."""
+
+    type = "end"
+    order = ("task", "seq", "attempt", "status")
+    status: Any = "ended"
 
 
-@dataclass(frozen=True, slots=True)
-class Watch(Command):
-    """Follow a task: the answer holds its state and its events after ``since``."""
-
-    type = "watch"
-    fields = (("task", "task", True), ("since", "since", False))
-    task: str
-    since: int
-
-
-@dataclass(frozen=True, slots=True)
-class Ping(Command):
-    type = "ping"
-
-
-@dataclass(frozen=True, slots=True)
-class Bye(Command):
-    """Leave: the hub releases the instance (its slot and its tasks), answers, and closes."""
-
-    type = "bye"
-
-
-COMMANDS: dict[str, type[Command]] = {
-    cls.type: cls for cls in (Hello, Sub, Unsub, Pub, Pickup, Update, Return, Drop, Fail, GetPayload, Watch, Ping, Bye)
+MESSAGES: dict[str, type[Message]] = {
+    cls.type: cls
+    for cls in (Welcome, Ack, Pong, Error, Offer, Payload, State, TaskUpdate, TaskSuccess, TaskFailure, TaskEnd)
 }
 
 
-def read_ref(obj: Any) -> str | int | None:
-    """The ``ref`` of a frame, or ``None`` when it has none or an unusable one.
+def event_message(task: str, seq: int, kind: str, service: str, attempt: int, data: Any) -> TaskEventMessage | None:
+    """The live message of a persisted task event, or ``None`` for a kind that is not
+    relayed (see :data:`~taskhub.core.codes.RELAYED_KINDS`).
 
-    Call before :func:`parse_command` so that even an invalid command's error carries
-    its ref.
+    The hub calls it on the events a transition wrote; the client on the events a
+    ``watch`` replays, so that both read the same.
     """
-    if not isinstance(obj, dict):
-        return None
-    ref = obj.get("ref")
-    if isinstance(ref, bool) or not isinstance(ref, str | int):
-        return None
-    if isinstance(ref, str) and len(ref) > MAX_REF_LENGTH:
-        return None
-    return ref
+    data = data if isinstance(data, dict) else {}
+    if kind == EventKind.UPDATE:
+        return TaskUpdate(
+            task=task,
+            seq=seq,
+            attempt=attempt,
+            service=service,
+            data=data.get("data"),
+            progress=data.get("progress"),
+        )
+    if kind == EventKind.SUCCESS:
+        return TaskSuccess(task=task, seq=seq, attempt=attempt, service=service, result=data.get("result"))
+    if kind == EventKind.FAIL:
+        return TaskFailure(
+            task=task, seq=seq, attempt=attempt, reason=data.get("reason", ""), detail=data.get("detail", "")
+        )
+    if kind == EventKind.END:
+        return TaskEnd(task=task, seq=seq, attempt=attempt, status=data.get("status", "ended"))
+    return None
 
 
-def parse_command(obj: Any) -> Command:
-    """Validate a decoded frame and return its command.
+def parse_message(obj: Any) -> Message:
+    """Read a decoded frame from the hub.
 
     Raises:
-        InvalidMessage: ``invalid_frame``, ``missing_type``, ``unknown_type``,
-            ``invalid_field`` or ``invalid_action``.
+        InvalidMessage: ``invalid_frame`` for a frame that is not an object,
+            ``unknown_type`` for a type this version does not know (a newer hub's: skip
+            it), ``invalid_field`` for a message without a field it must carry.
     """
     if not isinstance(obj, dict):
-        raise InvalidMessage("a command must be a JSON object", "invalid_frame")
-    if "type" not in obj:
-        raise InvalidMessage("command has no 'type'", "missing_type")
-    cls = COMMANDS.get(obj["type"]) if isinstance(obj["type"], str) else None
+        raise InvalidMessage("a message must be a JSON object", ErrorCode.INVALID_FRAME)
+    kind = obj.get("type")
+    cls = MESSAGES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise InvalidMessage(f"unknown command type {obj['type']!r}", "unknown_type")
-    if "ref" in obj and obj["ref"] is not None and read_ref(obj) is None:
-        raise InvalidMessage(
-            f"field 'ref' must be a string of at most {MAX_REF_LENGTH} characters or an integer", "invalid_field"
-        )
-    return cls.from_dict(obj, read_ref(obj))
-
-
-def error_message(code: str, detail: str, ref: str | int | None = None, **extra: Any) -> dict[str, Any]:
-    """The ``error`` message for a failed command."""
-    message: dict[str, Any] = {"type": "error", "code": code, "detail": detail}
-    if ref is not None:
-        message["ref"] = ref
-    message.update(extra)
-    return message
+        raise InvalidMessage(f"unknown message type {obj.get('type')!r}", ErrorCode.UNKNOWN_TYPE)
+    return cls.from_dict(obj)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+from .codes import FailureReason
 from .errors import InvalidTransition
 
 
@@ -98,7 +99,7 @@ _FINISH = {
 ASSIGNMENT_TRANSITIONS: dict[AssignmentState, dict[AssignmentTrigger, AssignmentState]] = {
     AssignmentState.OFFERED: {
         AssignmentTrigger.PICKUP: AssignmentState.PICKED_UP,
-        # An update implies work: it picks the task up.
+        # An update implies work: it picks the task up (and records a pickup).
         AssignmentTrigger.UPDATE: AssignmentState.PICKED_UP,
         AssignmentTrigger.PICKUP_TIMEOUT: AssignmentState.SEEN,
         **_FINISH,
@@ -107,21 +108,22 @@ ASSIGNMENT_TRANSITIONS: dict[AssignmentState, dict[AssignmentTrigger, Assignment
         AssignmentTrigger.UPDATE: AssignmentState.PICKED_UP,
         **_FINISH,
     },
-    **{state: {} for state in AssignmentState if state not in (AssignmentState.OFFERED, AssignmentState.PICKED_UP)},
+    AssignmentState.RETURNED: {},
+    AssignmentState.DROPPED: {},
+    AssignmentState.FAILED: {},
+    AssignmentState.LOST: {},
+    AssignmentState.SEEN: {},
+    # Another service completed the task first: a return that crossed the news is
+    # recorded (a late_return event), not delivered.
+    AssignmentState.TOLD: {AssignmentTrigger.RETURN: AssignmentState.TOLD},
+    AssignmentState.ABORTED: {},
 }
 
 ACTIVE_ASSIGNMENT_STATES = frozenset({AssignmentState.OFFERED, AssignmentState.PICKED_UP})
 FAILED_ASSIGNMENT_STATES = frozenset({AssignmentState.FAILED, AssignmentState.LOST})
 
-# Why a task failed (TaskRecord.failure_reason, TaskFailed.reason).
-FAILURE_REASONS = (
-    "error",  # a service reported a failure (its handler raised)
-    "worker_lost",  # the instance holding it disconnected
-    "pickup_timeout",  # no service subscribed within the pickup timeout
-    "complete_timeout",  # picked up, but not finished within the complete timeout
-    "heartbeat_timeout",  # no update or touch within the heartbeat timeout
-    "cancelled",  # the caller or an operator cancelled it
-)
+# Why a task failed (TaskRecord.failure_reason, TaskFailed.reason): see codes.FailureReason.
+FAILURE_REASONS = tuple(reason.value for reason in FailureReason)
 
 
 def _advance(table: dict[Any, dict[Any, Any]], state: Any, trigger: Any, what: str) -> Any:

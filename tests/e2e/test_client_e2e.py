@@ -203,7 +203,7 @@ async def test_idle_connection_survives_beyond_redis_socket_timeout(hub, credent
     async with worker, parties.caller(hub.url) as caller:
         await asyncio.sleep(6.5)  # the idle time is what this test is about
         assert await asyncio.wait_for(caller.pub(action).get_result(), TIMEOUT) == "still here"
-        assert worker._connected.is_set() and caller._connected.is_set()
+        assert worker.connected and caller.connected
 
 
 async def test_a_worker_leaving_mid_task_fails_it_with_worker_lost(hub, parties):

@@ -1,0 +1,321 @@
+"""Commands: what a client sends the hub.
+
+The hub calls :func:`read_ref` and then :func:`parse_command` on every decoded frame
+(:func:`taskhub.core.frames.decode_frame`); both raise
+:class:`~taskhub.core.errors.InvalidMessage` with a stable code (``invalid_frame``,
+``missing_type``, ``unknown_type``, ``invalid_field``, ``invalid_action``) and change
+nothing. The client builds the same classes with :meth:`Command.build`, which runs the
+hub's own checks before anything is sent, and writes them with :meth:`Command.to_dict`.
+
+Unknown fields are ignored, so that newer clients can talk to older hubs.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
+
+from .actions import validate_action
+from .codes import ErrorCode
+from .errors import InvalidMessage
+
+MAX_REF_LENGTH = 100
+MAX_ERROR_LENGTH = 10_000
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+#: Marks an optional field the client did not send (as opposed to an explicit null).
+MISSING: Any = _Missing()
+
+
+def _field(obj: dict[str, Any], name: str, kind: str, *, required: bool = True) -> Any:
+    """Read and check one field. ``kind`` is one of the checkers below."""
+    if name not in obj:
+        if required:
+            raise InvalidMessage(f"field {name!r} is required", ErrorCode.INVALID_FIELD)
+        return MISSING
+    return _CHECKERS[kind](name, obj[name])
+
+
+def _bad(name: str, expected: str) -> InvalidMessage:
+    return InvalidMessage(f"field {name!r} must be {expected}", ErrorCode.INVALID_FIELD)
+
+
+def _task_id(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _bad(name, "a task id (a UUID string)")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise _bad(name, "a task id (a UUID string)") from None
+
+
+def _attempt(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad(name, "a positive integer")
+    return int(value)
+
+
+def _timeout(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise _bad(name, "a positive number of seconds or null")
+    return float(value)
+
+
+def _progress(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise _bad(name, "a number from 0 to 1 or null")
+    return float(value)
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str) or len(value) > MAX_ERROR_LENGTH:
+        raise _bad(name, f"a string of at most {MAX_ERROR_LENGTH} characters")
+    return value
+
+
+def _since(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(name, "a non-negative integer")
+    return int(value)
+
+
+def _action(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _bad(name, "an action name (a string)")
+    return validate_action(value)
+
+
+_CHECKERS: dict[str, Callable[[str, Any], Any]] = {
+    "task": _task_id,
+    "attempt": _attempt,
+    "timeout": _timeout,
+    "progress": _progress,
+    "text": _text,
+    "since": _since,
+    "action": _action,
+    "json": lambda name, value: value,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Base of every command. ``ref`` is the client's tag, echoed in the answer."""
+
+    type: ClassVar[str]
+    fields: ClassVar[tuple[tuple[str, str, bool], ...]] = ()
+    ref: str | int | None
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], ref: str | int | None) -> Command:
+        values = {name: _field(obj, name, kind, required=required) for name, kind, required in cls.fields}
+        return cls(ref, **values)
+
+    @classmethod
+    def build(cls, ref: str | int | None = None, **values: Any) -> Self:
+        """The command with ``values``, checked as the hub checks them (a client calls
+        this before sending, so that a bad field is refused before it leaves).
+
+        Raises:
+            InvalidMessage: as :func:`parse_command`.
+        """
+        known = {name: value for name, value in values.items() if value is not MISSING}
+        command = cls.from_dict(known, ref)
+        assert isinstance(command, cls)
+        return command
+
+    def to_dict(self) -> dict[str, Any]:
+        """The command as a frame's object; fields left ``MISSING`` are not sent."""
+        frame: dict[str, Any] = {"type": self.type}
+        for name, _, _ in self.fields:
+            value = getattr(self, name)
+            if value is not MISSING:
+                frame[name] = value
+        if self.ref is not None:
+            frame["ref"] = self.ref
+        return frame
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Command):
+    """Authenticate (when the handshake carried no credentials): ``name``, ``key``."""
+
+    type = "hello"
+    fields = (("name", "text", True), ("key", "text", True))
+    name: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sub(Command):
+    """Subscribe this instance to ``action``; waiting tasks are then offered to it."""
+
+    type = "sub"
+    fields = (("action", "action", True),)
+    action: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unsub(Command):
+    """Stop receiving new tasks of ``action``."""
+
+    type = "unsub"
+    fields = (("action", "action", True),)
+    action: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pub(Command):
+    """Publish a task. ``task_id`` (optional, caller-chosen) makes re-sending safe.
+
+    ``timeout`` / ``pickup_timeout``: seconds, ``null`` for none, absent for the hub's
+    default.
+    """
+
+    type = "pub"
+    fields = (
+        ("action", "action", True),
+        ("payload", "json", False),
+        ("task_id", "task", False),
+        ("timeout", "timeout", False),
+        ("pickup_timeout", "timeout", False),
+    )
+    action: str
+    payload: Any
+    task_id: str
+    timeout: float | None
+    pickup_timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Pickup(Command):
+    type = "pickup"
+    fields = (("task", "task", True), ("attempt", "attempt", True))
+    task: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Update(Command):
+    """Progress: any JSON ``data`` and an optional ``progress`` fraction."""
+
+    type = "update"
+    fields = (
+        ("task", "task", True),
+        ("attempt", "attempt", True),
+        ("data", "json", False),
+        ("progress", "progress", False),
+    )
+    task: str
+    attempt: int
+    data: Any
+    progress: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Return(Command):
+    type = "return"
+    fields = (("task", "task", True), ("attempt", "attempt", True), ("result", "json", False))
+    task: str
+    attempt: int
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Drop(Command):
+    type = "drop"
+    fields = (("task", "task", True), ("attempt", "attempt", True))
+    task: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fail(Command):
+    type = "fail"
+    fields = (("task", "task", True), ("attempt", "attempt", True), ("error", "text", True))
+    task: str
+    attempt: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetPayload(Command):
+    type = "get_payload"
+    fields = (("task", "task", True),)
+    task: str
+
+
+@dataclass(frozen=True, slots=True)
+class Watch(Command):
+    """Follow a task: the answer holds its state and its events after ``since``."""
+
+    type = "watch"
+    fields = (("task", "task", True), ("since", "since", False))
+    task: str
+    since: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Command):
+    type = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class Bye(Command):
+    """Leave: the hub releases the instance (its slot and its tasks), answers, and closes."""
+
+    type = "bye"
+
+
+COMMANDS: dict[str, type[Command]] = {
+    cls.type: cls for cls in (Hello, Sub, Unsub, Pub, Pickup, Update, Return, Drop, Fail, GetPayload, Watch, Ping, Bye)
+}
+
+
+def read_ref(obj: Any) -> str | int | None:
+    """The ``ref`` of a frame, or ``None`` when it has none or an unusable one.
+
+    Call before :func:`parse_command` so that even an invalid command's error carries
+    its ref.
+    """
+    if not isinstance(obj, dict):
+        return None
+    ref = obj.get("ref")
+    if isinstance(ref, bool) or not isinstance(ref, str | int):
+        return None
+    if isinstance(ref, str) and len(ref) > MAX_REF_LENGTH:
+        return None
+    return ref
+
+
+def parse_command(obj: Any) -> Command:
+    """Validate a decoded frame and return its command.
+
+    Raises:
+        InvalidMessage: ``invalid_frame``, ``missing_type``, ``unknown_type``,
+            ``invalid_field`` or ``invalid_action``.
+    """
+    if not isinstance(obj, dict):
+        raise InvalidMessage("a command must be a JSON object", ErrorCode.INVALID_FRAME)
+    if "type" not in obj:
+        raise InvalidMessage("command has no 'type'", ErrorCode.MISSING_TYPE)
+    cls = COMMANDS.get(obj["type"]) if isinstance(obj["type"], str) else None
+    if cls is None:
+        raise InvalidMessage(f"unknown command type {obj['type']!r}", ErrorCode.UNKNOWN_TYPE)
+    if "ref" in obj and obj["ref"] is not None and read_ref(obj) is None:
+        raise InvalidMessage(
+            f"field 'ref' must be a string of at most {MAX_REF_LENGTH} characters or an integer",
+            ErrorCode.INVALID_FIELD,
+        )
+    return cls.from_dict(obj, read_ref(obj))

@@ -1,0 +1,50 @@
+"""The hub's operations on the database: the sans-I/O core applied to the ORM.
+
+Every function here is synchronous. Call them from async code on the hub's database
+threads (:func:`taskhub.db.run`), as the consumer and the sweeper do. Functions that
+change tasks return :class:`~.routing.Notice` lists: what to send on the channel layer
+*after* the write; a lost notice is recovered from the database.
+
+============  ==========================================================
+module        job
+============  ==========================================================
+routing       who hears what: notices, listeners, the watchers' groups
+transitions   a task's transitions, each applied once (the only writer of tasks)
+dispatch      which instance of each subscribed service gets a task
+instances     credentials checked, connections registered, slots and leases
+queries       the read side: visible tasks, snapshots, events
+commands      each client command, checked and applied
+sweeping      each process's periodic pass: leases, deadlines, waiting tasks
+============  ==========================================================
+
+Imports point down the table's reverse: ``commands`` and ``sweeping`` use the rest,
+``transitions`` uses ``routing`` and the store, ``routing`` only the core.
+"""
+
+from __future__ import annotations
+
+from .commands import act, check_size, get_payload, publish, subscribe, unsubscribe, watch
+from .dispatch import dispatch_waiting
+from .instances import authenticate, disconnect, register_instance
+from .routing import Notice, task_group
+from .sweeping import sweep
+from .transitions import OPTIMISTIC_ATTEMPTS, transition
+
+__all__ = [
+    "OPTIMISTIC_ATTEMPTS",
+    "Notice",
+    "act",
+    "authenticate",
+    "check_size",
+    "disconnect",
+    "dispatch_waiting",
+    "get_payload",
+    "publish",
+    "register_instance",
+    "subscribe",
+    "sweep",
+    "task_group",
+    "transition",
+    "unsubscribe",
+    "watch",
+]

@@ -1,0 +1,169 @@
+"""The client's sans-I/O protocol: frames in, events and frames out. No sockets, no clock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from taskhub.client.protocol import (
+    Answered,
+    ClientProtocol,
+    ConnectionLost,
+    ConnectionState,
+    Failed,
+    HubError,
+    Offered,
+    Refused,
+    SessionRefused,
+    TaskEventIn,
+    Welcomed,
+)
+from taskhub.core.commands import GetPayload, Ping, Pub, Update
+from taskhub.core.errors import AuthenticationFailed, InvalidMessage, UnknownTask
+from taskhub.core.messages import TaskSuccess, TaskUpdate
+
+TASK = "8d7f6a0e-3b7c-4f4e-9a51-2d6f0f1f6b2a"
+WELCOME = {"type": "welcome", "v": 1, "service": "svc", "instance": "i-1", "max_message_size": 1000}
+
+
+def sent(protocol: ClientProtocol) -> list[dict]:
+    return [json.loads(frame) for frame in protocol.data_to_send()]
+
+
+def opened(*subscriptions: str) -> ClientProtocol:
+    protocol = ClientProtocol()
+    for action in subscriptions:
+        assert protocol.subscribe(action) is None  # not connected: sent with the welcome
+    protocol.connection_made()
+    assert protocol.state is ConnectionState.CONNECTING
+    events = protocol.receive(json.dumps(WELCOME))
+    assert isinstance(events[0], Welcomed) and protocol.state is ConnectionState.OPEN
+    return protocol
+
+
+def receive(protocol: ClientProtocol, message: dict) -> list:
+    return protocol.receive(json.dumps(message))
+
+
+def test_the_welcome_opens_the_session_and_sends_the_subscriptions():
+    protocol = ClientProtocol()
+    protocol.subscribe("mail:send")
+    protocol.connection_made()
+    (welcomed,) = receive(protocol, WELCOME)
+    frames = sent(protocol)
+    assert [(f["type"], f["action"]) for f in frames] == [("sub", "mail:send")]
+    assert welcomed.subscriptions == (frames[0]["ref"],)
+    assert (protocol.instance, protocol.max_message_size) == ("i-1", 1000)
+
+
+def test_a_refused_session_is_an_authentication_error():
+    protocol = ClientProtocol()
+    protocol.connection_made()
+    (refused,) = receive(protocol, {"type": "error", "code": "too_many_instances", "detail": "full"})
+    assert isinstance(refused, SessionRefused)
+    assert isinstance(refused.error, AuthenticationFailed) and refused.error.code == "too_many_instances"
+
+
+def test_answers_and_refusals_come_back_for_their_refs():
+    protocol = opened()
+    ping = protocol.send(Ping.build())
+    fetch = protocol.send(GetPayload.build(task=TASK))
+    assert [f["ref"] for f in sent(protocol)] == [ping, fetch]
+    (refused,) = receive(protocol, {"type": "error", "code": "unknown_task", "detail": "no task", "ref": fetch})
+    assert isinstance(refused, Refused) and isinstance(refused.error, UnknownTask) and refused.ref == fetch
+    (answered,) = receive(protocol, {"type": "pong", "ref": ping})
+    assert isinstance(answered, Answered) and answered.ref == ping and answered.message.type == "pong"
+    # An error for no command of ours (or an answer to nothing) is not an answer.
+    (error,) = receive(protocol, {"type": "error", "code": "internal_error", "detail": "?", "ref": 999})
+    assert isinstance(error, HubError)
+    assert receive(protocol, {"type": "pong", "ref": ping}) == []
+
+
+def test_commands_wait_for_the_session_and_go_in_order_after_the_subscriptions():
+    protocol = ClientProtocol()
+    protocol.subscribe("mail:send")
+    first = protocol.send(Pub.build(action="mail:send", task_id=TASK))
+    second = protocol.send(Ping.build())
+    assert protocol.data_to_send() == []  # no connection: nothing to send
+    protocol.connection_made()
+    receive(protocol, WELCOME)
+    frames = sent(protocol)
+    assert [f["type"] for f in frames] == ["sub", "pub", "ping"]
+    assert [f["ref"] for f in frames[1:]] == [first, second]
+
+
+def test_after_a_lost_connection_safe_commands_are_sent_again_and_the_others_fail():
+    protocol = opened("mail:send")
+    (sub,) = sent(protocol)
+    receive(protocol, {"type": "ack", "ref": sub["ref"], "action": "mail:send", "waiting": 0})
+    pub = protocol.send(Pub.build(action="mail:send", task_id=TASK))
+    update = protocol.send(Update.build(task=TASK, attempt=1, progress=0.5))
+    sent(protocol)
+    events = protocol.connection_lost()
+    assert [(type(e), e.ref) for e in events] == [(Failed, update)]
+    assert isinstance(events[0].error, ConnectionLost)
+    assert protocol.state is ConnectionState.CLOSED
+    protocol.connection_made()
+    receive(protocol, WELCOME)
+    frames = sent(protocol)
+    # The subscription first, then the pub with its ref and its task id: the hub creates the task once.
+    assert [(f["type"], f["ref"]) for f in frames][1:] == [("pub", pub)]
+    assert frames[1]["task_id"] == TASK and frames[0]["type"] == "sub"
+
+
+def test_offers_and_task_events_each_seq_once():
+    protocol = opened()
+    (offered,) = receive(protocol, {"type": "task", "task": TASK, "action": "a:b", "attempt": 1, "payload": 3})
+    assert isinstance(offered, Offered) and offered.offer.payload == 3
+    update = {"type": "update", "task": TASK, "seq": 5, "attempt": 1, "service": "x", "data": 1, "progress": 0.5}
+    (event,) = receive(protocol, update)
+    assert isinstance(event, TaskEventIn)
+    assert event.message == TaskUpdate(task=TASK, seq=5, attempt=1, service="x", data=1, progress=0.5)
+    assert receive(protocol, update) == []  # heard it already (as publisher and as watcher, say)
+    assert protocol.last_seq(TASK) == 5
+    protocol.forget(TASK)
+    assert receive(protocol, {**update, "seq": 6}) == []  # not followed any more
+
+
+def test_a_followed_task_is_watched_again_after_a_reconnect_from_the_last_seq():
+    protocol = opened()
+    protocol.follow(TASK, resume=True)
+    receive(protocol, {"type": "update", "task": TASK, "seq": 7, "attempt": 1, "service": "w"})
+    protocol.connection_lost()
+    protocol.connection_made()
+    receive(protocol, WELCOME)
+    (watch,) = sent(protocol)
+    assert (watch["type"], watch["task"], watch["since"]) == ("watch", TASK, 7)
+    events = receive(
+        protocol,
+        {
+            "type": "state",
+            "ref": watch["ref"],
+            "task": {"id": TASK, "status": "success"},
+            "events": [
+                {"seq": 7, "kind": "update", "service": "w", "attempt": 1, "data": {"data": 1, "progress": None}},
+                {"seq": 8, "kind": "pickup", "service": "w", "attempt": 1, "data": None},
+                {"seq": 9, "kind": "success", "service": "w", "attempt": 1, "data": {"result": "r"}},
+            ],
+        },
+    )
+    # The events missed (the success; not the update heard, nor the pickup, which is not
+    # relayed), then the answer itself.
+    assert [type(e) for e in events] == [TaskEventIn, Answered]
+    assert events[0].message == TaskSuccess(task=TASK, seq=9, attempt=1, service="w", result="r")
+
+
+def test_a_frame_over_the_hubs_limit_is_refused_before_it_is_queued():
+    protocol = opened()
+    with pytest.raises(InvalidMessage) as info:
+        protocol.send(Pub.build(action="a:b", payload="x" * 2000))
+    assert info.value.code == "message_too_large"
+    assert protocol.data_to_send() == []
+
+
+def test_a_message_this_client_cannot_read_is_skipped(caplog):
+    protocol = opened()
+    assert receive(protocol, {"type": "from_the_future"}) == []
+    assert protocol.receive("not json") == []
+    assert "skipped a message" in caplog.text

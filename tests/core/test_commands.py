@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import pytest
+
+from taskhub.core.commands import MISSING, Fail, Pub, Update, parse_command, read_ref
+from taskhub.core.errors import InvalidMessage
+from taskhub.core.frames import decode_frame, encode
+from taskhub.core.messages import Error
+
+TASK = "8d7f6a0e-3b7c-4f4e-9a51-2d6f0f1f6b2a"
+
+
+def code_of(fn, *args):
+    with pytest.raises(InvalidMessage) as info:
+        fn(*args)
+    return info.value.code
+
+
+def test_decode_frame_accepts_json():
+    assert decode_frame('{"type":"ping"}', 100) == {"type": "ping"}
+    assert decode_frame(b'{"a":1}', 100) == {"a": 1}
+
+
+@pytest.mark.parametrize("text", ["{", "nope", '{"a": NaN}', "[Infinity]", ""])
+def test_decode_frame_rejects_bad_json(text):
+    assert code_of(decode_frame, text, 100) == "invalid_json"
+
+
+def test_decode_frame_counts_bytes_not_characters():
+    assert code_of(decode_frame, '"' + "é" * 30 + '"', 60) == "message_too_large"
+    assert decode_frame('"' + "e" * 30 + '"', 60) == "e" * 30
+
+
+@pytest.mark.parametrize("obj", [[], "x", 3, None, True])
+def test_non_object_frames(obj):
+    assert code_of(parse_command, obj) == "invalid_frame"
+
+
+def test_missing_and_unknown_type():
+    assert code_of(parse_command, {"action": "a:b"}) == "missing_type"
+    assert code_of(parse_command, {"type": "publish"}) == "unknown_type"
+    assert code_of(parse_command, {"type": 3}) == "unknown_type"
+
+
+def test_pub_with_defaults_and_with_every_field():
+    cmd = parse_command({"type": "pub", "action": "mail:send", "ref": "r1"})
+    assert cmd == Pub("r1", "mail:send", MISSING, MISSING, MISSING, MISSING)
+    cmd = parse_command(
+        {
+            "type": "pub",
+            "action": "mail:send",
+            "payload": [1],
+            "task_id": TASK.upper(),
+            "timeout": 30,
+            "pickup_timeout": None,
+        }
+    )
+    assert cmd == Pub(None, "mail:send", [1], TASK, 30.0, None)
+
+
+@pytest.mark.parametrize(
+    ("obj", "code"),
+    [
+        ({"type": "pub"}, "invalid_field"),
+        ({"type": "pub", "action": "Mail"}, "invalid_action"),
+        ({"type": "pub", "action": 5}, "invalid_field"),  # a wrong type, as for any field
+        ({"type": "sub", "action": ["a:b"]}, "invalid_field"),
+        ({"type": "pub", "action": "a:b", "task_id": "nope"}, "invalid_field"),
+        ({"type": "pub", "action": "a:b", "task_id": 12}, "invalid_field"),
+        ({"type": "pub", "action": "a:b", "timeout": 0}, "invalid_field"),
+        ({"type": "pub", "action": "a:b", "timeout": -1}, "invalid_field"),
+        ({"type": "pub", "action": "a:b", "timeout": "5"}, "invalid_field"),
+        ({"type": "pub", "action": "a:b", "timeout": True}, "invalid_field"),
+        ({"type": "update", "task": TASK, "attempt": 1, "progress": 1.5}, "invalid_field"),
+        ({"type": "update", "task": TASK, "attempt": 0}, "invalid_field"),
+        ({"type": "update", "task": TASK, "attempt": "1"}, "invalid_field"),
+        ({"type": "update", "task": TASK}, "invalid_field"),
+        ({"type": "fail", "task": TASK, "attempt": 1}, "invalid_field"),
+        ({"type": "fail", "task": TASK, "attempt": 1, "error": 3}, "invalid_field"),
+        ({"type": "watch", "task": TASK, "since": -1}, "invalid_field"),
+        ({"type": "hello", "name": "a"}, "invalid_field"),
+        ({"type": "ping", "ref": {"a": 1}}, "invalid_field"),
+        ({"type": "ping", "ref": "x" * 101}, "invalid_field"),
+    ],
+)
+def test_field_errors(obj, code):
+    assert code_of(parse_command, obj) == code
+
+
+def test_update_and_fail_parse():
+    assert parse_command({"type": "update", "task": TASK, "attempt": 2, "data": {"n": 1}, "progress": 1}) == Update(
+        None, TASK, 2, {"n": 1}, 1.0
+    )
+    assert parse_command({"type": "fail", "task": TASK, "attempt": 1, "error": "boom", "ref": 9}) == Fail(
+        9, TASK, 1, "boom"
+    )
+
+
+def test_unknown_fields_are_ignored():
+    assert parse_command({"type": "ping", "future": 1}).type == "ping"
+
+
+def test_read_ref_only_returns_usable_refs():
+    assert read_ref({"ref": 5}) == 5
+    assert read_ref({"ref": True}) is None
+    assert read_ref([1]) is None
+
+
+def test_encode_and_error_message():
+    assert (
+        encode(Error(code="bad", detail="it is bad", ref=1).to_dict())
+        == '{"type":"error","code":"bad","detail":"it is bad","ref":1}'
+    )
+    assert encode({"s": "é"}) == '{"s":"é"}'
+
+
+def test_core_imports_no_framework():
+    import ast
+    import pathlib
+
+    import taskhub.core
+
+    for path in pathlib.Path(taskhub.core.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            )
+            for name in names:
+                assert name.split(".")[0] not in {"django", "channels", "asyncio", "time"}, (path.name, name)
