@@ -29,7 +29,8 @@ from taskhub.core.errors import (
     UnknownTask,
 )
 
-from .client import Client, backoff
+from .client import Client
+from .connection import backoff
 from .protocol import ClientProtocol, ConnectionLost
 from .tasks import Task, TaskHandle, Update
 

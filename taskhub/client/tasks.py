@@ -89,7 +89,7 @@ class Task:
 
     async def _command(self, type_: str, **fields: Any) -> Message:
         command = COMMANDS[type_].build(task=self.id, attempt=self.attempt, **fields)
-        return await self._client._request(command)
+        return await self._client.request(command)
 
     async def pickup(self) -> None:
         """Tell the hub this service works on the task.
@@ -108,7 +108,7 @@ class Task:
     async def get_payload(self) -> Any:
         """The task's payload (fetched from the hub when it was too large to come inline)."""
         if self._payload is _RAISE:
-            answer = await self._client._request(GetPayload.build(task=self.id))
+            answer = await self._client.request(GetPayload.build(task=self.id))
             assert isinstance(answer, Payload)
             self._payload = answer.payload
         return self._payload
@@ -147,7 +147,7 @@ class Task:
         """Send a command without waiting for its answer, once fewer than
         :data:`UPDATE_WINDOW` of this task's answers are outstanding."""
         await self._settle_updates(keep=UPDATE_WINDOW - 1)
-        self._unacked.append(await self._client._submit(command))
+        self._unacked.append(await self._client.submit(command))
 
     async def _settle_updates(self, keep: int = 0) -> None:
         """Read the answers to this task's updates that came, and wait for the oldest

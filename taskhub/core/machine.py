@@ -2,8 +2,9 @@
 
 The services layer loads a :class:`Task` from the database, calls one of the functions
 below with ``now``, and writes back what changed together with the returned
-:class:`Event` list, in one transaction. Events are the audit log *and* the notices: the
-services layer derives what to tell whom from them after commit.
+:class:`Event` list, at the version it read (:mod:`taskhub.services.transitions`). Events
+are the audit log *and* the notices: the services layer derives what to tell whom from
+them once they are written.
 
 Every function raises :class:`~taskhub.core.errors.ProtocolError` subclasses for a
 command the task cannot take, and changes nothing when it raises.

@@ -1,0 +1,277 @@
+"""The client's I/O: the protocol on a ``websockets`` connection, reconnected with backoff.
+
+:class:`Connection` owns the socket, the reconnect loop and the futures of the commands
+in flight; everything a frame means is :class:`~taskhub.client.protocol.ClientProtocol`'s.
+:class:`~taskhub.client.Client` builds the API on it and receives what the hub offers
+and relays through :meth:`Connection.on_offer` and :meth:`Connection.on_task_event`.
+
+Reconnects wait :func:`backoff` before each try. Authentication errors are final: the
+first :meth:`Connection.connect` raises them, and nothing reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from taskhub.core.commands import Command
+from taskhub.core.errors import AuthenticationFailed, PermissionDenied
+from taskhub.core.messages import Message, Offer, TaskEventMessage
+
+from .protocol import (
+    Answered,
+    ClientProtocol,
+    ConnectionLost,
+    Event,
+    Failed,
+    HubError,
+    Offered,
+    Refused,
+    SessionRefused,
+    TaskEventIn,
+    Welcomed,
+)
+
+log = logging.getLogger("taskhub.client")
+
+
+def backoff(tries: int) -> float:
+    """Seconds to wait before reconnect number ``tries`` (1, 2, ...): ``min((10n)² ms, 60 s)``."""
+    return min((10 * tries) ** 2 / 1000, 60.0)
+
+
+class Connection:
+    """One client's connection to the hub, across reconnects.
+
+    Args:
+        url: the hub's WebSocket endpoint, e.g. ``ws://localhost:8000/ws/taskhub/``.
+        name, key: the service's credential, sent at the handshake (HTTP Basic).
+        backoff: seconds to wait before reconnect number n.
+        max_size: the largest frame to accept from the hub, in bytes.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str,
+        key: str,
+        backoff: Callable[[int], float] = backoff,
+        max_size: int | None = 2**20,
+    ) -> None:
+        self.url, self.name = url, name
+        self._auth = "Basic " + base64.b64encode(f"{name}:{key}".encode()).decode()
+        self.backoff = backoff
+        self.max_size = max_size
+        self.protocol = ClientProtocol()
+        self._futures: dict[int, asyncio.Future[Message]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._ws: Any = None
+        self._ready = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._first: asyncio.Future[None] | None = None
+        self._closing = False
+
+    @property
+    def instance(self) -> str | None:
+        """This connection's instance id, once connected."""
+        return self.protocol.instance
+
+    @property
+    def connected(self) -> bool:
+        """Whether the session is open and its subscriptions acknowledged."""
+        return self._ready.is_set()
+
+    # -- what the client builds on ---------------------------------------------------------
+
+    def on_offer(self, offer: Offer) -> None:
+        """Called with each task offered to this instance."""
+
+    def on_task_event(self, message: TaskEventMessage) -> None:
+        """Called with each task event of a followed task, each ``seq`` once."""
+
+    # -- connecting --------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect, authenticate and subscribe; retries until the hub answers.
+
+        Raises:
+            AuthenticationFailed: wrong name or key, a disabled credential, no free slot.
+            PermissionDenied: a registered subscription is not allowed.
+        """
+        if self._runner is None:
+            self._closing = False
+            self._first = asyncio.get_running_loop().create_future()
+            self._runner = asyncio.create_task(self._run(), name=f"taskhub-client-{self.name}")
+        assert self._first is not None
+        await asyncio.shield(self._first)
+
+    async def disconnect(self) -> None:
+        """Close the socket and stop reconnecting; cancel the background tasks."""
+        self._closing = True
+        if self._ws is not None:
+            await self._ws.close()
+        runner = [self._runner] if self._runner else []
+        for task in [*self._background, *runner]:
+            task.cancel()
+        await asyncio.gather(*self._background, *runner, return_exceptions=True)
+        self._runner = None
+
+    async def _run(self) -> None:
+        tries = 0
+        while not self._closing:
+            try:
+                await self._session()
+                tries = 0
+            except (AuthenticationFailed, PermissionDenied) as exc:
+                if self._refused(exc):
+                    return
+                log.error("taskhub: %s; reconnecting", exc)
+            except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
+                log.info("taskhub: connection to %s lost or refused: %s", self.url, exc)
+                refused = isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403)
+                if refused and self._refused(AuthenticationFailed(f"handshake refused: {exc}")):
+                    return
+            if self._closing:
+                return
+            tries += 1
+            await asyncio.sleep(self.backoff(tries))
+
+    def _refused(self, error: Exception) -> bool:
+        """Raise ``error`` from the first :meth:`connect`; whether it was the first."""
+        if self._first is None or self._first.done():
+            return False
+        self._first.set_exception(error)
+        return True
+
+    async def _session(self) -> None:
+        """One connection: read frames and act on the protocol's events until it closes."""
+        async with websockets.connect(
+            self.url,
+            additional_headers={"Authorization": self._auth},
+            max_size=self.max_size,
+            open_timeout=10,
+            compression=None,
+        ) as ws:
+            self.protocol.connection_made()
+            self._ws = ws
+            try:
+                async for raw in ws:
+                    self._handle(self.protocol.receive(raw))
+                    await self._flush()
+            finally:
+                self._ws = None
+                self._ready.clear()
+                self._handle(self.protocol.connection_lost())
+
+    def _handle(self, events: list[Event]) -> None:
+        for event in events:
+            match event:
+                case Answered(ref=ref, message=message):
+                    self._settle(ref, message, None)
+                case Refused(ref=ref, error=error) | Failed(ref=ref, error=error):
+                    self._settle(ref, None, error)
+                case Welcomed(subscriptions=refs):
+                    self.spawn(self._opened([self._expect(ref) for ref in refs]))
+                case SessionRefused(error=error):
+                    raise error
+                case Offered(offer=offer):
+                    self.on_offer(offer)
+                case TaskEventIn(message=message):
+                    self.on_task_event(message)
+                case HubError(error=error):
+                    log.error("taskhub: %s", error)
+
+    async def _opened(self, subscriptions: list[asyncio.Future[Message]]) -> None:
+        """The session is open: once its subscriptions are acknowledged, it is ready."""
+        try:
+            for future in subscriptions:
+                await future
+        except PermissionDenied as exc:
+            if not self._refused(exc):
+                log.error("taskhub: %s", exc)  # revoked since: serve the other actions
+            else:  # the first connect: the caller learns why, and nothing reconnects
+                self._closing = True
+                if self._ws is not None:
+                    await self._ws.close()
+                return
+        except ConnectionLost:
+            return  # the next session subscribes again
+        self._ready.set()
+        if self._first is not None and not self._first.done():
+            self._first.set_result(None)
+
+    # -- commands ------------------------------------------------------------------------
+
+    async def submit(self, command: Command) -> asyncio.Future[Message]:
+        """Send ``command`` (or hold it until the session is open) and return the future
+        of its answer, without waiting for it. The future raises the hub's refusal (the
+        exception of its code) or :class:`ConnectionLost`.
+
+        Raises:
+            InvalidMessage: ``message_too_large``; nothing was sent.
+        """
+        future = self._expect(self.protocol.send(command))
+        await self._flush()
+        return future
+
+    async def request(self, command: Command) -> Message:
+        """Send ``command`` and return the hub's answer (see :meth:`submit`)."""
+        return await (await self.submit(command))
+
+    def subscribe(self, action: str) -> None:
+        """Subscribe to ``action`` now if connected, and after every reconnect."""
+        ref = self.protocol.subscribe(action)
+        if ref is not None:
+            self._expect(ref).add_done_callback(_log_refusal)
+            self.spawn(self._flush())
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background until it ends or the client closes."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _expect(self, ref: int) -> asyncio.Future[Message]:
+        """The future of the answer to the command ``ref``; register it before the answer
+        can be read (synchronously after ``protocol.send``)."""
+        future = self._futures.get(ref)
+        if future is None:
+            future = self._futures[ref] = asyncio.get_running_loop().create_future()
+        return future
+
+    def _settle(self, ref: int, message: Message | None, error: BaseException | None) -> None:
+        future = self._futures.pop(ref, None)
+        if future is None or future.done():
+            return
+        if error is None:
+            assert message is not None
+            future.set_result(message)
+        else:
+            future.set_exception(error)
+
+    async def _flush(self) -> None:
+        """Send what the protocol queued. A frame lost to a closing connection is the
+        protocol's to send again or to fail (:meth:`ClientProtocol.connection_lost`)."""
+        ws = self._ws
+        frames = self.protocol.data_to_send()
+        if ws is None:
+            return
+        try:
+            for frame in frames:
+                await ws.send(frame)
+        except ConnectionClosed:
+            pass
+
+
+def _log_refusal(future: asyncio.Future[Message]) -> None:
+    error = None if future.cancelled() else future.exception()
+    if error is not None and not isinstance(error, ConnectionLost):  # lost: sent again on reconnect
+        log.error("taskhub: %s", error)
