@@ -117,7 +117,13 @@ class Setup:
     def __init__(self, database_url: str, redis_url: str | None, logs: Path, processes: int = 1, **settings: str):
         self.database_url = database_url
         self.hubs = [
-            Hub(database_url, redis_url, logs / f"hub-{os.getpid()}-{i}-{time.monotonic_ns()}.log", **settings)
+            Hub(
+                database_url,
+                redis_url,
+                logs / f"hub-{os.getpid()}-{i}-{time.monotonic_ns()}.log",
+                port=None,  # so that mypy does not match ``**settings`` to it
+                **settings,
+            )
             for i in range(processes)
         ]
 
@@ -195,7 +201,7 @@ async def settled(workers: list[Client], task_id: str) -> None:
     The task ends at the first return; the other services' returns (``late_return``)
     come after its ``end``, and the next task must not queue behind them.
     """
-    while any(task_id in w._tasks for w in workers):
+    while any(task.id == task_id for w in workers for task in w.running):
         await asyncio.sleep(0.001)  # pacing between polls of the clients; not part of any measurement
 
 

@@ -11,6 +11,6 @@ if ! command -v redis-server >/dev/null; then
     exit 1
   fi
 fi
-.venv/bin/ruff check taskhub tests hubproject manage.py
-.venv/bin/mypy taskhub
+.venv/bin/ruff check taskhub tests bench hubproject manage.py
+.venv/bin/mypy taskhub tests bench
 exec .venv/bin/python -m pytest "$@"

@@ -6,10 +6,17 @@ import base64
 import json
 import os
 import sys
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from channels.testing import WebsocketCommunicator
+
+if TYPE_CHECKING:
+    from pytest_django import Settings
+
+    from taskhub.core.commands import Drop, Fail, Pickup, Pub, Return, Update
+    from taskhub.models import Credential
 
 #: Multiply every timeout in the suite (slow machines: TASKHUB_TEST_SCALE=3).
 SCALE = float(os.environ.get("TASKHUB_TEST_SCALE", "1"))
@@ -57,7 +64,7 @@ async def _stop_sweeper():
 
 
 @pytest.fixture(params=["orm", "fast"])
-def store_backend(request, settings) -> str:
+def store_backend(request: pytest.FixtureRequest, settings: Settings) -> str:
     """Run the test against the ORM's store and against the database's own (SQLite's or
     PostgreSQL's): ``"orm"`` or ``"fast"``."""
     settings.TASKHUB_STORE = "orm" if request.param == "orm" else "auto"
@@ -65,8 +72,8 @@ def store_backend(request, settings) -> str:
 
 
 def make_credential(
-    name: str, *, sub: list[str] = (), pub: list[str] = (), max_instances: int = 1, active: bool = True
-):
+    name: str, *, sub: Sequence[str] = (), pub: Sequence[str] = (), max_instances: int = 1, active: bool = True
+) -> tuple[Credential, str]:
     """Create a credential and return ``(credential, key)``."""
     from taskhub.auth import generate_key, hash_key
     from taskhub.models import Credential
@@ -83,6 +90,24 @@ def make_credential(
     return credential, key
 
 
+def pub_command(obj: dict[str, Any]) -> Pub:
+    """``parse_command`` of a ``pub``, typed as ``services.publish`` takes it."""
+    from taskhub.core.commands import Pub, parse_command
+
+    cmd = parse_command(obj)
+    assert isinstance(cmd, Pub)
+    return cmd
+
+
+def task_command(obj: dict[str, Any]) -> Pickup | Update | Return | Drop | Fail:
+    """``parse_command`` of a worker's command on a task, typed as ``services.act`` takes it."""
+    from taskhub.core.commands import Drop, Fail, Pickup, Return, Update, parse_command
+
+    cmd = parse_command(obj)
+    assert isinstance(cmd, Pickup | Update | Return | Drop | Fail)
+    return cmd
+
+
 class Peer:
     """A WebsocketCommunicator speaking JSON, with bounded waits."""
 
@@ -93,7 +118,8 @@ class Peer:
         await self.comm.send_to(text_data=message if isinstance(message, str) else json.dumps(message))
 
     async def recv(self) -> dict[str, Any]:
-        return json.loads(await self.comm.receive_from(timeout=TIMEOUT))
+        message: dict[str, Any] = json.loads(await self.comm.receive_from(timeout=TIMEOUT))
+        return message
 
     async def call(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send a command and return the answer carrying its ref (other messages are kept)."""
@@ -101,7 +127,7 @@ class Peer:
         await self.send(message)
         return await self.expect(lambda m: m.get("ref") == message["ref"])
 
-    async def expect(self, predicate) -> dict[str, Any]:
+    async def expect(self, predicate: Callable[[dict[str, Any]], object]) -> dict[str, Any]:
         """The next message matching ``predicate``; earlier ones are skipped."""
         while True:
             m = await self.recv()

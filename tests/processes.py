@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -153,7 +154,7 @@ class Hub:
 
 
 def create_credential(
-    database_url: str, *, sub: list[str] = (), pub: list[str] = (), max_instances: int = 1, prefix: str = "svc"
+    database_url: str, *, sub: Sequence[str] = (), pub: Sequence[str] = (), max_instances: int = 1, prefix: str = "svc"
 ) -> tuple[str, str]:
     """A credential with a fresh name, made with ``manage.py taskhub_credential``: ``(name, key)``."""
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"

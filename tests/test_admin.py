@@ -42,7 +42,9 @@ def test_create_credential_shows_a_generated_key_once(staff):
     )
     assert response.status_code == 302
     shown = [str(m) for m in get_messages(response.wsgi_request)]
-    key = re.search(r"The key of mailer is (\S+) ", shown[0]).group(1)
+    found = re.search(r"The key of mailer is (\S+) ", shown[0])
+    assert found is not None
+    key = found.group(1)
     credential = Credential.objects.get(name="mailer")
     assert key not in credential.key_hash and verify_key(key, credential.key_hash)
     assert credential.sub_permissions == ["mail:send-bulk", "log"] and credential.max_instances == 2

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any, cast
 
 from channels.exceptions import ChannelFull
-from channels.layers import InMemoryChannelLayer
+from channels.layers import BaseChannelLayer, InMemoryChannelLayer
 
 from taskhub import notify
 from taskhub.notify import send_notices
+from taskhub.services import Notice
 
 
 class RecordingLayer:
@@ -20,78 +22,84 @@ class RecordingLayer:
     async def group_add(self, group: str, channel: str) -> None:
         self.log.append(("join", channel))
 
-    async def send(self, channel: str, message: dict) -> None:
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
         if channel == "broken":
             raise ConnectionError("layer down")
         self.log.append(("offer", channel))
 
-    async def group_send(self, group: str, message: dict) -> None:
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
         self.log.append(("relay", message["n"]))
+
+
+def as_layer(fake: RecordingLayer) -> BaseChannelLayer:
+    """The fake as ``send_notices`` takes it: it has the methods a notice needs."""
+    return cast(BaseChannelLayer, fake)
 
 
 async def test_notices_go_out_in_their_order():
     layer = RecordingLayer()
     notices = [
-        ("channel", "a", {"type": "taskhub.offer"}),
-        ("group", "g", {"type": "taskhub.relay", "n": 1}),
-        ("group", "g", {"type": "taskhub.relay", "n": 2}),
+        Notice("channel", "a", {"type": "taskhub.offer"}),
+        Notice("group", "g", {"type": "taskhub.relay", "n": 1}),
+        Notice("group", "g", {"type": "taskhub.relay", "n": 2}),
     ]
-    await send_notices(layer, notices)
+    await send_notices(as_layer(layer), notices)
     assert layer.log == [("offer", "a"), ("relay", 1), ("relay", 2)]
 
 
 async def test_a_failed_send_is_logged_and_the_others_still_go_out(caplog):
     layer = RecordingLayer()
     notices = [
-        ("channel", "broken", {"type": "taskhub.offer"}),
-        ("channel", "a", {"type": "taskhub.offer"}),
-        ("group", "g", {"type": "taskhub.relay", "n": 1}),
+        Notice("channel", "broken", {"type": "taskhub.offer"}),
+        Notice("channel", "a", {"type": "taskhub.offer"}),
+        Notice("group", "g", {"type": "taskhub.relay", "n": 1}),
     ]
     with caplog.at_level(logging.ERROR, logger="taskhub.notify"):
-        await send_notices(layer, notices)
+        await send_notices(as_layer(layer), notices)
     assert layer.log == [("offer", "a"), ("relay", 1)]
     assert "could not send taskhub.offer to broken" in caplog.text
 
 
 async def test_no_layer_sends_nothing():
-    await send_notices(None, [("channel", "a", {"type": "taskhub.offer"})])
+    await send_notices(None, [Notice("channel", "a", {"type": "taskhub.offer"})])
 
 
 async def test_a_channel_of_this_process_gets_its_notice_without_the_layer():
     layer = RecordingLayer()
-    got: list[dict] = []
+    got: list[dict[str, Any]] = []
 
-    async def deliver(message: dict) -> None:
+    async def deliver(message: dict[str, Any]) -> None:
         got.append(message)
 
     notify.register("local", deliver)
     try:
         await send_notices(
-            layer,
+            as_layer(layer),
             [
-                ("channel", "local", {"type": "taskhub.offer", "n": 1}),
-                ("channel", "a", {"type": "taskhub.offer"}),
+                Notice("channel", "local", {"type": "taskhub.offer", "n": 1}),
+                Notice("channel", "a", {"type": "taskhub.offer"}),
             ],
         )
     finally:
         notify.unregister("local")
     assert got == [{"type": "taskhub.offer", "n": 1}]
     assert layer.log == [("offer", "a")]
-    await send_notices(layer, [("channel", "local", {"type": "taskhub.offer"})])
+    await send_notices(as_layer(layer), [Notice("channel", "local", {"type": "taskhub.offer"})])
     assert got == [{"type": "taskhub.offer", "n": 1}] and layer.log[-1] == ("offer", "local")
 
 
 async def test_a_failed_local_delivery_is_logged_and_the_others_still_go_out(caplog):
     layer = RecordingLayer()
 
-    async def deliver(message: dict) -> None:
+    async def deliver(message: dict[str, Any]) -> None:
         raise RuntimeError("consumer gone")
 
     notify.register("local", deliver)
     try:
         with caplog.at_level(logging.ERROR, logger="taskhub.notify"):
             await send_notices(
-                layer, [("channel", "local", {"type": "taskhub.offer"}), ("channel", "a", {"type": "x"})]
+                as_layer(layer),
+                [Notice("channel", "local", {"type": "taskhub.offer"}), Notice("channel", "a", {"type": "x"})],
             )
     finally:
         notify.unregister("local")
@@ -103,8 +111,8 @@ async def test_with_the_in_memory_layer_task_groups_live_in_this_process():
     layer = InMemoryChannelLayer()
     got: list[tuple[str, int]] = []
 
-    def consumer(name: str):
-        async def deliver(message: dict) -> None:
+    def consumer(name: str) -> notify.Deliver:
+        async def deliver(message: dict[str, Any]) -> None:
             got.append((name, message["n"]))
 
         return deliver
@@ -114,14 +122,14 @@ async def test_with_the_in_memory_layer_task_groups_live_in_this_process():
     try:
         await notify.group_add(layer, "g", "a")
         await notify.group_add(layer, "g", "b")
-        await send_notices(layer, [("group", "g", {"type": "taskhub.relay", "n": 1})])
+        await send_notices(layer, [Notice("group", "g", {"type": "taskhub.relay", "n": 1})])
         assert sorted(got) == [("a", 1), ("b", 1)]
         assert layer.groups == {}  # the layer's own groups were never used
         await notify.group_discard(layer, "g", "a")
-        await send_notices(layer, [("group", "g", {"type": "taskhub.relay", "n": 2})])
+        await send_notices(layer, [Notice("group", "g", {"type": "taskhub.relay", "n": 2})])
         assert got[2:] == [("b", 2)]
         await notify.group_discard(layer, "g", "b")
-        await send_notices(layer, [("group", "g", {"type": "taskhub.relay", "n": 3})])
+        await send_notices(layer, [Notice("group", "g", {"type": "taskhub.relay", "n": 3})])
         assert len(got) == 3
     finally:
         for name in ("a", "b"):
@@ -130,12 +138,12 @@ async def test_with_the_in_memory_layer_task_groups_live_in_this_process():
 
 async def test_a_member_that_fails_does_not_keep_the_others_from_their_event(caplog):
     layer = InMemoryChannelLayer()
-    got: list[dict] = []
+    got: list[dict[str, Any]] = []
 
-    async def broken(message: dict) -> None:
+    async def broken(message: dict[str, Any]) -> None:
         raise RuntimeError("consumer gone")
 
-    async def deliver(message: dict) -> None:
+    async def deliver(message: dict[str, Any]) -> None:
         got.append(message)
 
     notify.register("a", broken)
@@ -144,7 +152,7 @@ async def test_a_member_that_fails_does_not_keep_the_others_from_their_event(cap
         for name in ("a", "b"):
             await notify.group_add(layer, "g", name)
         with caplog.at_level(logging.ERROR, logger="taskhub.notify"):
-            await send_notices(layer, [("group", "g", {"type": "taskhub.relay"})])
+            await send_notices(layer, [Notice("group", "g", {"type": "taskhub.relay"})])
     finally:
         for name in ("a", "b"):
             notify.unregister(name)
@@ -155,11 +163,11 @@ async def test_a_member_that_fails_does_not_keep_the_others_from_their_event(cap
 
 async def test_a_full_channel_is_a_warning_not_an_error(caplog):
     class FullLayer(RecordingLayer):
-        async def send(self, channel: str, message: dict) -> None:
+        async def send(self, channel: str, message: dict[str, Any]) -> None:
             raise ChannelFull(channel)
 
     with caplog.at_level(logging.WARNING, logger="taskhub.notify"):
-        await send_notices(FullLayer(), [("channel", "slow", {"type": "taskhub.relay"})])
+        await send_notices(as_layer(FullLayer()), [Notice("channel", "slow", {"type": "taskhub.relay"})])
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("WARNING", "channel slow is full: dropped taskhub.relay")
     ]
@@ -167,5 +175,5 @@ async def test_a_full_channel_is_a_warning_not_an_error(caplog):
 
 async def test_in_memory_a_channel_whose_consumer_is_gone_is_sent_nothing():
     layer = InMemoryChannelLayer()
-    await send_notices(layer, [("channel", "gone", {"type": "taskhub.relay"})])
+    await send_notices(layer, [Notice("channel", "gone", {"type": "taskhub.relay"})])
     assert layer.channels == {}  # nothing waits there to expire

@@ -17,12 +17,11 @@ from django.utils import timezone
 
 from taskhub import services
 from taskhub.core import machine
-from taskhub.core.commands import parse_command
 from taskhub.core.errors import ProtocolError
 from taskhub.models import TaskRecord
 from taskhub.store import get_store
 
-from .conftest import TIMEOUT, make_credential
+from .conftest import TIMEOUT, make_credential, pub_command, task_command
 from .test_services import live_instance
 
 # Each thread commits on its own connection; against every store (see conftest.store_backend).
@@ -60,12 +59,12 @@ def fan_out(services_count: int) -> tuple[str, list[Any]]:
         worker, _ = make_credential(f"s{i}", sub=["mail"])
         live_instance(worker, f"chan-{i}")
         workers.append(worker)
-    task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
+    task_id, _, _ = services.publish(app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now())
     return task_id, workers
 
 
 def command(credential: Any, task_id: str, type_: str, **fields: Any) -> Callable[[], Any]:
-    cmd = parse_command({"type": type_, "task": task_id, "attempt": 1, **fields})
+    cmd = task_command({"type": type_, "task": task_id, "attempt": 1, **fields})
     return lambda: services.act(credential, cmd, timezone.now(), f"chan-{credential.name[1:]}")
 
 

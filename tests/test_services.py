@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import timedelta
+from typing import TypeVar
 
 import pytest
 from django.db import connection
@@ -10,15 +12,22 @@ from django.utils import timezone
 
 from taskhub import services
 from taskhub.core import machine
-from taskhub.core.commands import parse_command
 from taskhub.core.errors import UnknownTask
 from taskhub.models import Instance, Subscription, TaskRecord
 from taskhub.store import get_store
 
-from .conftest import make_credential
+from .conftest import make_credential, pub_command, task_command
 
 # Every test runs against the ORM's store and against the database's own (a differential test).
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("store_backend")]
+
+T = TypeVar("T")
+
+
+def not_none(value: T | None) -> T:
+    """``value``, known to be there."""
+    assert value is not None
+    return value
 
 
 def live_instance(credential, channel, subscribe=True):
@@ -28,7 +37,7 @@ def live_instance(credential, channel, subscribe=True):
         channel_name=channel,
         process="p",
         connected_at=now,
-        lease_expires_at=now + timezone.timedelta(seconds=60),
+        lease_expires_at=now + timedelta(seconds=60),
     )
     if subscribe:
         Subscription.objects.create(instance=instance, action="mail:send")
@@ -52,14 +61,14 @@ def test_task_events_go_to_the_publisher_the_services_on_the_task_and_the_watche
     live_instance(b, "chan-b")
     publisher = live_instance(app, "chan-app", subscribe=False)
     task_id, created, notices = services.publish(
-        app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk
+        app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk
     )
     assert created
     assert sorted(name for kind, name, _ in notices if kind == "channel") == ["chan-a", "chan-b"]
     assert relayed_to(notices) == {}
 
     def act(cred, channel, **cmd):
-        return services.act(cred, parse_command({"task": task_id, "attempt": 1, **cmd}), timezone.now(), channel)
+        return services.act(cred, task_command({"task": task_id, "attempt": 1, **cmd}), timezone.now(), channel)
 
     # The sender of an update does not get it back. Nobody watches: no group send.
     notices = act(a, "chan-a", type="update", progress=0.5)
@@ -79,12 +88,12 @@ def test_a_service_that_published_its_own_task_still_hears_its_outcome():
     me, _ = make_credential("me", sub=["mail"], pub=["mail"])
     instance = live_instance(me, "chan-me")
     task_id, _, _ = services.publish(
-        me, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), instance.pk
+        me, pub_command({"type": "pub", "action": "mail:send"}), timezone.now(), instance.pk
     )
     cmd = {"type": "update", "task": task_id, "attempt": 1, "progress": 0.1}
-    assert relayed_to(services.act(me, parse_command(cmd), timezone.now(), "chan-me")) == {}
+    assert relayed_to(services.act(me, task_command(cmd), timezone.now(), "chan-me")) == {}
     cmd = {"type": "return", "task": task_id, "attempt": 1, "result": 1}
-    notices = services.act(me, parse_command(cmd), timezone.now(), "chan-me")
+    notices = services.act(me, task_command(cmd), timezone.now(), "chan-me")
     assert relayed_to(notices) == {"chan-me": ["success", "end"]}
 
 
@@ -93,7 +102,7 @@ def test_an_instance_that_disconnects_is_not_told_of_its_own_loss():
     app, _ = make_credential("app", pub=["mail"])
     instance = live_instance(a, "chan-a")
     publisher = live_instance(app, "chan-app", subscribe=False)
-    services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk)
+    services.publish(app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk)
     notices = services.disconnect(instance.pk, timezone.now())
     assert relayed_to(notices) == {"chan-app": ["fail", "end"]}
 
@@ -107,7 +116,7 @@ def from_a_connected_publisher():
     live_instance(a, "chan-a")
     publisher = live_instance(app, "chan-app", subscribe=False)
     task_id, _, _ = services.publish(
-        app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk
+        app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk
     )
     return task_id, a, app, publisher
 
@@ -117,23 +126,23 @@ def test_a_publisher_that_disconnected_is_sent_nothing_more(from_a_connected_pub
     services.watch(app, task_id, 0)  # from another connection, say
     services.disconnect(publisher.pk, timezone.now())
     cmd = {"type": "return", "task": task_id, "attempt": 1, "result": 1}
-    notices = services.act(a, parse_command(cmd), timezone.now(), "chan-a")
+    notices = services.act(a, task_command(cmd), timezone.now(), "chan-a")
     assert relayed_to(notices) == {"group": ["success", "end"]}  # its watchers only
 
 
 def test_a_re_sent_pub_marks_the_task_watched_for_the_connection_that_follows_it():
     app, _ = make_credential("app", pub=["mail"])
     cmd = {"type": "pub", "action": "mail:send", "task_id": "8d7f6a0e-3b7c-4f4e-9a51-2d6f0f1f6b2a"}
-    task_id, created, _ = services.publish(app, parse_command(cmd), timezone.now())
+    task_id, created, _ = services.publish(app, pub_command(cmd), timezone.now())
     assert created and not TaskRecord.objects.get(pk=task_id).watched
-    assert services.publish(app, parse_command(cmd), timezone.now())[:2] == (task_id, False)
+    assert services.publish(app, pub_command(cmd), timezone.now())[:2] == (task_id, False)
     assert TaskRecord.objects.get(pk=task_id).watched
 
 
 def test_watching_a_task_that_is_not_yours_changes_nothing():
     app, _ = make_credential("app", pub=["mail"])
     other, _ = make_credential("other", pub=["mail"])
-    task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
+    task_id, _, _ = services.publish(app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now())
     with pytest.raises(UnknownTask):
         services.watch(other, task_id, 0)
     assert not TaskRecord.objects.get(pk=task_id).watched
@@ -141,14 +150,14 @@ def test_watching_a_task_that_is_not_yours_changes_nothing():
 
 def test_a_conflicting_write_is_retried_on_the_fresh_row():
     app, _ = make_credential("app", pub=["mail"])
-    task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
+    task_id, _, _ = services.publish(app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now())
     calls = []
 
     def decide(task):
         calls.append(task.status)
         if len(calls) == 1:  # another process moves the task between our read and our write
             TaskRecord.objects.filter(pk=task_id).update(version=99)
-        return machine.expire(task, timezone.now() + timezone.timedelta(days=1))
+        return machine.expire(task, timezone.now() + timedelta(days=1))
 
     services.transition(task_id, decide, timezone.now())
     assert len(calls) == 2  # the conflict was detected and the decision taken again
@@ -164,18 +173,18 @@ def test_an_assignments_updated_at_says_when_its_state_last_changed():
     a, _ = make_credential("a", sub=["mail"])
     live_instance(a, "chan-a")
     start = timezone.now()
-    task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), start)
+    task_id, _, _ = services.publish(app, pub_command({"type": "pub", "action": "mail:send"}), start)
 
     def act(at, **cmd):
-        services.act(a, parse_command({"task": task_id, "attempt": 1, **cmd}), at)
+        services.act(a, task_command({"task": task_id, "attempt": 1, **cmd}), at)
         return TaskRecord.objects.get(pk=task_id).assignments.get()
 
-    picked = start + timezone.timedelta(seconds=1)
+    picked = start + timedelta(seconds=1)
     assert act(picked, type="pickup").updated_at == picked
     # Progress changes no state: the row keeps the time of the pickup.
-    row = act(picked + timezone.timedelta(seconds=1), type="update", progress=0.5)
+    row = act(picked + timedelta(seconds=1), type="update", progress=0.5)
     assert (row.state, row.updated_at) == ("picked_up", picked)
-    returned = picked + timezone.timedelta(seconds=2)
+    returned = picked + timedelta(seconds=2)
     assert act(returned, type="return").updated_at == returned
 
 
@@ -187,13 +196,13 @@ def test_the_store_reads_rows_as_the_orm_does(prepared, settings):
     live_instance(a, "chan-a")
     task_id, _, _ = services.publish(
         app,
-        parse_command({"type": "pub", "action": "mail:send", "payload": {"é": [1, None]}, "timeout": 9}),
+        pub_command({"type": "pub", "action": "mail:send", "payload": {"é": [1, None]}, "timeout": 9}),
         timezone.now(),
     )
     services.act(
-        a, parse_command({"type": "return", "task": task_id, "attempt": 1, "result": {"ok": [True]}}), timezone.now()
+        a, task_command({"type": "return", "task": task_id, "attempt": 1, "result": {"ok": [True]}}), timezone.now()
     )
-    record, rows, publisher_channel = get_store().load_task(task_id, with_payload=True)
+    record, rows, publisher_channel = not_none(get_store().load_task(task_id, with_payload=True))
     assert publisher_channel is None  # published with no instance (from a shell, say)
     orm = TaskRecord.objects.get(pk=task_id)
     for field in TaskRecord._meta.concrete_fields:
@@ -202,7 +211,7 @@ def test_the_store_reads_rows_as_the_orm_does(prepared, settings):
         (r.pk, r.service, r.instance_id, r.attempt, r.state, r.detail, "chan-a")
         for r in orm.assignments.order_by("pk")
     ]
-    assert get_store().load_task(task_id).record.payload is None  # loaded only for offers
+    assert not_none(get_store().load_task(task_id)).record.payload is None  # loaded only for offers
     assert get_store().load_task("not-a-uuid") is None
     assert get_store().load_task("8d7f6a0e-3b7c-4f4e-9a51-2d6f0f1f6b2a") is None
 
@@ -215,24 +224,24 @@ def offered_to_two():
     b, _ = make_credential("b", sub=["mail"])
     live_instance(a, "chan-a")
     live_instance(b, "chan-b")
-    task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
+    task_id, _, _ = services.publish(app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now())
     return task_id, a, b
 
 
 def act(credential, task_id, type, **fields):
     """The service's command on the task's first attempt."""
     return services.act(
-        credential, parse_command({"type": type, "task": task_id, "attempt": 1, **fields}), timezone.now()
+        credential, task_command({"type": type, "task": task_id, "attempt": 1, **fields}), timezone.now()
     )
 
 
 def test_a_finished_task_is_loaded_with_the_acting_services_assignments_only(offered_to_two):
     store = get_store()
     task_id, a, b = offered_to_two
-    assert [r.service for r in store.load_task(task_id, service="b").assignments] == ["a", "b"]  # running
+    assert [r.service for r in not_none(store.load_task(task_id, service="b")).assignments] == ["a", "b"]  # running
     act(a, task_id, "return", result=1)
-    assert [r.service for r in store.load_task(task_id, service="b").assignments] == ["b"]
-    assert [r.service for r in store.load_task(task_id).assignments] == ["a", "b"]
+    assert [r.service for r in not_none(store.load_task(task_id, service="b")).assignments] == ["b"]
+    assert [r.service for r in not_none(store.load_task(task_id)).assignments] == ["a", "b"]
     # b's late return is recorded against its own assignment, as before.
     act(b, task_id, "return", result=2)
     record = TaskRecord.objects.get(pk=task_id)
@@ -246,7 +255,7 @@ def test_a_late_return_is_recorded_without_touching_the_tasks_row(offered_to_two
     before = TaskRecord.objects.values().get(pk=task_id)
     act(b, task_id, "return", result=2)
     assert TaskRecord.objects.values().get(pk=task_id) == before  # version included
-    assert TaskRecord.objects.get(pk=task_id).events.last().kind == "late_return"
+    assert not_none(TaskRecord.objects.get(pk=task_id).events.last()).kind == "late_return"
 
 
 def test_an_update_that_changes_no_column_still_moves_the_version_its_relay_carries(from_a_connected_publisher):
@@ -273,8 +282,8 @@ def test_on_postgresql_the_hot_path_is_prepared_unless_turned_off(prepared, sett
     a, _ = make_credential("a", sub=["mail"])
     live_instance(a, "chan-a")
     for _ in range(2):
-        task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
-        services.act(a, parse_command({"type": "return", "task": task_id, "attempt": 1}), timezone.now())
+        task_id, _, _ = services.publish(app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now())
+        services.act(a, task_command({"type": "return", "task": task_id, "attempt": 1}), timezone.now())
     with connection.cursor() as cursor:
         cursor.execute("SELECT statement FROM pg_prepared_statements")
         prepared_now = [text for (text,) in cursor.fetchall()]
@@ -305,7 +314,7 @@ def fan_out_of_20_at_50_parameters(monkeypatch, request):
 
 def test_a_fan_out_wider_than_the_databases_parameter_limit_is_written_in_batches(fan_out_of_20_at_50_parameters):
     app = fan_out_of_20_at_50_parameters
-    task_id, _, notices = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
+    task_id, _, notices = services.publish(app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now())
     assert sorted(n[1] for n in notices if n[2]["type"] == "taskhub.offer") == sorted(f"chan-{i}" for i in range(20))
     record = TaskRecord.objects.get(pk=task_id)
     assert sorted(record.assignments.values_list("service", flat=True)) == sorted(f"s{i}" for i in range(20))
@@ -316,8 +325,8 @@ def test_a_transition_wider_than_the_parameter_limit_is_still_fenced(fan_out_of_
     """A pickup timeout on the fan-out writes 20 assignments and events: on PostgreSQL the
     fence and the rest then go in a transaction."""
     app = fan_out_of_20_at_50_parameters
-    task_id, _, _ = services.publish(app, parse_command({"type": "pub", "action": "mail:send"}), timezone.now())
-    later = timezone.now() + timezone.timedelta(days=1)
+    task_id, _, _ = services.publish(app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now())
+    later = timezone.now() + timedelta(days=1)
     services.transition(task_id, lambda task: machine.expire(task, later), later)
     record = TaskRecord.objects.get(pk=task_id)
     assert (record.status, record.version) == ("ended", 1)

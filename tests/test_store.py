@@ -13,9 +13,11 @@ import zoneinfo
 from datetime import timedelta
 from datetime import timezone as dt_timezone
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from django.db import connection
+from django.db.models import Field
 from django.utils import timezone
 
 from taskhub.models import Assignment, Credential, Instance, TaskEvent, TaskRecord
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.django_db
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = timezone.now()
-VALUES = {
+VALUES: dict[str, list[object]] = {
     "DateTimeField": [
         NOW,
         NOW + timedelta(seconds=30),
@@ -87,10 +89,10 @@ def test_the_hot_path_prepares_values_as_the_field_does(model, name, sql_store):
 
 def test_the_shortcuts_are_taken_for_the_hot_paths_own_values(sql_store):
     """Guards the point of the shortcuts: the field's machinery is not called for them."""
-    fields = [m._meta.get_field(n) for m, n in FIELDS]
-    calls = []
+    fields = [cast("Field[Any, Any]", m._meta.get_field(n)) for m, n in FIELDS]  # no relation's reverse side
+    calls: list[object] = []
     for field in fields:
-        field.get_db_prep_save = lambda value, connection, calls=calls: calls.append(value)  # type: ignore[method-assign]
+        field.get_db_prep_save = lambda value, connection: calls.append(value)  # type: ignore[method-assign]
     try:
         fresh = type(sql_store)(connection)
         for value in (NOW, NOW + timedelta(seconds=1)):
@@ -146,6 +148,7 @@ EXTRA = os.environ.get("TASKHUB_TEST_EXTRA_COLUMN")
 @pytest.mark.skipif(not EXTRA, reason="only in the suite run with a column added to TaskRecord")
 def test_the_added_column_sits_in_the_middle_of_the_task_and_gets_its_default():
     names = [f.name for f in TaskRecord._meta.concrete_fields]
+    assert EXTRA is not None  # not skipped
     assert names.index(EXTRA) == names.index("status") + 1
     with connection.cursor() as cursor:
         columns = [c.name for c in connection.introspection.get_table_description(cursor, TaskRecord._meta.db_table)]

@@ -32,7 +32,7 @@ from taskhub.core.errors import TaskHubError
 from taskhub.core.messages import Offer, State, TaskEventMessage
 
 from .connection import Connection, backoff
-from .tasks import TaskHandle
+from .tasks import Task, TaskHandle
 from .worker import Handler, Worker
 
 __all__ = ["Client", "Handler", "backoff"]
@@ -66,6 +66,11 @@ class Client(Connection):
         self.resync_interval = resync_interval
         self._worker = Worker(self)
         self._handles: dict[str, TaskHandle] = {}
+
+    @property
+    def running(self) -> list[Task]:
+        """The tasks whose handlers run now (their return not yet acknowledged)."""
+        return list(self._worker.tasks.values())
 
     # -- lifecycle ------------------------------------------------------------------------
 

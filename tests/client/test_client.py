@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import websockets
 
-from taskhub.client import Client, InvalidMessage, InvalidTransition, NoResult, TaskFailed, backoff
+from taskhub.client import Client, InvalidMessage, InvalidTransition, NoResult, Task, TaskFailed, backoff
 from taskhub.client.tasks import UPDATE_WINDOW
 from tests.conftest import TIMEOUT
 
@@ -80,7 +81,7 @@ async def hub():
         yield h
 
 
-async def worker(hub: ScriptedHub, handler) -> Client:
+async def worker(hub: ScriptedHub, handler: Callable[[Task, Client], Any]) -> Client:
     client = Client(hub.url, name="svc", key="k" * 20)
     client.sub(ACTION, lambda task: handler(task, client))
     await asyncio.wait_for(client.connect(), TIMEOUT)

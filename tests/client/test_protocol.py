@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any, cast
 
 import pytest
 
@@ -27,7 +28,7 @@ TASK = "8d7f6a0e-3b7c-4f4e-9a51-2d6f0f1f6b2a"
 WELCOME = {"type": "welcome", "v": 1, "service": "svc", "instance": "i-1", "max_message_size": 1000}
 
 
-def sent(protocol: ClientProtocol) -> list[dict]:
+def sent(protocol: ClientProtocol) -> list[dict[str, Any]]:
     return [json.loads(frame) for frame in protocol.data_to_send()]
 
 
@@ -38,11 +39,12 @@ def opened(*subscriptions: str) -> ClientProtocol:
     protocol.connection_made()
     assert protocol.state is ConnectionState.CONNECTING
     events = protocol.receive(json.dumps(WELCOME))
-    assert isinstance(events[0], Welcomed) and protocol.state is ConnectionState.OPEN
+    # A cast, as mypy keeps the narrowing above across the call that changed the state.
+    assert isinstance(events[0], Welcomed) and cast(ConnectionState, protocol.state) is ConnectionState.OPEN
     return protocol
 
 
-def receive(protocol: ClientProtocol, message: dict) -> list:
+def receive(protocol: ClientProtocol, message: dict[str, Any]) -> list[Any]:
     return protocol.receive(json.dumps(message))
 
 
@@ -100,7 +102,7 @@ def test_after_a_lost_connection_safe_commands_are_sent_again_and_the_others_fai
     pub = protocol.send(Pub.build(action="mail:send", task_id=TASK))
     update = protocol.send(Update.build(task=TASK, attempt=1, progress=0.5))
     sent(protocol)
-    events = protocol.connection_lost()
+    events: list[Any] = protocol.connection_lost()  # their types are what is checked
     assert [(type(e), e.ref) for e in events] == [(Failed, update)]
     assert isinstance(events[0].error, ConnectionLost)
     assert protocol.state is ConnectionState.CLOSED

@@ -128,7 +128,7 @@ def test_live_and_replayed_events_read_the_same():
 )
 def test_error_codes_map_to_exceptions(code, cls):
     error = error_for(code, "d")
-    assert type(error) is cls and error.code == code  # type: ignore[attr-defined]
+    assert type(error) is cls and error.code == code
 
 
 def test_every_error_code_has_its_exception_and_auth_codes_their_close_codes():

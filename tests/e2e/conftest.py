@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,7 +51,7 @@ FAST = {"TASKHUB_SWEEP_INTERVAL": "0.2", "TASKHUB_INSTANCE_LEASE": "2"}
 @pytest.fixture(scope="session")
 def hub(database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     """One daphne process on the Redis channel layer, shared by the session."""
-    h = Hub(database_url, redis_url, tmp_path_factory.mktemp("logs") / "hub.log", **FAST)
+    h = Hub(database_url, redis_url, tmp_path_factory.mktemp("logs") / "hub.log", port=None, **FAST)
     yield h
     h.stop()
 
@@ -72,7 +73,7 @@ def make_hub(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[obje
 
 
 @pytest.fixture
-def credential(database_url: str):
+def credential(database_url: str) -> functools.partial[tuple[str, str]]:
     """``credential(sub=[...], pub=[...], max_instances=1) -> (name, key)``, a fresh name each call."""
     return functools.partial(create_credential, database_url)
 
@@ -85,18 +86,18 @@ def unique_action(verb: str = "run") -> str:
 class Parties:
     """A fresh action with a worker credential that may subscribe to it and a caller that may publish it."""
 
-    def __init__(self, credential) -> None:
+    def __init__(self, credential: Callable[..., tuple[str, str]]) -> None:
         self.action = unique_action()
         self.worker_name, self.worker_key = credential(sub=[self.action])
         self.caller_name, self.caller_key = credential(pub=[self.action])
 
-    def worker(self, url: str, **options) -> Client:
+    def worker(self, url: str, **options: Any) -> Client:
         return Client(url, name=self.worker_name, key=self.worker_key, **options)
 
-    def caller(self, url: str, **options) -> Client:
+    def caller(self, url: str, **options: Any) -> Client:
         return Client(url, name=self.caller_name, key=self.caller_key, **options)
 
 
 @pytest.fixture
-def parties(credential) -> Parties:
+def parties(credential: Callable[..., tuple[str, str]]) -> Parties:
     return Parties(credential)

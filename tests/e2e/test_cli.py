@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import uuid
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from tests.processes import ROOT
 pytestmark = pytest.mark.timeout(60 * TIMEOUT)
 
 
-def cli(*args: str, **kwargs) -> list[str]:
+def cli(*args: str, **kwargs: Any) -> list[str]:
     return [sys.executable, "-m", "taskhub.client", *args]
 
 
@@ -36,6 +37,7 @@ def test_worker_and_pub_from_the_command_line(hub, credential, tmp_path):
         text=True,
         env={"PYTHONPATH": str(ROOT)},
     )
+    assert worker.stderr is not None  # stderr=PIPE
     try:
         assert "serving" in worker.stderr.readline()
         done = subprocess.run(

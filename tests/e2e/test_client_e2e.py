@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import cast
 
 import pytest
 
-from taskhub.client import AuthenticationFailed, Client, InvalidTransition, NoResult, PermissionDenied, TaskFailed
+from taskhub.client import (
+    AuthenticationFailed,
+    Client,
+    InvalidTransition,
+    NoResult,
+    PermissionDenied,
+    TaskFailed,
+    Update,
+)
 from tests.conftest import TIMEOUT
 from tests.e2e.conftest import unique_action
 
@@ -28,7 +37,7 @@ async def test_round_trip_with_pickup_payload_progress_and_result(hub, credentia
             await task.update({"step": i}, progress=(i + 1) / 3)
         return {"echo": data, "publisher": task.publisher}
 
-    updates = []
+    updates: list[Update] = []
     async with worker, Client(hub.url, name=c_name, key=c_key) as caller:
         handle_ = caller.pub(action, {"emails": ["a@example.org"]}).on("update", updates.append)
         result = await asyncio.wait_for(handle_.get_result(), TIMEOUT)
@@ -171,7 +180,8 @@ async def test_max_instances_distributes_one_instance_per_task(hub, credential):
                 pass
         results = [await asyncio.wait_for(caller.pub(action).get_result(), TIMEOUT) for _ in range(6)]
     assert sorted(len(v) for v in seen.values()) == [3, 3]
-    assert sorted(results) == sorted([w.instance for w in workers] * 3)
+    # Each worker's instance id is set once it has connected.
+    assert sorted(results) == sorted(cast(list[str], [w.instance for w in workers]) * 3)
 
 
 async def test_permissions_and_credentials(hub, credential):

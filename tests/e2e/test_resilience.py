@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from typing import Any
 
 import pytest
 import websockets
 
 from taskhub.client import Client, InvalidMessage
 from tests.conftest import TIMEOUT
-from tests.e2e.conftest import unique_action
+from tests.e2e.conftest import Parties, unique_action
 
 pytestmark = pytest.mark.timeout(60 * TIMEOUT)
 
 
-async def round_trip(worker_url: str, caller_url: str, parties, payload=7):
+async def round_trip(worker_url: str, caller_url: str, parties: Parties, payload: Any = 7) -> Any:
     action = parties.action
     worker = parties.worker(worker_url)
     worker.sub(action, lambda task: task.get_payload())

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from taskhub.client import AuthenticationFailed, Client
+from taskhub.client import AuthenticationFailed, Client, Update
 from tests.conftest import TIMEOUT
 
 pytestmark = pytest.mark.timeout(60 * TIMEOUT)
@@ -22,7 +22,7 @@ async def test_worker_on_one_process_caller_on_the_other(make_hub, credential, p
         await task.update("halfway", progress=0.5)
         return (await task.get_payload()) * 2
 
-    updates = []
+    updates: list[Update] = []
     async with worker, parties.caller(b.url) as caller:
         handles = [caller.pub(action, i).on("update", updates.append) for i in range(5)]
         results = await asyncio.wait_for(asyncio.gather(*(h.get_result() for h in handles)), TIMEOUT)
@@ -47,7 +47,11 @@ async def test_deadline_enforced_after_the_accepting_process_died(make_hub, cred
 
     @worker.sub(action)
     async def handler(task):
-        task.on("fail", lambda t, reason: failed.done() or failed.set_result(reason))
+        def on_fail(t, reason):
+            if not failed.done():
+                failed.set_result(reason)
+
+        task.on("fail", on_fail)
         await task.pickup()
         picked_up.set()
         await asyncio.Event().wait()
