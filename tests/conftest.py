@@ -24,8 +24,9 @@ TIMEOUT = 5 * SCALE
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """With ``TASKHUB_TEST_EXTRA_COLUMN=name``, add a column of that name to ``TaskRecord``,
-    right after ``status``, with a Python-side default (``tests/test_store.py``)."""
+    """With ``TASKHUB_TEST_EXTRA_COLUMN=name``, add two columns to ``TaskRecord`` in the
+    middle of its fields: ``name`` with a Python-side default, right after ``status``, and
+    ``name_db`` with a database default, right after ``attempt`` (``tests/test_store.py``)."""
     name = os.environ.get("TASKHUB_TEST_EXTRA_COLUMN")
     if not name:
         return
@@ -35,10 +36,13 @@ def pytest_configure(config: pytest.Config) -> None:
     django.setup()
     from taskhub.models import TaskRecord
 
-    field = models.CharField(max_length=20, default=_extra_default, help_text="added by the test")
-    # Fields are ordered by creation: this one goes right after status.
-    field.creation_counter = TaskRecord._meta.get_field("status").creation_counter + 0.5  # type: ignore[assignment]
-    TaskRecord.add_to_class(name, field)
+    # Fields are ordered by creation: each goes right after the field named.
+    python_default = models.CharField(max_length=20, default=_extra_default, help_text="added by the test")
+    python_default.creation_counter = TaskRecord._meta.get_field("status").creation_counter + 0.5  # type: ignore[assignment]
+    TaskRecord.add_to_class(name, python_default)
+    database_default = models.IntegerField(db_default=7, help_text="added by the test")
+    database_default.creation_counter = TaskRecord._meta.get_field("attempt").creation_counter + 0.5  # type: ignore[assignment]
+    TaskRecord.add_to_class(f"{name}_db", database_default)
 
 
 def _extra_default() -> str:

@@ -165,3 +165,37 @@ def create_credential(
         args += ["--pub", pattern]
     key = manage(*args, database_url=database_url).strip().splitlines()[-1]
     return name, key
+
+
+def add_credential(
+    database_url: str, *, sub: Sequence[str] = (), pub: Sequence[str] = (), max_instances: int = 1, prefix: str = "svc"
+) -> tuple[str, str]:
+    """A credential with a fresh name, written from this process (Django must be set up):
+    ``(name, key)``. What :func:`create_credential` does, without a process per credential.
+
+    The hub's database is opened under an alias of its own for the write and closed after
+    it, so that no test-database machinery ever sees that alias.
+    """
+    import dj_database_url
+    from django.db import connections
+
+    from taskhub.auth import generate_key, hash_key
+    from taskhub.models import Credential
+
+    alias = f"hub_{uuid.uuid4().hex[:8]}"
+    config = dict(dj_database_url.parse(database_url))
+    connections.settings[alias] = connections.configure_settings({"default": config})["default"]
+    try:
+        name, key = f"{prefix}-{uuid.uuid4().hex[:8]}", generate_key()
+        Credential.objects.using(alias).create(
+            name=name,
+            key_hash=hash_key(key),
+            sub_permissions=list(sub),
+            pub_permissions=list(pub),
+            max_instances=max_instances,
+        )
+        return name, key
+    finally:
+        connections[alias].close()
+        del connections[alias]
+        del connections.settings[alias]

@@ -32,6 +32,7 @@ from taskhub.core.errors import TaskHubError
 from taskhub.core.messages import Offer, State, TaskEventMessage
 
 from .connection import Connection, backoff
+from .protocol import ConnectionLost
 from .tasks import Task, TaskHandle
 from .worker import Handler, Worker
 
@@ -88,6 +89,9 @@ class Client(Connection):
             with contextlib.suppress(TaskHubError, ConnectionClosed, TimeoutError):
                 await asyncio.wait_for(self.request(Bye.build()), 5)
         await self.disconnect()
+        for handle in list(self._handles.values()):
+            handle._abandon(ConnectionLost("the client was closed before the task ended"))
+            self._forget(handle)
 
     async def run_forever(self) -> None:
         """Connect and serve subscriptions until cancelled or :meth:`close` is called."""
@@ -175,7 +179,8 @@ class Client(Connection):
     # -- what the connection hands over ---------------------------------------------------
 
     def on_offer(self, offer: Offer) -> None:
-        self._worker.offer(offer)
+        if not self._worker.offer(offer):
+            self._unfollow(offer.task)
 
     def on_task_event(self, message: TaskEventMessage) -> None:
         handle = self._handles.get(message.task)

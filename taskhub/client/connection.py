@@ -5,8 +5,9 @@ in flight; everything a frame means is :class:`~taskhub.client.protocol.ClientPr
 :class:`~taskhub.client.Client` builds the API on it and receives what the hub offers
 and relays through :meth:`Connection.on_offer` and :meth:`Connection.on_task_event`.
 
-Reconnects wait :func:`backoff` before each try. Authentication errors are final: the
-first :meth:`Connection.connect` raises them, and nothing reconnects.
+Reconnects wait :func:`backoff` before each try. The first :meth:`Connection.connect`
+raises an authentication error, and nothing reconnects; a later refusal (say, every
+instance slot of the credential is taken for a while) is logged and retried.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from taskhub.core.commands import Command
-from taskhub.core.errors import AuthenticationFailed, PermissionDenied
+from taskhub.core.errors import AuthenticationFailed, PermissionDenied, TaskHubError
 from taskhub.core.messages import Message, Offer, TaskEventMessage
 
 from .protocol import (
@@ -113,8 +114,10 @@ class Connection:
         await asyncio.shield(self._first)
 
     async def disconnect(self) -> None:
-        """Close the socket and stop reconnecting; cancel the background tasks."""
+        """Close the socket and stop reconnecting; cancel the background tasks. Commands
+        still waiting for an answer fail with :class:`ConnectionLost`."""
         self._closing = True
+        self._handle(self.protocol.close())
         if self._ws is not None:
             await self._ws.close()
         runner = [self._runner] if self._runner else []
@@ -163,7 +166,12 @@ class Connection:
             self._ws = ws
             try:
                 async for raw in ws:
-                    self._handle(self.protocol.receive(raw))
+                    try:
+                        self._handle(self.protocol.receive(raw))
+                    except AuthenticationFailed:
+                        raise
+                    except Exception:  # one frame's trouble must not end the client
+                        log.exception("taskhub: could not handle a frame from the hub")
                     await self._flush()
             finally:
                 self._ws = None
@@ -193,16 +201,16 @@ class Connection:
         try:
             for future in subscriptions:
                 await future
-        except PermissionDenied as exc:
+        except ConnectionLost:
+            return  # the next session subscribes again
+        except TaskHubError as exc:  # a subscription refused
             if not self._refused(exc):
-                log.error("taskhub: %s", exc)  # revoked since: serve the other actions
+                log.error("taskhub: %s", exc)  # revoked since, say: serve the other actions
             else:  # the first connect: the caller learns why, and nothing reconnects
                 self._closing = True
                 if self._ws is not None:
                     await self._ws.close()
                 return
-        except ConnectionLost:
-            return  # the next session subscribes again
         self._ready.set()
         if self._first is not None and not self._first.done():
             self._first.set_result(None)

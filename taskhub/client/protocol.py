@@ -33,6 +33,7 @@ Events, in the order :meth:`~ClientProtocol.receive` returns them:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Iterable
@@ -42,7 +43,7 @@ from enum import Enum
 from taskhub.core.commands import Command, Sub, Watch
 from taskhub.core.errors import AuthenticationFailed, InvalidMessage, TaskHubError, error_for
 from taskhub.core.frames import decode_frame, encode
-from taskhub.core.messages import Error, Message, Offer, State, TaskEventMessage, Welcome, event_message, parse_message
+from taskhub.core.messages import Error, LoggedEvent, Message, Offer, State, TaskEventMessage, Welcome, parse_message
 
 log = logging.getLogger("taskhub.client")
 
@@ -62,6 +63,7 @@ class ConnectionState(Enum):
     CLOSED = "closed"  # no socket
     CONNECTING = "connecting"  # a socket, waiting for welcome
     OPEN = "open"  # authenticated: commands flow
+    FINISHED = "finished"  # the client closed: nothing more is sent
 
 
 @dataclass(frozen=True)
@@ -118,10 +120,18 @@ Event = Welcomed | SessionRefused | Answered | Refused | Failed | Offered | Task
 @dataclass
 class _Followed:
     """A task whose events this client wants: the last seq heard, and whether it is
-    watched again after a reconnect (a caller's handle)."""
+    watched again after a reconnect (a caller's handle).
+
+    While a ``watch`` of the task is unanswered, its live events wait in ``early``: the
+    hub joins the task's group before it reads the events it replays, so a live event
+    can arrive before the replay of older ones, and delivering it first would make the
+    older ones look heard.
+    """
 
     seq: int = 0
     resume: bool = False
+    watches: int = 0
+    early: list[TaskEventMessage] = dataclasses.field(default_factory=list)
 
 
 class ClientProtocol:
@@ -185,6 +195,20 @@ class ClientProtocol:
         self._held = {**again, **self._held}
         return failed
 
+    def close(self) -> list[Event]:
+        """Call when the client closes for good: every command held or unanswered fails
+        with :class:`ConnectionLost`, and :meth:`send` refuses new ones.
+
+        Returns:
+            Their :class:`Failed` events.
+        """
+        self.state = ConnectionState.FINISHED
+        self._outbox.clear()
+        pending = {**self._unanswered, **self._held}
+        self._unanswered.clear()
+        self._held.clear()
+        return [Failed(ref, command, ConnectionLost("the client was closed")) for ref, command in pending.items()]
+
     def data_to_send(self) -> list[str]:
         """The frames to send now, in order; call after every other method."""
         frames, self._outbox = self._outbox, []
@@ -200,9 +224,14 @@ class ClientProtocol:
         Raises:
             InvalidMessage: ``message_too_large`` when the frame is over the hub's limit;
                 nothing is queued.
+            ConnectionLost: the client was closed (:meth:`close`).
         """
+        if self.state is ConnectionState.FINISHED:
+            raise ConnectionLost("the client was closed")
         ref = next(self._refs)
         frame = self._frame(command, ref)
+        if isinstance(command, Watch):
+            self._followed.get(command.task, _Followed()).watches += 1
         if self.state is ConnectionState.OPEN:
             self._unanswered[ref] = command
             self._outbox.append(frame)
@@ -224,7 +253,11 @@ class ClientProtocol:
         return self.send(Sub.build(action=action))
 
     def follow(self, task_id: str, *, resume: bool = False) -> None:
-        """Deliver the task's events; with ``resume``, watch it again after a reconnect."""
+        """Deliver the task's events; with ``resume``, watch it again after a reconnect.
+
+        Call before sending a ``watch`` of the task, so that its answer's replay and the
+        live events that race it are delivered in order.
+        """
         followed = self._followed.setdefault(task_id, _Followed())
         followed.resume = followed.resume or resume
 
@@ -268,7 +301,7 @@ class ClientProtocol:
             self.follow(message.task)
             return [Offered(message)]
         if isinstance(message, TaskEventMessage):
-            return self._task_events([message])
+            return self._task_events([message], live=True)
         if isinstance(message, Error):
             return [HubError(error_for(message.code, str(message.detail)))]
         log.debug("taskhub: a %s message answers no command of ours", message.type)
@@ -285,40 +318,61 @@ class ClientProtocol:
             return []
         self.welcome, self.state = message, ConnectionState.OPEN
         subscriptions = tuple(self.send(Sub.build(action=action)) for action in self._subscriptions)
-        # What a reconnect recovers: the events missed by the tasks this client follows...
-        for task_id, followed in self._followed.items():
-            if followed.resume:
+        # What a reconnect recovers: the events missed by the tasks this client follows
+        # (unless a watch of the task waits to be sent again anyway)...
+        watched = {command.task for command in self._held.values() if isinstance(command, Watch)}
+        for task_id, followed in list(self._followed.items()):
+            if followed.resume and task_id not in watched:
                 self.send(Watch.build(task=task_id, since=followed.seq))
         # ...and what waited for the session, in the order it was submitted.
+        events: list[Event] = [Welcomed(message, subscriptions)]
         held, self._held = self._held, {}
         for ref, command in held.items():
+            try:
+                frame = self._frame(command, ref)  # the limits are known only now
+            except InvalidMessage as exc:
+                events.append(Refused(ref, command, exc))
+                continue
             self._unanswered[ref] = command
-            self._outbox.append(self._frame(command, ref))
-        return [Welcomed(message, subscriptions)]
-
-    def _answer(self, ref: int, command: Command, message: Message) -> list[Event]:
-        if isinstance(message, Error):
-            return [Refused(ref, command, error_for(message.code, str(message.detail)))]
-        events: list[Event] = []
-        if isinstance(message, State):
-            # A watch's answer replays the events after its ``since``: deliver the ones
-            # this client has not heard, before the answer itself.
-            task_id = str(message.task.get("id", ""))
-            replayed = [
-                event_message(task_id, e["seq"], e["kind"], e.get("service", ""), e.get("attempt", 1), e.get("data"))
-                for e in message.events
-                if isinstance(e, dict) and isinstance(e.get("seq"), int)
-            ]
-            events += self._task_events(m for m in replayed if m is not None)
-        events.append(Answered(ref, command, message))
+            self._outbox.append(frame)
         return events
 
-    def _task_events(self, messages: Iterable[TaskEventMessage]) -> list[Event]:
+    def _answer(self, ref: int, command: Command, message: Message) -> list[Event]:
+        events: list[Event] = []
+        if isinstance(command, Watch):
+            # A watch's answer replays the events after its ``since``: deliver the ones
+            # this client has not heard, with the live ones that came meanwhile, in
+            # order, before the answer itself.
+            replayed: list[TaskEventMessage] = []
+            if isinstance(message, State):
+                logged = (LoggedEvent.from_dict(obj) for obj in message.events)
+                replayed = [m for e in logged if e is not None and (m := e.message(command.task)) is not None]
+            events += self._watch_answered(command.task, replayed)
+        if isinstance(message, Error):
+            events.append(Refused(ref, command, error_for(message.code, str(message.detail))))
+        else:
+            events.append(Answered(ref, command, message))
+        return events
+
+    def _watch_answered(self, task_id: str, replayed: list[TaskEventMessage]) -> list[Event]:
+        followed = self._followed.get(task_id)
+        if followed is None:
+            return []
+        followed.watches = max(0, followed.watches - 1)
+        waiting = replayed + (followed.early if not followed.watches else [])
+        if not followed.watches:
+            followed.early = []
+        return self._task_events(sorted(waiting, key=lambda m: m.seq))
+
+    def _task_events(self, messages: Iterable[TaskEventMessage], *, live: bool = False) -> list[Event]:
         events: list[Event] = []
         for message in messages:
             followed = self._followed.get(message.task)
             if followed is None or message.seq <= followed.seq:
                 continue  # not ours, or heard already (live and replayed, say)
+            if live and followed.watches:
+                followed.early.append(message)  # after the replay it may precede
+                continue
             followed.seq = message.seq
             events.append(TaskEventIn(message))
         return events

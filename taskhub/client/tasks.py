@@ -22,9 +22,13 @@ from taskhub.core.messages import (
     TaskEnd,
     TaskEventMessage,
     TaskFailure,
+    TaskSnapshot,
     TaskSuccess,
     TaskUpdate,
 )
+from taskhub.core.states import TERMINAL_TASK_STATUSES
+
+TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL_TASK_STATUSES)
 
 if TYPE_CHECKING:
     from .client import Client
@@ -282,14 +286,22 @@ class TaskHandle:
             return
         self._client._forget(self)
 
-    def _apply_snapshot(self, snapshot: dict[str, Any]) -> None:
-        status = snapshot["status"]
-        if status in ("success", "failed", "ended"):
+    def _abandon(self, error: Exception) -> None:
+        """The client closed: whoever waits for the task is told ``error``."""
+        if not self.published.done():
+            self.published.set_exception(error)
+            self.published.exception()  # nobody may await it: it must not be logged as lost
+        if not self._outcome.done():
+            self._outcome.set_exception(error)
+
+    def _apply_snapshot(self, task: dict[str, Any]) -> None:
+        snapshot = TaskSnapshot.from_dict(task)
+        if snapshot.status in TERMINAL_STATUSES:
             self._finish(
-                status,
-                result=snapshot.get("result"),
-                reason=snapshot.get("failure_reason", ""),
-                detail=snapshot.get("failure_detail", ""),
+                snapshot.status,
+                result=snapshot.result,
+                reason=snapshot.failure_reason,
+                detail=snapshot.failure_detail,
             )
 
     def __repr__(self) -> str:

@@ -35,15 +35,16 @@ class Worker:
         #: The tasks whose handlers run, by id.
         self.tasks: dict[str, Task] = {}
 
-    def offer(self, offer: Offer) -> None:
-        """Run the handler of the offer's action on it."""
+    def offer(self, offer: Offer) -> bool:
+        """Run the handler of the offer's action on it; whether there is one."""
         handler = self.handlers.get(offer.action)
         if handler is None:
             log.warning("taskhub: offered %s, which has no handler", offer.action)
-            return
+            return False
         task = Task(self.client, offer)
         self.tasks[task.id] = task
         self.client.spawn(self._work(task, handler))
+        return True
 
     def notify(self, message: TaskEventMessage) -> None:
         task = self.tasks.get(message.task)

@@ -21,6 +21,7 @@ from .errors import InvalidTransition, UnknownTask
 from .states import (
     ACTIVE_ASSIGNMENT_STATES,
     FAILED_ASSIGNMENT_STATES,
+    TERMINAL_TASK_STATUSES,
     AssignmentState,
     AssignmentTrigger,
     TaskStatus,
@@ -70,7 +71,7 @@ class Task:
 
     @property
     def finished(self) -> bool:
-        return self.status in (TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.ENDED)
+        return self.status in TERMINAL_TASK_STATUSES
 
 
 @dataclass(frozen=True)

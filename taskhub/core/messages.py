@@ -12,6 +12,7 @@ JSON ``null``), and are not sent.
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,6 +38,8 @@ __all__ = [
     "TaskFailure",
     "TaskSuccess",
     "TaskUpdate",
+    "TaskSnapshot",
+    "LoggedEvent",
     "Welcome",
     "event_message",
     "parse_message",
@@ -52,6 +55,8 @@ class Message:
     required: ClassVar[tuple[str, ...]] = ()
     #: The fields in the order they are written.
     order: ClassVar[tuple[str, ...]] = ()
+    #: The JSON types of the fields a reader relies on (others are passed on as sent).
+    types: ClassVar[dict[str, builtins.type]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         """The message as a frame's object."""
@@ -72,6 +77,10 @@ class Message:
         for name in cls.required:
             if name not in obj:
                 raise InvalidMessage(f"{cls.type} message without {name!r}", ErrorCode.INVALID_FIELD)
+        for name, kind in cls.types.items():
+            value = obj.get(name)
+            if name in obj and (not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool)):
+                raise InvalidMessage(f"{cls.type} message with a wrong {name!r}: {value!r}", ErrorCode.INVALID_FIELD)
         return cls(**{name: obj[name] for name in cls.order if name in obj})
 
 
@@ -81,6 +90,7 @@ class Welcome(Message):
 
     type = "welcome"
     required = ("service", "instance")
+    types = {"instance": str, "max_message_size": int, "max_payload_size": int}
     order = ("v", "service", "instance", "max_message_size", "max_payload_size", "ref")
     service: str
     instance: str
@@ -120,6 +130,7 @@ class Error(Message):
 
     type = "error"
     required = ("code",)
+    types = {"code": str}
     order = ("code", "detail", "ref")
     code: str
     detail: Any = ""
@@ -132,6 +143,7 @@ class Offer(Message):
 
     type = "task"
     required = ("task", "action", "attempt")
+    types = {"task": str, "action": str, "attempt": int, "payload_size": int}
     order = ("task", "action", "attempt", "publisher", "payload_size", "payload")
     task: str
     action: str
@@ -155,11 +167,12 @@ class Payload(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class State(Message):
-    """The answer to ``watch``: the task's state and the events after ``since``, each
-    ``{"seq", "kind", "service", "attempt", "data", "at"}``."""
+    r"""The answer to ``watch``: the task's state (a :class:`TaskSnapshot`'s dict) and the
+    events after ``since`` (:class:`LoggedEvent`\ s' dicts)."""
 
     type = "state"
     required = ("task", "events")
+    types = {"task": dict, "events": list}
     order = ("ref", "task", "events")
     task: dict[str, Any]
     events: list[dict[str, Any]]
@@ -172,6 +185,7 @@ class TaskEventMessage(Message):
     ``watch`` replays by)."""
 
     required = ("task", "seq")
+    types = {"task": str, "seq": int, "attempt": int}
     task: str
     seq: int
     attempt: Any = 1
@@ -260,3 +274,67 @@ def parse_message(obj: Any) -> Message:
     if cls is None:
         raise InvalidMessage(f"unknown message type {obj.get('type')!r}", ErrorCode.UNKNOWN_TYPE)
     return cls.from_dict(obj)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskSnapshot:
+    """A task as ``watch`` shows it (the ``task`` of a ``state`` message).
+
+    ``status`` is a :class:`~taskhub.core.states.TaskStatus` value; times are ISO 8601.
+    """
+
+    id: str
+    action: str
+    status: str
+    attempt: int = 1
+    publisher: str = ""
+    progress: float | None = None
+    has_result: bool = False
+    result: Any = None
+    failure_reason: str = ""
+    failure_detail: str = ""
+    created_at: str = ""
+    finished_at: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> TaskSnapshot:
+        """Read a snapshot; fields it lacks take their defaults.
+
+        Raises:
+            InvalidMessage: ``invalid_field`` without an ``id``, ``action`` or ``status``.
+        """
+        for name in ("id", "action", "status"):
+            if not isinstance(obj.get(name), str):
+                raise InvalidMessage(f"task snapshot without {name!r}", ErrorCode.INVALID_FIELD)
+        return cls(**{name: obj[name] for name in cls.__dataclass_fields__ if name in obj})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoggedEvent:
+    """One event of a task's log as ``watch`` replays it: ``seq``, its
+    :class:`~taskhub.core.codes.EventKind`, the service and attempt it concerns, its
+    data, and when it happened (ISO 8601)."""
+
+    seq: int
+    kind: str
+    service: str = ""
+    attempt: int = 1
+    data: Any = None
+    at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> LoggedEvent | None:
+        """Read a logged event; ``None`` for one without an integer ``seq`` or a ``kind``."""
+        if not isinstance(obj, dict) or not isinstance(obj.get("seq"), int) or not isinstance(obj.get("kind"), str):
+            return None
+        return cls(**{name: obj[name] for name in cls.__dataclass_fields__ if name in obj})
+
+    def message(self, task: str) -> TaskEventMessage | None:
+        """The live message this event was (see :func:`event_message`)."""
+        return event_message(task, self.seq, self.kind, self.service, self.attempt, self.data)

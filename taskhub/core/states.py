@@ -18,7 +18,6 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from .codes import FailureReason
 from .errors import InvalidTransition
 
 
@@ -121,10 +120,6 @@ ASSIGNMENT_TRANSITIONS: dict[AssignmentState, dict[AssignmentTrigger, Assignment
 
 ACTIVE_ASSIGNMENT_STATES = frozenset({AssignmentState.OFFERED, AssignmentState.PICKED_UP})
 FAILED_ASSIGNMENT_STATES = frozenset({AssignmentState.FAILED, AssignmentState.LOST})
-
-# Why a task failed (TaskRecord.failure_reason, TaskFailed.reason): see codes.FailureReason.
-FAILURE_REASONS = tuple(reason.value for reason in FailureReason)
-
 
 def _advance(table: dict[Any, dict[Any, Any]], state: Any, trigger: Any, what: str) -> Any:
     try:

@@ -17,8 +17,9 @@ commands      each client command, checked and applied
 sweeping      each process's periodic pass: leases, deadlines, waiting tasks
 ============  ==========================================================
 
-Imports point down the table's reverse: ``commands`` and ``sweeping`` use the rest,
-``transitions`` uses ``routing`` and the store, ``routing`` only the core.
+Imports point up this table, never down: ``commands`` and ``sweeping`` use the modules
+above them, ``transitions`` uses ``routing`` and the store, and ``routing`` uses the
+core, the models and the store's row types only.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from taskhub.core.commands import MISSING, Drop, Fail, Pickup, Pub, Return, Upda
 from taskhub.core.errors import InvalidMessage, PermissionDenied
 from taskhub.core.frames import encoded_size
 from taskhub.models import Credential, Subscription, TaskRecord
+from taskhub.store import get_store
 
 from . import queries
 from .dispatch import choose_offers, dispatch_waiting
@@ -83,11 +84,12 @@ def publish(
         payload_size=size,
         created_at=now,
     )
-    offers, channels = choose_offers(action, now)
+    store = get_store()
+    offers, channels = choose_offers(store, action, now)
     events += machine.start(task, offers, now)
     try:
-        with unit_of_work(lock=False):
-            written = write_new(record, task, events, now)
+        with unit_of_work(store, lock=False):
+            written = write_new(store, record, task, events, now)
     except IntegrityError:
         # The id is taken: a re-sent pub (answered as a no-op), or another task's id.
         # The insert itself detects it, so a new task costs no extra look-up.

@@ -16,7 +16,7 @@ from taskhub.core import machine
 from taskhub.core.actions import permits
 from taskhub.core.states import TaskStatus
 from taskhub.models import Subscription, TaskRecord
-from taskhub.store import get_store
+from taskhub.store import Store, get_store
 
 from .routing import Notice
 from .transitions import transition
@@ -27,7 +27,7 @@ DISPATCH_BATCH = 200
 Offers = list[tuple[str, str]]
 
 
-def choose_offers(action: str, now: datetime) -> tuple[Offers, dict[str, str]]:
+def choose_offers(store: Store, action: str, now: datetime) -> tuple[Offers, dict[str, str]]:
     """One live instance per subscribed service, least recently assigned first.
 
     Returns:
@@ -36,7 +36,7 @@ def choose_offers(action: str, now: datetime) -> tuple[Offers, dict[str, str]]:
         The transition's write marks them assigned (from their ``start`` events).
     """
     chosen: dict[int, tuple[str, str, str]] = {}
-    for sub in get_store().live_subscribers(action, now):
+    for sub in store.live_subscribers(action, now):
         if sub.credential_id not in chosen and permits(sub.sub_permissions, action):
             chosen[sub.credential_id] = (sub.name, str(sub.instance), sub.channel_name)
     offers = [(service, instance) for service, instance, _ in chosen.values()]
@@ -45,7 +45,7 @@ def choose_offers(action: str, now: datetime) -> tuple[Offers, dict[str, str]]:
 
 def start(task_id: uuid.UUID | str, action: str, now: datetime) -> list[Notice]:
     """Offer a pending task to its action's subscribers, if it has any and is pending."""
-    offers, channels = choose_offers(action, now)
+    offers, channels = choose_offers(get_store(), action, now)
     if not offers:
         return []
 

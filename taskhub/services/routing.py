@@ -67,12 +67,11 @@ def listeners(
         if row.channel and row.state in _LISTENING and (row.service, row.attempt) not in lost
     }
     update = any(e.kind is EventKind.UPDATE for e in events)
-    if not update and sender is not None:
-        channels.discard(sender)
-    if publisher_channel:
+    if sender is not None:
+        channels.discard(sender)  # its own command is no news to it
+    # The publisher hears the outcome even of its own command, but not its own update.
+    if publisher_channel and not (update and publisher_channel == sender):
         channels.add(publisher_channel)
-    if update and sender is not None:
-        channels.discard(sender)
     return sorted(channels)
 
 

@@ -29,7 +29,7 @@ from taskhub.core.codes import RELAYED_KINDS, EventKind
 from taskhub.core.errors import UnknownTask
 from taskhub.core.states import TERMINAL_TASK_STATUSES, AssignmentState, TaskStatus
 from taskhub.models import TaskRecord
-from taskhub.store import AssignmentRow, Changes, Written, get_store
+from taskhub.store import AssignmentRow, Changes, Store, Written, get_store
 
 from .routing import Notice, listeners, notices_for
 
@@ -141,7 +141,9 @@ def changes_of(
     return changes
 
 
-def write_new(record: TaskRecord, task: machine.Task, events: Sequence[machine.Event], now: datetime) -> Written:
+def write_new(
+    store: Store, record: TaskRecord, task: machine.Task, events: Sequence[machine.Event], now: datetime
+) -> Written:
     """Insert a new task with its first events and assignments.
 
     Raises:
@@ -152,7 +154,7 @@ def write_new(record: TaskRecord, task: machine.Task, events: Sequence[machine.E
     record.status, record.deadline = task.status.value, machine.next_deadline(task)
     if task.status is not TaskStatus.PENDING:
         record.started_at = now
-    written = get_store().write_transition(changes_of(record, task, events, now, [], None))
+    written = store.write_transition(changes_of(record, task, events, now, [], None))
     assert written is not None, "an insert is its own fence"
     return written
 
@@ -189,7 +191,7 @@ def transition(
         # did not hold, wait for it under the lock instead.
         lock = not store.optimistic or attempt >= OPTIMISTIC_ATTEMPTS
         try:
-            with unit_of_work(lock=lock):
+            with unit_of_work(store, lock=lock):
                 loaded = store.load_task(task_id, with_payload=with_payload, service=service, lock=lock)
                 if loaded is None:
                     raise UnknownTask(f"no task {task_id}")
@@ -213,7 +215,7 @@ def transition(
     raise RuntimeError(f"task {task_id}: gave up after {MAX_TRANSITION_RETRIES} conflicting updates")
 
 
-def unit_of_work(*, lock: bool = True) -> contextlib.AbstractContextManager[Any]:
+def unit_of_work(store: Store, *, lock: bool = True) -> contextlib.AbstractContextManager[Any]:
     """What a transition's (or a publish's) statements run in.
 
     ``transaction.atomic()`` where transitions lock on read, or when ``lock``. Without a
@@ -222,6 +224,6 @@ def unit_of_work(*, lock: bool = True) -> contextlib.AbstractContextManager[Any]
     inside a caller's transaction it is a savepoint still, so that an error leaves that
     transaction usable.
     """
-    if lock or not get_store().optimistic or transaction.get_connection().in_atomic_block:
+    if lock or not store.optimistic or transaction.get_connection().in_atomic_block:
         return transaction.atomic()
     return contextlib.nullcontext()

@@ -27,7 +27,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
+from taskhub.core.states import TERMINAL_TASK_STATUSES
 from taskhub.models import TaskRecord
+
+#: The statuses of a finished task, as stored.
+TERMINAL = tuple(sorted(status.value for status in TERMINAL_TASK_STATUSES))
 
 
 class AssignmentRow(NamedTuple):

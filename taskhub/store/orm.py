@@ -15,12 +15,9 @@ from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import F
 
-from taskhub.core.states import TERMINAL_TASK_STATUSES
 from taskhub.models import Assignment, Instance, Subscription, TaskEvent, TaskRecord
 
-from .base import AssignmentRow, Changes, LoadedTask, Store, Subscriber, Written
-
-_TERMINAL = [status.value for status in TERMINAL_TASK_STATUSES]
+from .base import TERMINAL, AssignmentRow, Changes, LoadedTask, Store, Subscriber, Written
 
 
 class OrmStore(Store):
@@ -46,7 +43,7 @@ class OrmStore(Store):
         if not with_payload:
             record.payload = None
         rows = Assignment.objects.using(self.alias).filter(task_id=pk)
-        if service is not None and record.status in _TERMINAL:
+        if service is not None and record.status in TERMINAL:
             rows = rows.filter(service=service)
         assignments = [
             AssignmentRow(*row)
@@ -75,7 +72,11 @@ class OrmStore(Store):
         events = TaskEvent.objects.using(self.alias).bulk_create([TaskEvent(**row) for row in changes.events])
         if changes.assigned:
             Instance.objects.using(self.alias).filter(pk__in=changes.assigned).update(last_assigned_at=now)
-        return Written(event_ids=tuple(e.pk for e in events))
+        ids = [e.pk for e in events]
+        if None in ids:  # a database that returns no inserted ids (MySQL): ours are the task's last, under its lock
+            latest = TaskEvent.objects.using(self.alias).filter(task_id=record.pk).order_by("-id")
+            ids = list(latest.values_list("id", flat=True)[: len(events)])[::-1]
+        return Written(event_ids=tuple(ids))
 
     def live_subscribers(self, action: str, now: datetime) -> list[Subscriber]:
         rows = (

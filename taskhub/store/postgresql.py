@@ -133,7 +133,7 @@ class PostgresStore(SqlStore):
             changes.record._state.adding = False
             return written
         if task is None:  # leave the task's row alone: the fence is the row being there
-            pk = self.values.prep(schema.tasks().field("id"))(changes.record.pk)
+            pk = self.values.named(TaskRecord, "id")(changes.record.pk)
             fence = Step(self.statement(("fence_exists",), self._fence_exists), [pk])
         else:
             fence = Step(self.statement(("fence", task.text), lambda: self._fence_task(task.text)), task.params)

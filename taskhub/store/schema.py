@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.db.models import Field, ForeignKey, Model
+from django.utils import timezone
 
-from taskhub.models import Assignment, Credential, Instance, Subscription, TaskEvent, TaskRecord
+from taskhub.models import Assignment, Instance, Subscription, TaskRecord
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class Table:
     fields: tuple[Field[Any, Any], ...]
     #: The fields' attribute names (``publisher_id`` for the ``publisher`` relation).
     attnames: tuple[str, ...]
-    #: The fields an insert writes: all but an auto-incremented primary key.
+    #: The fields an insert writes: all but an auto-incremented primary key, generated
+    #: columns and those with a database default (the database fills them).
     inserted: tuple[Field[Any, Any], ...]
     #: Fields whose ``pre_save`` gives the value to insert (``auto_now`` and the like).
     pre_saved: frozenset[str]
@@ -35,9 +37,12 @@ class Table:
         """The field whose attribute is ``attname``."""
         return _by_attname(self.model)[attname]
 
-    def default(self, attname: str) -> Any:
-        """What a row not given a value for ``attname`` gets: the field's default."""
-        return self.field(attname).get_default()
+    def value(self, row: dict[str, Any], field: Field[Any, Any]) -> Any:
+        """The value to insert for ``field`` from ``row`` (by attribute name): the row's,
+        else the field's default; ``auto_now`` fields get the field's own."""
+        if field.attname in self.pre_saved and (getattr(field, "auto_now", False) or row.get(field.attname) is None):
+            return timezone.now()  # what the field's pre_save gives
+        return row[field.attname] if field.attname in row else field.get_default()
 
 
 @functools.cache
@@ -56,11 +61,16 @@ def table(model: type[Model]) -> Table:
         name=model._meta.db_table,
         fields=fields,
         attnames=tuple(f.attname for f in fields),
-        inserted=tuple(f for f in fields if not (auto and f is pk)),
+        inserted=tuple(f for f in fields if not (auto and f is pk) and not _filled_by_database(f)),
         pre_saved=frozenset(
             f.attname for f in fields if getattr(f, "auto_now", False) or getattr(f, "auto_now_add", False)
         ),
     )
+
+
+def _filled_by_database(field: Field[Any, Any]) -> bool:
+    """A generated column, or one with a database default."""
+    return bool(getattr(field, "generated", False)) or field.has_db_default()
 
 
 @dataclass(frozen=True)
@@ -89,17 +99,9 @@ def assignments() -> Table:
     return table(Assignment)
 
 
-def events() -> Table:
-    return table(TaskEvent)
-
-
 def instances() -> Table:
     return table(Instance)
 
 
 def subscriptions() -> Table:
     return table(Subscription)
-
-
-def credentials() -> Table:
-    return table(Credential)

@@ -14,6 +14,7 @@ array (``aggregate``), which saved a round trip per transition on PostgreSQL.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -23,14 +24,12 @@ from typing import Any, NamedTuple
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model
 
-from taskhub.core.states import TERMINAL_TASK_STATUSES
 from taskhub.models import Assignment, Credential, Instance, Subscription, TaskEvent, TaskRecord
 
 from . import schema
-from .base import AssignmentRow, Changes, LoadedTask, Store, Subscriber
+from .base import TERMINAL, AssignmentRow, Changes, LoadedTask, Store, Subscriber
 from .values import Reader, Values
 
-_TERMINAL = sorted(status.value for status in TERMINAL_TASK_STATUSES)
 _UNSET = object()
 
 #: What an assignment row brings to a transition, in :class:`AssignmentRow` order (its
@@ -59,6 +58,8 @@ class SqlStore(Store):
         self.values = Values(conn)
         self.quote = conn.ops.quote_name
         self._statements: dict[tuple[Any, ...], str] = {}
+        self._preps: dict[type[Model], list[Any]] = {}
+        self._task_preps: dict[str, Any] = {}
         #: Most parameters one statement may carry: wider inserts go in batches.
         self.max_params = self.parameter_limit()
 
@@ -114,7 +115,7 @@ class SqlStore(Store):
         )
         mine = ""
         if own:
-            terminal = ", ".join(["%s"] * len(_TERMINAL))
+            terminal = ", ".join(["%s"] * len(TERMINAL))
             service, status = self.column(Assignment, "service"), self.column(TaskRecord, "status")
             mine = f" AND (a.{service} = %s OR t.{status} NOT IN ({terminal}))"
         return (
@@ -191,9 +192,9 @@ class SqlStore(Store):
         text = self.statement(
             ("select_task", with_payload, own, lock), lambda: self._select_task(with_payload, own, lock)
         )
-        prepared_pk = self.values.prep(_field(TaskRecord, "id"))(pk)
+        prepared_pk = self.values.named(TaskRecord, "id")(pk)
         with self.cursor() as cursor:
-            cursor.execute(text, [prepared_pk] if not own else [service, *_TERMINAL, prepared_pk])
+            cursor.execute(text, [prepared_pk] if not own else [service, *TERMINAL, prepared_pk])
             row = cursor.fetchone()
         if row is None:
             return None
@@ -211,7 +212,7 @@ class SqlStore(Store):
 
     def live_subscribers(self, action: str, now: datetime) -> list[Subscriber]:
         text = self.statement(("live_subscribers",), self._select_subscribers)
-        lease = self.values.prep(Instance._meta.get_field("lease_expires_at"))(now)
+        lease = self.values.named(Instance, "lease_expires_at")(now)
         with self.cursor() as cursor:
             cursor.execute(text, [action, lease, True])
             rows = cursor.fetchall()
@@ -243,10 +244,12 @@ class SqlStore(Store):
     def task_params(self, record: TaskRecord) -> list[Any]:
         """An inserted task's values, every column's, in the table's order."""
         tasks = schema.tasks()
-        prep = self.values.prep
+        preps = self._preps.get(TaskRecord)
+        if preps is None:
+            preps = self._preps[TaskRecord] = [self.values.prep(f) for f in tasks.inserted]
         return [
-            prep(f)(f.pre_save(record, True) if f.attname in tasks.pre_saved else getattr(record, f.attname))
-            for f in tasks.inserted
+            prep(f.pre_save(record, True) if f.attname in tasks.pre_saved else getattr(record, f.attname))
+            for f, prep in zip(tasks.inserted, preps, strict=True)
         ]
 
     def inserts(self, model: type[Model], rows: list[dict[str, Any]], *, returning: bool = False) -> list[Step]:
@@ -263,15 +266,19 @@ class SqlStore(Store):
                 for start in range(0, len(rows), per_statement)
                 for step in self.inserts(model, rows[start : start + per_statement], returning=returning)
             ]
-        preps = [self.values.prep(f) for f in fields]
+        preps = self._preps.get(model)
+        if preps is None:
+            preps = self._preps[model] = [self.values.prep(f) for f in fields]
         # Rows of one transition share objects (the task id, ``now``): prepare each once.
         # A fan-out to 20 services writes 41 rows, and preparing a datetime or a UUID is
         # the costliest step of such an insert.
         previous: list[tuple[Any, Any]] = [(_UNSET, None)] * len(fields)
         params = []
+        pre_saved = table.pre_saved
         for row in rows:
             for i, (f, prep) in enumerate(zip(fields, preps, strict=True)):
-                value = row[f.attname] if f.attname in row else table.default(f.attname)
+                name = f.attname
+                value = row[name] if name in row and name not in pre_saved else table.value(row, f)
                 last, prepared = previous[i]
                 if value is not last:
                     prepared = prep(value)
@@ -281,30 +288,36 @@ class SqlStore(Store):
 
     def task_step(self, changes: Changes) -> Step | None:
         """The task's insert or its update at the version read; ``None`` to leave it alone."""
-        record, prep = changes.record, self.values.prep
+        record = changes.record
         if changes.fields is None:
             return Step(self.insert(TaskRecord, 1), self.task_params(record), TaskRecord, 1)
         if not changes.fields:
             return None
-        tasks = schema.tasks()
         names = tuple(changes.fields)
-        pk = prep(tasks.field("id"))(record.pk)
-        params = [prep(tasks.field(n))(changes.fields[n]) for n in names] + [pk, record.version]
+        preps = self._task_preps
+        if not preps:
+            preps.update((f.attname, self.values.prep(f)) for f in schema.tasks().fields)
+        params = [preps[n](value) for n, value in changes.fields.items()]
+        params += [preps["id"](record.pk), preps["version"](record.version)]
         return Step(self.update_task(names), params)
 
     def other_steps(self, changes: Changes) -> tuple[list[Step], list[Step]]:
         """``(steps before the events, the events' inserts)``; the rest of the write after the task's step."""
-        now_at = self.values.prep(_field(Assignment, "updated_at"))(changes.now)
+        prep = self.values.named
+        now_at, prep_pk = prep(Assignment, "updated_at")(changes.now), prep(Assignment, "id")
         update = self.update_assignment()
-        steps = [Step(update, [state, detail, now_at, pk]) for pk, state, detail in changes.assignment_updates]
+        steps = [
+            Step(update, [state, detail, now_at, prep_pk(pk)]) for pk, state, detail in changes.assignment_updates
+        ]
         steps += self.inserts(Assignment, changes.new_assignments)
         if changes.assigned:
-            prep_id = self.values.prep(_field(Instance, "id"))
-            at = self.values.prep(_field(Instance, "last_assigned_at"))(changes.now)
+            prep_id = prep(Instance, "id")
+            at = prep(Instance, "last_assigned_at")(changes.now)
             steps.append(Step(self.mark_assigned(len(changes.assigned)), [at, *(prep_id(i) for i in changes.assigned)]))
         return steps, self.inserts(TaskEvent, changes.events, returning=True)
 
 
+@functools.cache
 def _field(model: type[Model], name: str) -> Field[Any, Any]:
     field = model._meta.get_field(name)
     assert isinstance(field, Field), f"{model.__name__}.{name} is not a concrete field"

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import Field
+from django.db.models import Field, Model
 
 Prep = Callable[[Any], Any]
 
@@ -61,17 +61,29 @@ class Values:
 
     def __init__(self, conn: BaseDatabaseWrapper) -> None:
         self.conn = conn
-        self._prep: dict[Field[Any, Any], Prep] = {}
+        # By the field's id: a Field's own hash is computed in Python on every look-up,
+        # and a transition looks up some thirty. Fields live as long as their models.
+        self._prep: dict[int, Prep] = {}
+        self._named: dict[tuple[type[Model], str], Prep] = {}
+
+    def named(self, model: type[Model], attname: str) -> Prep:
+        """:meth:`prep` of the field whose attribute is ``attname``; the hot path's way."""
+        key = (model, attname)
+        found = self._named.get(key)
+        if found is None:
+            field = next(f for f in model._meta.concrete_fields if f.attname == attname)
+            found = self._named[key] = self.prep(field)
+        return found
 
     def prep(self, field: Field[Any, Any]) -> Prep:
         """The field's ``get_db_prep_save`` bound to this connection, with a shortcut for
         the values the hot path passes (see :meth:`_shortcut`)."""
-        found = self._prep.get(field)
+        found = self._prep.get(id(field))
         if found is None:
             slow = functools.partial(field.get_db_prep_save, connection=self.conn)
             # A foreign key's value is prepared as its target's.
             kind = (field.target_field if field.is_relation else field).get_internal_type()  # type: ignore[attr-defined]
-            found = self._prep[field] = self._shortcut(kind, slow) or slow
+            found = self._prep[id(field)] = self._shortcut(kind, slow) or slow
         return found
 
     def _shortcut(self, kind: str, slow: Prep) -> Prep | None:

@@ -20,7 +20,7 @@ from taskhub.client.protocol import (
     TaskEventIn,
     Welcomed,
 )
-from taskhub.core.commands import GetPayload, Ping, Pub, Update
+from taskhub.core.commands import GetPayload, Ping, Pub, Update, Watch
 from taskhub.core.errors import AuthenticationFailed, InvalidMessage, UnknownTask
 from taskhub.core.messages import TaskSuccess, TaskUpdate
 
@@ -169,3 +169,62 @@ def test_a_message_this_client_cannot_read_is_skipped(caplog):
     assert receive(protocol, {"type": "from_the_future"}) == []
     assert protocol.receive("not json") == []
     assert "skipped a message" in caplog.text
+
+
+def test_live_events_that_race_a_watchs_replay_are_delivered_after_it_in_order():
+    """The hub joins the task's group before it reads the events it replays: a live event
+    can come before the replay of older ones, and must not make them look heard."""
+    protocol = opened()
+    protocol.follow(TASK, resume=True)
+    ref = protocol.send(Watch.build(task=TASK, since=0))
+    sent(protocol)
+    live = {"type": "update", "task": TASK, "seq": 12, "attempt": 1, "service": "w", "data": 2}
+    assert receive(protocol, live) == []  # held until the replay
+    logged = [{"seq": 11, "kind": "update", "service": "w", "attempt": 1, "data": {"data": 1, "progress": None}}]
+    logged.append({**logged[0], "seq": 12, "data": {"data": 2, "progress": None}})
+    events = receive(protocol, {"type": "state", "ref": ref, "task": {"id": TASK}, "events": logged})
+    assert [(type(e).__name__, getattr(getattr(e, "message", None), "seq", None)) for e in events] == [
+        ("TaskEventIn", 11),
+        ("TaskEventIn", 12),
+        ("Answered", None),
+    ]
+    assert receive(protocol, {**live, "seq": 13}) != []  # the watch answered: live again
+
+
+def test_closing_fails_every_command_waiting_and_refuses_new_ones():
+    protocol = ClientProtocol()
+    held = protocol.send(Ping.build())
+    protocol.connection_made()
+    receive(protocol, WELCOME)
+    sent_ref = protocol.send(GetPayload.build(task=TASK))
+    events = protocol.close()
+    got = sorted((type(e).__name__, getattr(e, "ref", None)) for e in events)
+    assert got == [("Failed", held), ("Failed", sent_ref)]
+    with pytest.raises(ConnectionLost):
+        protocol.send(Ping.build())
+    assert protocol.data_to_send() == []
+
+
+def test_a_command_held_before_the_hub_said_its_limit_is_refused_once_it_did():
+    protocol = ClientProtocol()
+    big = protocol.send(Pub.build(action="a:b", payload="x" * 2000))  # no limit known yet
+    protocol.connection_made()
+    welcomed, refused = receive(protocol, WELCOME)  # max_message_size 1000
+    assert isinstance(welcomed, Welcomed) and isinstance(refused, Refused) and refused.ref == big
+    assert refused.error.code == "message_too_large"  # type: ignore[attr-defined]
+    assert sent(protocol) == []
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "update", "task": TASK, "seq": "12"},
+        {"type": "update", "task": TASK, "seq": True},
+        {"type": "task", "task": TASK, "action": "a:b", "attempt": "1"},
+    ],
+)
+def test_a_message_with_fields_of_the_wrong_type_is_skipped(message, caplog):
+    protocol = opened()
+    protocol.follow(TASK)
+    assert receive(protocol, message) == []
+    assert "wrong" in caplog.text

@@ -2,12 +2,12 @@
 
 The hub runs as users run it (``daphne hubproject.asgi:application``) on its own
 database: a fresh SQLite file, or a fresh PostgreSQL database when ``DATABASE_URL``
-points at PostgreSQL. Credentials are made with ``manage.py taskhub_credential``.
+points at PostgreSQL. Credentials are written to it from the test process.
 """
 
 from __future__ import annotations
 
-import functools
+import concurrent.futures
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +18,7 @@ import pytest
 
 from taskhub.client import Client
 from tests.conftest import TIMEOUT
-from tests.processes import ROOT, Hub, create_credential, create_database, drop_database, start_redis
+from tests.processes import ROOT, Hub, add_credential, create_database, drop_database, start_redis
 
 __all__ = ["ROOT", "Hub"]
 
@@ -73,9 +73,18 @@ def make_hub(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[obje
 
 
 @pytest.fixture
-def credential(database_url: str) -> functools.partial[tuple[str, str]]:
-    """``credential(sub=[...], pub=[...], max_instances=1) -> (name, key)``, a fresh name each call."""
-    return functools.partial(create_credential, database_url)
+def credential(database_url: str, django_db_blocker: Any) -> Callable[..., tuple[str, str]]:
+    """``credential(sub=[...], pub=[...], max_instances=1) -> (name, key)``, a fresh name each
+    call, written to the hubs' database from this process (``tests/e2e/test_cli.py`` makes
+    one with ``manage.py taskhub_credential``, as operators do)."""
+
+    def make(**options: Any) -> tuple[str, str]:
+        # On a thread of its own: the tests call it from their event loop, where Django
+        # refuses synchronous database work.
+        with django_db_blocker.unblock(), concurrent.futures.ThreadPoolExecutor(1) as thread:
+            return thread.submit(add_credential, database_url, **options).result()
+
+    return make
 
 
 def unique_action(verb: str = "run") -> str:

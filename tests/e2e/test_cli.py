@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import TIMEOUT
-from tests.processes import ROOT
+from tests.processes import ROOT, create_credential
 
 pytestmark = pytest.mark.timeout(60 * TIMEOUT)
 
@@ -20,9 +20,10 @@ def cli(*args: str, **kwargs: Any) -> list[str]:
     return [sys.executable, "-m", "taskhub.client", *args]
 
 
-def test_worker_and_pub_from_the_command_line(hub, credential, tmp_path):
+def test_worker_and_pub_from_the_command_line(hub, credential, database_url, tmp_path):
     action = f"t{uuid.uuid4().hex[:10]}:double"
-    w_name, w_key = credential(sub=[action])
+    # As an operator makes it: the key printed by manage.py taskhub_credential works.
+    w_name, w_key = create_credential(database_url, sub=[action])
     c_name, c_key = credential(pub=[action])
     (tmp_path / "jobs.py").write_text(
         "async def double(task):\n"
