@@ -7,7 +7,7 @@ taskhub.E001   PICKUP_TIMEOUT is a positive number of seconds or None
 taskhub.E002   COMPLETE_TIMEOUT is a positive number of seconds or None
 taskhub.E003   MAX_MESSAGE_SIZE, MAX_PAYLOAD_SIZE, INLINE_PAYLOAD_SIZE are positive integers
 taskhub.E004   INLINE_PAYLOAD_SIZE <= MAX_PAYLOAD_SIZE < MAX_MESSAGE_SIZE
-taskhub.E005   INSTANCE_LEASE, SWEEP_INTERVAL, AUTH_TIMEOUT are positive numbers
+taskhub.E005   INSTANCE_LEASE, SWEEP_INTERVAL, AUTH_TIMEOUT, RESUME_GRACE, RETRY_BACKOFF_MAX are positive numbers
 taskhub.E006   INSTANCE_LEASE is at least three SWEEP_INTERVALs (leases are renewed by the sweeper)
 taskhub.E007   a channel layer is configured
 taskhub.E008   DB_THREADS is a positive integer or None
@@ -74,7 +74,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
         )
     times_ok = True
-    for name in ("INSTANCE_LEASE", "SWEEP_INTERVAL", "AUTH_TIMEOUT"):
+    for name in ("INSTANCE_LEASE", "SWEEP_INTERVAL", "AUTH_TIMEOUT", "RESUME_GRACE", "RETRY_BACKOFF_MAX"):
         value = getattr(conf, name)
         if not _positive(value):
             times_ok = False

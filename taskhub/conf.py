@@ -29,9 +29,14 @@ DEFAULTS: dict[str, Any] = {
     "MAX_PAYLOAD_SIZE": 512 * 1024,
     # Bytes: payloads up to this size travel inline in the offer; larger ones via get_payload.
     "INLINE_PAYLOAD_SIZE": 16 * 1024,
-    # Seconds an instance's lease lasts; its process renews it. A crashed process's
-    # instances stop counting against max_instances after this.
-    "INSTANCE_LEASE": 30.0,
+    # Seconds an instance's lease lasts; its process renews it on every sweep. A crashed
+    # process's instances stop getting tasks, and hand theirs over, after this.
+    "INSTANCE_LEASE": 10.0,
+    # Seconds a connection that went without a bye may take its instance back (resume),
+    # tasks included; after this its tasks go to another instance of the service.
+    "RESUME_GRACE": 10.0,
+    # Seconds: the longest wait before a retry (the backoff doubles up to it).
+    "RETRY_BACKOFF_MAX": 60.0,
     # Seconds between two runs of each process's sweeper (deadlines, leases).
     "SWEEP_INTERVAL": 1.0,
     # Seconds a connection without handshake credentials has to send its hello.
@@ -70,6 +75,8 @@ class Settings:
     MAX_PAYLOAD_SIZE: int
     INLINE_PAYLOAD_SIZE: int
     INSTANCE_LEASE: float
+    RESUME_GRACE: float
+    RETRY_BACKOFF_MAX: float
     SWEEP_INTERVAL: float
     AUTH_TIMEOUT: float
     DB_THREADS: int | None

@@ -6,6 +6,10 @@ database thread) and is answered with a message the core builds
 (:mod:`taskhub.core.messages`), and the notices it returns go out after the write
 (:mod:`taskhub.notify`: directly to consumers of this process, on the channel layer to
 the others). See docs/protocol.md.
+
+A connection that closes without ``bye`` only *detaches* its instance: the client may
+take it back, with its tasks, from any hub process within the resume grace
+(:mod:`taskhub.services.instances`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import collections
 import logging
 import uuid
 from collections.abc import Mapping
@@ -23,11 +26,12 @@ from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils import timezone
 
-from . import db, notify, services, sweeper
+from . import db, layers, notify, services, sweeper
 from .conf import conf
 from .core.codes import CloseCode, ErrorCode
 from .core.commands import (
     Bye,
+    Cancel,
     Command,
     Drop,
     Fail,
@@ -36,8 +40,11 @@ from .core.commands import (
     Pickup,
     Ping,
     Pub,
+    Retry,
     Return,
     Sub,
+    Tasks,
+    Touch,
     Unsub,
     Update,
     Watch,
@@ -46,81 +53,135 @@ from .core.commands import (
 )
 from .core.errors import AuthenticationFailed, InvalidMessage, ProtocolError
 from .core.frames import decode_frame, encode
-from .core.messages import Ack, Error, Message, Payload, Pong, State, Welcome
+from .core.messages import MISSING, Ack, Error, Message, Payload, Pong, State, TaskList, Welcome
 from .models import Credential
 from .notify import send_notices
+from .recovery import Ledger
+from .services import queries
 
 log = logging.getLogger(__name__)
 
-# Tasks whose last version heard a connection remembers. A copy of a relay comes within
-# moments of the first; the bound keeps a long-lived caller's memory flat.
-HEARD_TASKS = 1000
+_CLOSE_DETAIL = {
+    ErrorCode.CREDENTIAL_DISABLED: "the credential was disabled",
+    ErrorCode.SUPERSEDED: "the instance was resumed on another connection",
+}
 
 
 def basic_credentials(scope: Mapping[str, Any]) -> tuple[str, str] | None:
     """``(name, key)`` from an ``Authorization: Basic`` handshake header, if any."""
+    value = _header(scope, b"authorization")
+    if value is None or value[:6].lower() != b"basic ":
+        return None
+    try:
+        name, _, key = base64.b64decode(value[6:].strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return ("", "")
+    return (name, key)
+
+
+def _header(scope: Mapping[str, Any], name: bytes) -> bytes | None:
     for header, value in scope.get("headers", ()):
-        if header == b"authorization" and value[:6].lower() == b"basic ":
-            try:
-                name, _, key = base64.b64decode(value[6:].strip(), validate=True).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                return ("", "")
-            return (name, key)
+        if header == name:
+            return bytes(value)
     return None
 
 
-class TaskHubConsumer(AsyncWebsocketConsumer):
+def session_options(scope: Mapping[str, Any]) -> tuple[str | None, int | None]:
+    """``(resume token, concurrency)`` from the ``TaskHub-Resume`` and
+    ``TaskHub-Concurrency`` handshake headers (what ``hello`` carries otherwise).
+
+    Raises:
+        InvalidMessage: ``invalid_field`` for a concurrency that is not a positive integer.
+    """
+    resume = _header(scope, b"taskhub-resume")
+    concurrency = _header(scope, b"taskhub-concurrency")
+    value: int | None = None
+    if concurrency is not None:
+        text = concurrency.decode("latin-1").strip()
+        if not text.isdigit() or int(text) < 1:
+            raise InvalidMessage("header TaskHub-Concurrency must be a positive integer", ErrorCode.INVALID_FIELD)
+        value = int(text)
+    return (resume.decode("latin-1").strip() if resume else None), value
+
+
+class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type: ignore[misc]  # channel_receive
     """Serves ``/ws/taskhub/``."""
 
     credential: Credential | None = None
     instance_id: uuid.UUID | None = None
+    concurrency: int | None = None
 
     async def connect(self) -> None:
         sweeper.ensure_started()
-        # Task groups this connection joined to watch the tasks, and the last version of
-        # the tasks it heard of lately: it may hear a transition both as the task's
-        # publisher or worker and as a watcher.
+        # Task groups this connection joined to watch the tasks, and what it forwarded of
+        # each task it follows: it may hear a transition both as the task's publisher or
+        # worker and as a watcher, and the sweeper sends it what the layer lost.
         self.followed: set[str] = set()
-        self.heard: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.ledger = Ledger()
+        self.subscriptions: set[str] = set()
         self.auth_timer: asyncio.TimerHandle | None = None
-        notify.register(self.channel_name, self.dispatch)
+        notify.register(self.channel_name, self)
         await self.accept()
         credentials = basic_credentials(self.scope)
         if credentials is not None:
-            await self.login(*credentials, ref=None)
+            try:
+                resume, concurrency = session_options(self.scope)
+            except InvalidMessage as exc:
+                await self.refuse(exc.code, exc.detail, None)
+                return
+            await self.login(*credentials, ref=None, resume=resume, concurrency=concurrency)
         else:
             loop = asyncio.get_running_loop()
             self.auth_timer = loop.call_later(conf.AUTH_TIMEOUT, lambda: asyncio.ensure_future(self.auth_timed_out()))
 
     async def auth_timed_out(self) -> None:
         if self.credential is None:
-            code = ErrorCode.AUTHENTICATION_TIMEOUT
-            await self.reply(Error(code=code, detail="no hello within the authentication timeout"))
-            await self.close(CloseCode.for_error(code))
+            await self.refuse(ErrorCode.AUTHENTICATION_TIMEOUT, "no hello within the authentication timeout", None)
 
-    async def login(self, name: str, key: str, ref: str | int | None) -> None:
+    async def refuse(self, code: str, detail: str, ref: str | int | None) -> None:
+        """Refuse the session: an error, then the close code that goes with it."""
+        await self.reply(Error(code=code, detail=detail, ref=ref))
+        await self.close(CloseCode.for_error(code))
+
+    async def login(
+        self, name: str, key: str, ref: str | int | None, *, resume: str | None, concurrency: int | None
+    ) -> None:
         if self.auth_timer is not None:
             self.auth_timer.cancel()
         now = timezone.now()
         client = self.scope.get("client") or ("", 0)
         try:
             credential = await db.run(services.authenticate, name, key)
-            instance = await db.run(
-                services.register_instance, credential, self.channel_name, sweeper.PROCESS, str(client[0]), now
+            session = await db.run(
+                services.connect,
+                credential,
+                self.channel_name,
+                sweeper.PROCESS,
+                str(client[0]),
+                now,
+                resume=resume,
+                concurrency=concurrency,
             )
         except AuthenticationFailed as exc:
-            await self.reply(Error(code=exc.code, detail=exc.detail, ref=ref))
-            await self.close(CloseCode.for_error(exc.code))
+            await self.refuse(exc.code, exc.detail, ref)
             return
-        self.credential, self.instance_id = credential, instance.pk
-        welcome = Welcome(
-            service=credential.name,
-            instance=str(instance.pk),
-            max_message_size=conf.MAX_MESSAGE_SIZE,
-            max_payload_size=conf.MAX_PAYLOAD_SIZE,
-            ref=ref,
+        self.credential, self.instance_id, self.concurrency = credential, session.instance.pk, concurrency
+        await self.reply(
+            Welcome(
+                service=credential.name,
+                instance=str(session.instance.pk),
+                resume=session.token,
+                resumed=session.resumed,
+                max_message_size=conf.MAX_MESSAGE_SIZE,
+                max_payload_size=conf.MAX_PAYLOAD_SIZE,
+                ref=ref,
+            )
         )
-        await self.reply(welcome)
+        notices = list(session.notices)
+        if session.superseded:
+            close = {"type": "taskhub.close", "code": ErrorCode.SUPERSEDED.value}
+            notices.append(services.Notice("channel", session.superseded, close))
+        await send_notices(self.channel_layer, notices)
 
     async def disconnect(self, code: int) -> None:
         notify.unregister(self.channel_name)
@@ -129,8 +190,8 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
         for group in getattr(self, "followed", set()):
             await notify.group_discard(self.channel_layer, group, self.channel_name)
         if self.instance_id is not None:
-            notices = await db.run(services.disconnect, self.instance_id, timezone.now())
-            await send_notices(self.channel_layer, notices)
+            # Without a bye: the client may come back for its instance.
+            await db.run(services.detach, self.instance_id, self.channel_name, timezone.now())
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels' AsyncConsumer.dispatch first closes stale database connections, with a
@@ -169,7 +230,9 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
         if isinstance(cmd, Hello):
             if self.credential is not None:
                 raise InvalidMessage("already authenticated", ErrorCode.ALREADY_AUTHENTICATED)
-            await self.login(cmd.name, cmd.key, cmd.ref)
+            resume = None if cmd.resume is MISSING else cmd.resume
+            concurrency = None if cmd.concurrency is MISSING else cmd.concurrency
+            await self.login(cmd.name, cmd.key, cmd.ref, resume=resume, concurrency=concurrency)
             return
         credential, instance_id = self.credential, self.instance_id
         if credential is None or instance_id is None:
@@ -182,40 +245,79 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
                 answer = Pong(ref=cmd.ref)
             case Bye():
                 self.instance_id = None
-                notices = await db.run(services.disconnect, instance_id, now)
+                notices = await db.run(services.release, instance_id, now, channel_name=self.channel_name)
                 await self.reply(Ack(ref=cmd.ref))
                 await send_notices(self.channel_layer, notices)
                 await self.close(1000)
                 return
             case Sub(action=action):
                 started, notices = await db.run(services.subscribe, instance_id, credential, action, now)
+                self.subscriptions.add(action)
                 answer = Ack(ref=cmd.ref, action=action, waiting=started)
             case Unsub(action=action):
                 await db.run(services.unsubscribe, instance_id, action)
+                self.subscriptions.discard(action)
                 answer = Ack(ref=cmd.ref, action=action)
             case Pub():
                 task_id, created, notices = await db.run(services.publish, credential, cmd, now, instance_id)
+                self.ledger.get(task_id)
                 if not created:
                     # A re-sent pub, maybe from a new connection: follow the task as its
                     # watchers do, since its events go to the connection that published it.
                     await self.follow(task_id)
                 answer = Ack(ref=cmd.ref, task=task_id, created=created)
-            case Pickup() | Update() | Return() | Drop() | Fail():
-                notices = await db.run(services.act, credential, cmd, now, self.channel_name)
+            case Pickup() | Update() | Touch() | Return() | Drop() | Fail():
+                notices = await db.run(services.act, credential, cmd, now, self.channel_name, instance_id)
                 answer = Ack(ref=cmd.ref, task=cmd.task)
+                if self.concurrency is not None and isinstance(cmd, Return | Drop | Fail) and self.subscriptions:
+                    # Room for another task: offer what waits for one.
+                    notices += (await db.run(services.dispatch_waiting, now, self.subscriptions))[1]
+            case Cancel(task=task_id):
+                notices = await db.run(services.cancel, credential, task_id, now, credential.name)
+                answer = Ack(ref=cmd.ref, task=task_id)
+            case Retry(task=task_id):
+                await self.follow(task_id)
+                notices = await db.run(services.retry, credential, task_id, now, credential.name)
+                answer = Ack(ref=cmd.ref, task=task_id)
+            case Tasks():
+                listed = await db.run(
+                    queries.listed,
+                    credential,
+                    status=None if cmd.status is MISSING else cmd.status,
+                    action=None if cmd.action is MISSING else cmd.action,
+                    limit=100 if cmd.limit is MISSING else cmd.limit,
+                )
+                answer = TaskList(ref=cmd.ref, tasks=listed)
             case GetPayload(task=task_id):
                 payload = await db.run(services.get_payload, credential, task_id)
                 answer = Payload(ref=cmd.ref, task=task_id, payload=payload)
-            case Watch(task=task_id, since=since):
-                await self.follow(task_id)
-                state = await db.run(services.watch, credential, task_id, since if isinstance(since, int) else 0)
-                answer = State(ref=cmd.ref, **state)
+            case Watch(task=task_id):
+                answer = await self.watch(cmd)
         await self.reply(answer)
         await send_notices(self.channel_layer, notices)
+
+    async def watch(self, cmd: Watch) -> State:
+        """``watch``: join the task's group first (so that no event falls between the
+        read and the join), then read; leave the group again if the task is not this
+        credential's, is over, or only its state was asked for."""
+        assert self.credential is not None
+        since = 0 if cmd.since is MISSING else cmd.since
+        follow = cmd.follow is not False
+        if follow:
+            await self.follow(cmd.task)
+        try:
+            state = await db.run(services.watch, self.credential, cmd.task, since, follow=follow)
+        except ProtocolError:
+            await self.unfollow(services.task_group(cmd.task))
+            raise
+        if follow and state["task"]["status"] in ("success", "failed", "ended"):
+            await self.unfollow(services.task_group(cmd.task))
+        return State(ref=cmd.ref, **state)
 
     async def follow(self, task_id: str) -> None:
         """Watch the task: join its group."""
         group = services.task_group(task_id)
+        self.ledger.get(task_id)
         if group not in self.followed:
             self.followed.add(group)
             await notify.group_add(self.channel_layer, group, self.channel_name)
@@ -225,30 +327,34 @@ class TaskHubConsumer(AsyncWebsocketConsumer):
             self.followed.discard(group)
             await notify.group_discard(self.channel_layer, group, self.channel_name)
 
+    async def rejoin(self) -> None:
+        """The layer came back (a Redis restart): join this connection's groups again."""
+        for group in list(self.followed):
+            await notify.group_add(self.channel_layer, group, self.channel_name)
+
     # -- channel-layer messages ------------------------------------------------------------
 
     async def taskhub_offer(self, event: dict[str, Any]) -> None:
         """A task offered to this instance."""
-        await self.reply(event["message"])
+        offer = event["message"]
+        if self.ledger.offer(offer["task"], offer["attempt"]):
+            await self.reply(offer)
 
     async def taskhub_relay(self, event: dict[str, Any]) -> None:
         """A transition's task events, for the task's publisher, its services and its watchers."""
         if self.instance_id is not None and event.get("exclude") == str(self.instance_id):
             return
-        task_id, version = event["task"], event["version"]
-        if version <= self.heard.get(task_id, 0):
-            return  # heard it already, as a publisher or worker and as a watcher
-        self.heard[task_id] = version
-        self.heard.move_to_end(task_id)
-        if len(self.heard) > HEARD_TASKS:
-            self.heard.popitem(last=False)
-        for message in event["messages"]:
+        task_id = event["task"]
+        for message in self.ledger.relay(task_id, event["version"], event["messages"]):
             await self.reply(message)
             if message["type"] == "end":
+                self.ledger.forget(task_id)
                 await self.unfollow(services.task_group(task_id))
 
     async def taskhub_close(self, event: dict[str, Any]) -> None:
-        """An operator disabled this instance's credential."""
+        """An operator disabled this instance's credential, or another connection resumed
+        its instance."""
         code = event.get("code", ErrorCode.CREDENTIAL_DISABLED)
-        await self.reply(Error(code=code, detail="the credential was disabled"))
-        await self.close(CloseCode.for_error(code))
+        if code == ErrorCode.SUPERSEDED:
+            self.instance_id = None  # it is the other connection's now
+        await self.refuse(code, _CLOSE_DETAIL.get(code, "the connection was closed"), None)

@@ -140,8 +140,23 @@ class TaskRecord(models.Model):
     complete_timeout = models.FloatField(
         null=True, blank=True, help_text="Seconds a picked-up task may run; empty: forever."
     )
+    heartbeat_timeout = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="Seconds a picked-up task may go without an update or a touch; empty: no limit.",
+    )
+    retries = models.IntegerField(
+        default=0, help_text="How many times a failed attempt is retried; -1: for ever."
+    )
+    retry_backoff = models.FloatField(
+        default=1.0, help_text="Seconds before the first retry; each later one waits twice as long (capped)."
+    )
     pickup_deadline = models.DateTimeField(null=True, blank=True, help_text="When the pickup timeout passes.")
     complete_deadline = models.DateTimeField(null=True, blank=True, help_text="When the complete timeout passes.")
+    heartbeat_deadline = models.DateTimeField(
+        null=True, blank=True, help_text="When the heartbeat timeout passes, unless a service updates or touches."
+    )
+    retry_at = models.DateTimeField(null=True, blank=True, help_text="When the next attempt may be offered.")
     deadline = models.DateTimeField(
         null=True, blank=True, help_text="The next moment a sweeper must look at this task."
     )
@@ -187,6 +202,13 @@ class TaskEvent(models.Model):
     instance = models.UUIDField(null=True, blank=True, help_text="The instance (connection) involved, if any.")
     attempt = models.PositiveIntegerField(default=1, help_text="The attempt the event belongs to.")
     data = models.JSONField(null=True, blank=True, help_text="The event's data: update data, result, failure reason.")
+    ref = models.CharField(
+        max_length=100,
+        blank=True,
+        default="",
+        help_text="The ref of the client command that caused it: a command sent again after a reconnect "
+        "is not applied twice.",
+    )
     created_at = models.DateTimeField(help_text="When it happened.")
 
     class Meta:
@@ -245,11 +267,25 @@ class Instance(models.Model):
     last_assigned_at = models.DateTimeField(
         null=True, blank=True, help_text="When it was last given a task (least recently assigned goes next)."
     )
+    resume_hash = models.CharField(
+        max_length=100, blank=True, help_text="SHA-256 of the secret of its resume token (the token is never stored)."
+    )
+    detached_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When its connection went without a bye: it may resume until the resume grace has passed.",
+    )
+    concurrency = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Most unfinished tasks offered to it at once; empty: no limit."
+    )
 
     class Meta:
         ordering = ["connected_at"]
         indexes = [
             models.Index(fields=["lease_expires_at"], name="taskhub_instance_lease"),
+            models.Index(
+                fields=["detached_at"], name="taskhub_instance_detached", condition=models.Q(detached_at__isnull=False)
+            ),
             models.Index(fields=["process"], name="taskhub_instance_process"),
             models.Index(fields=["credential", "lease_expires_at"], name="taskhub_instance_credential"),
         ]

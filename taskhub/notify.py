@@ -11,8 +11,8 @@ directly; the rest, and the groups, go through Redis.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer, InMemoryChannelLayer
@@ -21,22 +21,33 @@ from .services.routing import Notice
 
 log = logging.getLogger(__name__)
 
-Deliver = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Consumer(Protocol):
+    """A consumer of this process, as notices reach it."""
+
+    async def dispatch(self, message: dict[str, Any]) -> None: ...
+
 
 # The consumers of this process, by channel name. A message for one of them is handed
 # to its handler at once: through the layer it took a queue, a deep copy and three turns
 # of the event loop in memory, and a round trip on Redis (bench/README.md).
-_local: dict[str, Deliver] = {}
+_local: dict[str, Any] = {}
 # Group members, by group, when the layer is in-memory.
 _groups: dict[str, set[str]] = {}
 
 
-def register(channel_name: str, deliver: Deliver) -> None:
-    """Deliver notices for ``channel_name`` with ``deliver``, in this process.
+def register(channel_name: str, consumer: Consumer) -> None:
+    """Deliver notices for ``channel_name`` to ``consumer`` (its ``dispatch``) directly.
 
-    Call when a consumer connects, with its ``dispatch``; :func:`unregister` when it goes.
+    Call when a consumer connects; :func:`unregister` when it goes.
     """
-    _local[channel_name] = deliver
+    _local[channel_name] = consumer
+
+
+def consumers() -> list[Any]:
+    """The consumers of this process (for :func:`taskhub.recovery.recover`)."""
+    return list(_local.values())
 
 
 def unregister(channel_name: str) -> None:
@@ -84,10 +95,10 @@ async def send_notices(layer: BaseChannelLayer | None, notices: Iterable[Notice]
 
 
 async def _send(layer: BaseChannelLayer | None, channel: str, message: dict[str, Any]) -> None:
-    deliver = _local.get(channel)
+    consumer = _local.get(channel)
     try:
-        if deliver is not None:
-            await deliver(message)
+        if consumer is not None:
+            await consumer.dispatch(message)
         elif layer is not None and not _in_process(layer):  # in memory, it is gone
             await layer.send(channel, message)
     except ChannelFull:

@@ -18,7 +18,7 @@ from datetime import datetime
 from channels.layers import get_channel_layer
 from django.utils import timezone
 
-from . import db, services
+from . import db, notify, recovery, services
 from .conf import conf
 from .core.codes import ErrorCode
 from .notify import send_notices
@@ -58,6 +58,7 @@ async def sweep_once(now: datetime | None = None) -> None:
     await send_notices(layer, notices)
     close = {"type": CLOSE, "code": ErrorCode.CREDENTIAL_DISABLED.value}
     await send_notices(layer, [Notice("channel", name, close) for name in to_close])
+    await recovery.recover(PROCESS, notify.consumers())
 
 
 async def _run() -> None:

@@ -40,7 +40,9 @@ def test_e004_size_order():
     assert ids(TASKHUB_INLINE_PAYLOAD_SIZE=600 * 1024) == ["taskhub.E004"]
 
 
-@pytest.mark.parametrize("name", ["INSTANCE_LEASE", "SWEEP_INTERVAL", "AUTH_TIMEOUT"])
+@pytest.mark.parametrize(
+    "name", ["INSTANCE_LEASE", "SWEEP_INTERVAL", "AUTH_TIMEOUT", "RESUME_GRACE", "RETRY_BACKOFF_MAX"]
+)
 def test_e005_durations(name):
     assert ids(**{f"TASKHUB_{name}": 0}) == ["taskhub.E005"]
 

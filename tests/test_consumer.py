@@ -439,14 +439,24 @@ async def test_drop_ends_without_result():
     await c.close()
 
 
-async def test_worker_disconnecting_mid_task_fails_it_with_worker_lost():
+async def test_a_worker_gone_mid_task_fails_it_with_worker_lost_after_its_grace_and_pickup_timeout():
+    """A connection closed without bye may come back within the resume grace (10 s); then
+    its task waits for another instance of the service within the pickup timeout (5 s)."""
     w = await worker()
     c = await caller()
-    task_id = (await c.call({"type": "pub", "action": "mail:send"}))["task"]
+    task_id = (await c.call({"type": "pub", "action": "mail:send", "pickup_timeout": 5}))["task"]
     await w.recv()
     await w.call({"type": "pickup", "task": task_id, "attempt": 1})
     await w.close()
+    await later(9.9)
+    assert await c.nothing()
+    assert (await task_row(task_id)).status == "started"
+    await later(10.1)  # the grace is over: the part waits for another instance
+    assert await c.nothing()
+    assert await Assignment.objects.filter(task_id=task_id).values_list("state", flat=True).aget() == "waiting"
+    await later(15.2)
     assert (await c.recv())["reason"] == "worker_lost"
+    assert await event_kinds(task_id) == ["init", "start", "pickup", "lost", "lost", "fail", "end"]
     await c.close()
 
 

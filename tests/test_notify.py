@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from channels.exceptions import ChannelFull
@@ -60,6 +61,19 @@ async def test_a_failed_send_is_logged_and_the_others_still_go_out(caplog):
     assert "could not send taskhub.offer to broken" in caplog.text
 
 
+Deliver = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Local:
+    """A consumer of this process, as notify sees one."""
+
+    def __init__(self, deliver: Deliver) -> None:
+        self.deliver = deliver
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        await self.deliver(message)
+
+
 async def test_no_layer_sends_nothing():
     await send_notices(None, [Notice("channel", "a", {"type": "taskhub.offer"})])
 
@@ -71,7 +85,7 @@ async def test_a_channel_of_this_process_gets_its_notice_without_the_layer():
     async def deliver(message: dict[str, Any]) -> None:
         got.append(message)
 
-    notify.register("local", deliver)
+    notify.register("local", Local(deliver))
     try:
         await send_notices(
             as_layer(layer),
@@ -94,7 +108,7 @@ async def test_a_failed_local_delivery_is_logged_and_the_others_still_go_out(cap
     async def deliver(message: dict[str, Any]) -> None:
         raise RuntimeError("consumer gone")
 
-    notify.register("local", deliver)
+    notify.register("local", Local(deliver))
     try:
         with caplog.at_level(logging.ERROR, logger="taskhub.notify"):
             await send_notices(
@@ -111,14 +125,14 @@ async def test_with_the_in_memory_layer_task_groups_live_in_this_process():
     layer = InMemoryChannelLayer()
     got: list[tuple[str, int]] = []
 
-    def consumer(name: str) -> notify.Deliver:
+    def consumer(name: str) -> Deliver:
         async def deliver(message: dict[str, Any]) -> None:
             got.append((name, message["n"]))
 
         return deliver
 
     for name in ("a", "b"):
-        notify.register(name, consumer(name))
+        notify.register(name, Local(consumer(name)))
     try:
         await notify.group_add(layer, "g", "a")
         await notify.group_add(layer, "g", "b")
@@ -146,8 +160,8 @@ async def test_a_member_that_fails_does_not_keep_the_others_from_their_event(cap
     async def deliver(message: dict[str, Any]) -> None:
         got.append(message)
 
-    notify.register("a", broken)
-    notify.register("b", deliver)
+    notify.register("a", Local(broken))
+    notify.register("b", Local(deliver))
     try:
         for name in ("a", "b"):
             await notify.group_add(layer, "g", name)

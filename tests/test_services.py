@@ -97,14 +97,40 @@ def test_a_service_that_published_its_own_task_still_hears_its_outcome():
     assert relayed_to(notices) == {"chan-me": ["success", "end"]}
 
 
-def test_an_instance_that_disconnects_is_not_told_of_its_own_loss():
+def test_a_released_instances_part_waits_for_another_and_nobody_is_told_yet():
     a, _ = make_credential("a", sub=["mail"])
     app, _ = make_credential("app", pub=["mail"])
     instance = live_instance(a, "chan-a")
     publisher = live_instance(app, "chan-app", subscribe=False)
-    services.publish(app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk)
-    notices = services.disconnect(instance.pk, timezone.now())
-    assert relayed_to(notices) == {"chan-app": ["fail", "end"]}
+    task_id, _, _ = services.publish(
+        app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk
+    )
+    notices = services.release(instance.pk, timezone.now())
+    assert relayed_to(notices) == {} and not [n for n in notices if n.name == "chan-a"]
+    record = TaskRecord.objects.get(pk=task_id)
+    assert record.status == "started"
+    assert [(a.state, a.instance_id) for a in record.assignments.all()] == [("waiting", None)]
+    assert list(record.events.values_list("kind", flat=True)) == ["init", "start", "lost"]
+    assert not Instance.objects.filter(pk=instance.pk).exists()
+
+
+def test_a_released_instances_part_goes_to_another_instance_of_its_service():
+    a, _ = make_credential("a", sub=["mail"], max_instances=2)
+    app, _ = make_credential("app", pub=["mail"])
+    first = live_instance(a, "chan-a1")
+    task_id, _, _ = services.publish(app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now())
+    second = live_instance(a, "chan-a2")
+    notices = services.release(first.pk, timezone.now())
+    offers = [(n.name, n.message["message"]["task"]) for n in notices if n.message["type"] == "taskhub.offer"]
+    assert offers == [("chan-a2", task_id)]
+    record = TaskRecord.objects.get(pk=task_id)
+    assert list(record.assignments.values_list("state", "instance")) == [("offered", second.pk)]
+    assert list(record.events.values_list("kind", "instance")) == [
+        ("init", None),
+        ("start", first.pk),
+        ("lost", first.pk),
+        ("start", second.pk),
+    ]
 
 
 @pytest.fixture
@@ -124,7 +150,7 @@ def from_a_connected_publisher():
 def test_a_publisher_that_disconnected_is_sent_nothing_more(from_a_connected_publisher):
     task_id, a, app, publisher = from_a_connected_publisher
     services.watch(app, task_id, 0)  # from another connection, say
-    services.disconnect(publisher.pk, timezone.now())
+    services.release(publisher.pk, timezone.now())
     cmd = {"type": "return", "task": task_id, "attempt": 1, "result": 1}
     notices = services.act(a, task_command(cmd), timezone.now(), "chan-a")
     assert relayed_to(notices) == {"group": ["success", "end"]}  # its watchers only

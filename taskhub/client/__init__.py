@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from taskhub.core.errors import (
     AuthenticationFailed,
+    ConnectionFailed,
     InvalidMessage,
     InvalidTransition,
     NoResult,
@@ -28,26 +29,31 @@ from taskhub.core.errors import (
     TaskHubError,
     UnknownTask,
 )
+from taskhub.core.messages import TaskSnapshot
 
 from .client import Client
 from .connection import backoff
+from .handle import Retrying, TaskHandle
 from .protocol import ClientProtocol, ConnectionLost
-from .tasks import Task, TaskHandle, Update
+from .tasks import Task, Update
 
 __all__ = [
     "AuthenticationFailed",
     "Client",
     "ClientProtocol",
+    "ConnectionFailed",
     "ConnectionLost",
     "InvalidMessage",
     "InvalidTransition",
     "NoResult",
     "PermissionDenied",
     "ProtocolError",
+    "Retrying",
     "Task",
     "TaskFailed",
     "TaskHandle",
     "TaskHubError",
+    "TaskSnapshot",
     "UnknownTask",
     "Update",
     "backoff",

@@ -27,13 +27,14 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 
 from taskhub.core.actions import validate_action
-from taskhub.core.commands import Bye, Ping, Pub, Watch
+from taskhub.core.commands import Bye, Command, Ping, Pub, Retry, Tasks, Watch
 from taskhub.core.errors import TaskHubError
-from taskhub.core.messages import Offer, State, TaskEventMessage
+from taskhub.core.messages import Offer, State, TaskEventMessage, TaskList, TaskSnapshot
 
 from .connection import Connection, backoff
+from .handle import TaskHandle
 from .protocol import ConnectionLost
-from .tasks import Task, TaskHandle
+from .tasks import Task
 from .worker import Handler, Worker
 
 __all__ = ["Client", "Handler", "backoff"]
@@ -51,6 +52,11 @@ class Client(Connection):
         resync_interval: seconds a waiting ``get_result`` stays quiet before it re-reads
             the task's events from the hub.
         max_size: the largest frame to accept from the hub, in bytes.
+        connect_timeout: seconds ``async with`` and :meth:`connect` try to reach the hub
+            before they raise :class:`ConnectionFailed` (``None``: for ever).
+        concurrency: most unfinished tasks the hub offers this worker at once (``None``,
+            the default: no limit); a task beyond it goes to another instance of the
+            service, or waits for a free one.
     """
 
     def __init__(
@@ -62,8 +68,18 @@ class Client(Connection):
         backoff: Callable[[int], float] = backoff,
         resync_interval: float = 30.0,
         max_size: int | None = 2**20,
+        connect_timeout: float | None = 30.0,
+        concurrency: int | None = None,
     ) -> None:
-        super().__init__(url, name=name, key=key, backoff=backoff, max_size=max_size)
+        super().__init__(
+            url,
+            name=name,
+            key=key,
+            backoff=backoff,
+            max_size=max_size,
+            connect_timeout=connect_timeout,
+            concurrency=concurrency,
+        )
         self.resync_interval = resync_interval
         self._worker = Worker(self)
         self._handles: dict[str, TaskHandle] = {}
@@ -94,8 +110,15 @@ class Client(Connection):
             self._forget(handle)
 
     async def run_forever(self) -> None:
-        """Connect and serve subscriptions until cancelled or :meth:`close` is called."""
-        await self.connect()
+        """Connect and serve subscriptions until cancelled or :meth:`close` is called.
+
+        It keeps trying to reach the hub however long that takes, and says at WARNING
+        (at most every 30 s) that it fails.
+
+        Raises:
+            AuthenticationFailed, PermissionDenied: as :meth:`connect`.
+        """
+        await self.connect(timeout=None)
         assert self._runner is not None
         with contextlib.suppress(asyncio.CancelledError):
             await self._runner
@@ -127,31 +150,94 @@ class Client(Connection):
         timeout: float | None = None,
         *,
         pickup_timeout: float | None = None,
+        heartbeat_timeout: float | None = None,
+        retries: int = 0,
+        retry_backoff: float | None = None,
         task_id: str | None = None,
     ) -> TaskHandle:
         """Publish a task and return its handle at once.
 
         Args:
-            timeout: seconds the task may run once picked up (``math.inf``: no limit;
+            timeout: seconds an attempt may run once picked up (``math.inf``: no limit;
                 ``None``: the hub's default).
             pickup_timeout: seconds to wait for a subscriber and a pickup (as above).
-            task_id: choose the task's id (a UUID); by default one is generated. The
-                client re-sends the ``pub`` with this id after a reconnect, so the hub
-                creates the task once.
+            heartbeat_timeout: seconds a picked-up attempt may go without an update or a
+                ``touch()`` before it fails with ``heartbeat_timeout`` (``None``: no limit).
+            retries: how many times a failed attempt (``error``, ``worker_lost``,
+                ``complete_timeout``, ``heartbeat_timeout``) is retried; ``-1``: for ever.
+            retry_backoff: seconds before the first retry (1 by default), doubled for each
+                one after, up to the hub's ``TASKHUB_RETRY_BACKOFF_MAX``, jittered.
+            task_id: choose the task's id (a UUID, lowercase); by default one is
+                generated. The client re-sends the ``pub`` with this id after a reconnect,
+                so the hub creates the task once.
 
         Raises:
-            InvalidMessage: ``action`` is not a valid action name, or a timeout is not a
-                positive number.
+            InvalidMessage: ``action`` is not a valid action name, or an option is out of
+                its range; nothing is sent.
         """
         validate_action(action)
         fields: dict[str, Any] = {"task_id": task_id or str(uuid.uuid4())}
-        for name, value in (("timeout", timeout), ("pickup_timeout", pickup_timeout)):
+        for name, value in (
+            ("timeout", timeout),
+            ("pickup_timeout", pickup_timeout),
+            ("heartbeat_timeout", heartbeat_timeout),
+        ):
             if value is not None:
                 fields[name] = None if math.isinf(value) else value
+        if retries:
+            fields["retries"] = retries
+        if retry_backoff is not None:
+            fields["retry_backoff"] = retry_backoff
         command = Pub.build(action=action, payload=payload, **fields)
-        handle = TaskHandle(self, command.task_id)
-        self._handles[handle.task_id] = handle
-        self.protocol.follow(handle.task_id, resume=True)
+        return self._follow(command.task_id, command)
+
+    def watch(self, task_id: str) -> TaskHandle:
+        """Follow a task by id, as :meth:`pub`'s handle does: the events it had (for
+        ``on("update")`` callbacks registered at once), then the live ones, and its
+        result. For the task's publisher and the services it was offered to.
+
+        ``get_result()`` raises :class:`UnknownTask` for a task that is not this
+        credential's (or no task), and :class:`InvalidMessage` for an id that is not a
+        UUID.
+        """
+        return self._follow(task_id, Watch.build(task=task_id, since=0))
+
+    async def retry(self, task_id: str) -> TaskHandle:
+        """Retry a failed task this credential published: its next attempt is offered at
+        once. Returns the handle that follows it from the retry on.
+
+        Raises:
+            InvalidTransition: the task did not fail.
+            UnknownTask: it is not a task this credential published.
+        """
+        state = await self.get_task(task_id)
+        since = max((event.get("seq", 0) for event in state.events), default=0)
+        return self._follow(task_id, Retry.build(task=task_id), since=since)
+
+    async def tasks(
+        self, *, status: str | None = None, action: str | None = None, limit: int = 100
+    ) -> list[TaskSnapshot]:
+        """The tasks this credential published or may subscribe to, newest first, at
+        most ``limit`` (up to 1,000): all of them, or those with ``status`` (``pending``,
+        ``started``, ``success``, ``failed``, ``ended``) and ``action``.
+
+        Raises:
+            InvalidMessage: a status, action or limit out of its range.
+        """
+        fields: dict[str, Any] = {"limit": limit}
+        if status is not None:
+            fields["status"] = status
+        if action is not None:
+            fields["action"] = action
+        answer = await self.request(Tasks.build(**fields))
+        assert isinstance(answer, TaskList)
+        return [TaskSnapshot.from_dict(task) for task in answer.tasks]
+
+    def _follow(self, task_id: str, command: Command, *, since: int = 0) -> TaskHandle:
+        """A handle on the task, made by ``command`` (sent in the background)."""
+        handle = TaskHandle(self, task_id)
+        self._handles[task_id] = handle
+        self.protocol.follow(task_id, resume=True, since=since)
         self.spawn(self._publish(handle, command))
         return handle
 
@@ -165,7 +251,7 @@ class Client(Connection):
             UnknownTask: no such task, or not one of this credential's.
             InvalidMessage: ``task_id`` is not a UUID.
         """
-        answer = await self.request(Watch.build(task=task_id, since=since))
+        answer = await self.request(Watch.build(task=task_id, since=since, follow=False))
         assert isinstance(answer, State)
         return answer
 
@@ -188,9 +274,13 @@ class Client(Connection):
             handle._notify(message)
         self._worker.notify(message)
 
+    def on_instance_lost(self) -> None:
+        self._worker.abandon()
+
     # -- a caller's handles ---------------------------------------------------------------
 
-    async def _publish(self, handle: TaskHandle, command: Pub) -> None:
+    async def _publish(self, handle: TaskHandle, command: Command) -> None:
+        """Send the command that made the handle; a watch's answer is its state too."""
         try:
             answer = await self.request(command)
         except Exception as exc:
@@ -200,6 +290,8 @@ class Client(Connection):
             return
         if not handle.published.done():
             handle.published.set_result(answer)
+        if isinstance(answer, State):
+            handle._apply_snapshot(answer.task)
 
     async def _resync(self, handle: TaskHandle) -> None:
         """Re-read a task's events and state from the hub (after a quiet spell, or an

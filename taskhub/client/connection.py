@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from taskhub.core.commands import Command
-from taskhub.core.errors import AuthenticationFailed, PermissionDenied, TaskHubError
+from taskhub.core.errors import AuthenticationFailed, ConnectionFailed, PermissionDenied, TaskHubError
 from taskhub.core.messages import Message, Offer, TaskEventMessage
 
 from .protocol import (
@@ -42,6 +43,17 @@ from .protocol import (
 log = logging.getLogger("taskhub.client")
 
 
+#: Seconds between two warnings that connecting to the hub fails.
+WARN_EVERY = 30.0
+
+
+class _Default:
+    """The default of an argument whose ``None`` means something."""
+
+
+DEFAULT = _Default()
+
+
 def backoff(tries: int) -> float:
     """Seconds to wait before reconnect number ``tries`` (1, 2, ...): ``min((10n)² ms, 60 s)``."""
     return min((10 * tries) ** 2 / 1000, 60.0)
@@ -55,6 +67,10 @@ class Connection:
         name, key: the service's credential, sent at the handshake (HTTP Basic).
         backoff: seconds to wait before reconnect number n.
         max_size: the largest frame to accept from the hub, in bytes.
+        connect_timeout: seconds :meth:`connect` tries before it raises
+            :class:`ConnectionFailed` (``None``: for ever).
+        concurrency: most unfinished tasks the hub offers this client at once (``None``:
+            no limit); sent at every (re)connect.
     """
 
     def __init__(
@@ -65,11 +81,18 @@ class Connection:
         key: str,
         backoff: Callable[[int], float] = backoff,
         max_size: int | None = 2**20,
+        connect_timeout: float | None = 30.0,
+        concurrency: int | None = None,
     ) -> None:
         self.url, self.name = url, name
         self._auth = "Basic " + base64.b64encode(f"{name}:{key}".encode()).decode()
         self.backoff = backoff
         self.max_size = max_size
+        self.connect_timeout = connect_timeout
+        self.concurrency = concurrency
+        self._last_error = "no answer yet"
+        self._warned_at = -math.inf
+        self._failures = 0
         self.protocol = ClientProtocol()
         self._futures: dict[int, asyncio.Future[Message]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -97,21 +120,35 @@ class Connection:
     def on_task_event(self, message: TaskEventMessage) -> None:
         """Called with each task event of a followed task, each ``seq`` once."""
 
+    def on_instance_lost(self) -> None:
+        """Called when a reconnect did not get the client's instance back: the tasks it
+        worked on went to other instances."""
+
     # -- connecting --------------------------------------------------------------------------
 
-    async def connect(self) -> None:
-        """Connect, authenticate and subscribe; retries until the hub answers.
+    async def connect(self, *, timeout: float | None | _Default = DEFAULT) -> None:
+        """Connect, authenticate and subscribe, retrying with backoff until the hub answers
+        or ``timeout`` seconds (the client's ``connect_timeout`` unless given; ``None``:
+        for ever) have passed.
 
         Raises:
+            ConnectionFailed: the hub could not be reached in time (it names the URL and
+                the last error); the client stops trying.
             AuthenticationFailed: wrong name or key, a disabled credential, no free slot.
             PermissionDenied: a registered subscription is not allowed.
         """
+        seconds = self.connect_timeout if isinstance(timeout, _Default) else timeout
         if self._runner is None:
             self._closing = False
             self._first = asyncio.get_running_loop().create_future()
             self._runner = asyncio.create_task(self._run(), name=f"taskhub-client-{self.name}")
         assert self._first is not None
-        await asyncio.shield(self._first)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._first), seconds)
+        except TimeoutError:
+            error = ConnectionFailed(self.url, self._last_error, seconds or 0)
+            await self.disconnect()
+            raise error from None
 
     async def disconnect(self) -> None:
         """Close the socket and stop reconnecting; cancel the background tasks. Commands
@@ -137,14 +174,25 @@ class Connection:
                     return
                 log.error("taskhub: %s; reconnecting", exc)
             except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
-                log.info("taskhub: connection to %s lost or refused: %s", self.url, exc)
                 refused = isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403)
                 if refused and self._refused(AuthenticationFailed(f"handshake refused: {exc}")):
                     return
+                self._failed(exc)
             if self._closing:
                 return
             tries += 1
             await asyncio.sleep(self.backoff(tries))
+
+    def _failed(self, exc: BaseException) -> None:
+        """A connection failed or closed: say so at WARNING, at most every
+        :data:`WARN_EVERY` seconds (with how many failed since)."""
+        self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self._failures += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._warned_at >= WARN_EVERY:
+            more = f" ({self._failures} failures since the last warning)" if self._failures > 1 else ""
+            log.warning("taskhub: connection to %s failed or closed: %s; retrying%s", self.url, self._last_error, more)
+            self._warned_at, self._failures = now, 0
 
     def _refused(self, error: Exception) -> bool:
         """Raise ``error`` from the first :meth:`connect`; whether it was the first."""
@@ -155,9 +203,14 @@ class Connection:
 
     async def _session(self) -> None:
         """One connection: read frames and act on the protocol's events until it closes."""
+        headers = {"Authorization": self._auth}
+        if self.protocol.resume_token:
+            headers["TaskHub-Resume"] = self.protocol.resume_token
+        if self.concurrency is not None:
+            headers["TaskHub-Concurrency"] = str(self.concurrency)
         async with websockets.connect(
             self.url,
-            additional_headers={"Authorization": self._auth},
+            additional_headers=headers,
             max_size=self.max_size,
             open_timeout=10,
             compression=None,
@@ -185,7 +238,10 @@ class Connection:
                     self._settle(ref, message, None)
                 case Refused(ref=ref, error=error) | Failed(ref=ref, error=error):
                     self._settle(ref, None, error)
-                case Welcomed(subscriptions=refs):
+                case Welcomed(subscriptions=refs, instance_lost=instance_lost):
+                    self._warned_at = -math.inf
+                    if instance_lost:
+                        self.on_instance_lost()
                     self.spawn(self._opened([self._expect(ref) for ref in refs]))
                 case SessionRefused(error=error):
                     raise error

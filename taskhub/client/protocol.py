@@ -50,9 +50,17 @@ log = logging.getLogger("taskhub.client")
 #: The largest frame the client reads before the hub said its limit (bytes).
 MAX_FRAME = 64 * 2**20
 
-#: Commands sent again after a reconnect when their answer was lost: reads, a ``pub``
-#: (its task id makes it idempotent), and a worker's last word on a task.
-RESENT = frozenset({"pub", "get_payload", "watch", "ping", "unsub", "return", "drop", "fail"})
+#: Commands sent again after a reconnect when their answer was lost: reads and requests
+#: that are safe to repeat (a ``pub`` carries its task id), and a worker's commands, which
+#: go with ``again``: the hub applies each once (it finds the events it caused).
+RESENT = frozenset(
+    {
+        "pub", "get_payload", "watch", "tasks", "ping", "unsub", "cancel", "retry",
+        "pickup", "update", "touch", "return", "drop", "fail",
+    }
+)  # fmt: skip
+#: The worker's commands among them.
+WORK = frozenset({"pickup", "update", "touch", "return", "drop", "fail"})
 
 
 class ConnectionLost(TaskHubError):
@@ -71,6 +79,9 @@ class Welcomed:
     welcome: Welcome
     #: The refs of the subscriptions sent again: the session is ready once they are answered.
     subscriptions: tuple[int, ...]
+    #: A reconnect that did not get its instance back (the resume grace had passed): the
+    #: tasks the old instance worked on are no longer this client's.
+    instance_lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,10 @@ class ClientProtocol:
         self._outbox: list[str] = []
         self._subscriptions: list[str] = []
         self._followed: dict[str, _Followed] = {}
+        #: Refs of worker commands sent again after a reconnect (they go with ``again``).
+        self._again: set[int] = set()
+        #: The token that resumes this client's instance (from the last ``welcome``).
+        self.resume_token: str | None = None
 
     # -- the hub's limits ----------------------------------------------------------------
 
@@ -188,6 +203,8 @@ class ClientProtocol:
         for ref, command in self._unanswered.items():
             if command.type in RESENT:
                 again[ref] = command
+                if command.type in WORK:
+                    self._again.add(ref)
             else:  # subscriptions among them: each session sends them all again
                 failed.append(Failed(ref, command, ConnectionLost("the connection closed before the hub answered")))
         self._unanswered.clear()
@@ -252,14 +269,16 @@ class ClientProtocol:
             return None
         return self.send(Sub.build(action=action))
 
-    def follow(self, task_id: str, *, resume: bool = False) -> None:
-        """Deliver the task's events; with ``resume``, watch it again after a reconnect.
+    def follow(self, task_id: str, *, resume: bool = False, since: int = 0) -> None:
+        """Deliver the task's events after ``since``; with ``resume``, watch it again
+        after a reconnect.
 
         Call before sending a ``watch`` of the task, so that its answer's replay and the
         live events that race it are delivered in order.
         """
-        followed = self._followed.setdefault(task_id, _Followed())
+        followed = self._followed.setdefault(task_id, _Followed(seq=since))
         followed.resume = followed.resume or resume
+        followed.seq = max(followed.seq, since)
 
     def forget(self, task_id: str) -> None:
         """Stop delivering the task's events (its handle or its handler is done)."""
@@ -271,7 +290,10 @@ class ClientProtocol:
         return followed.seq if followed else 0
 
     def _frame(self, command: Command, ref: int) -> str:
-        frame = encode({**command.to_dict(), "ref": ref})
+        obj = {**command.to_dict(), "ref": ref}
+        if ref in self._again:
+            obj["again"] = True
+        frame = encode(obj)
         limit = self.max_message_size
         if limit is not None and len(frame) * 4 > limit and (size := len(frame.encode())) > limit:
             # The hub would refuse it (or its server drop the connection): refuse it here.
@@ -296,6 +318,7 @@ class ClientProtocol:
             return self._opening(message)
         ref = getattr(message, "ref", None)
         if isinstance(ref, int) and ref in self._unanswered:
+            self._again.discard(ref)
             return self._answer(ref, self._unanswered.pop(ref), message)
         if isinstance(message, Offer):
             self.follow(message.task)
@@ -316,7 +339,9 @@ class ClientProtocol:
         if not isinstance(message, Welcome):
             log.warning("taskhub: the hub's first message was %s, not welcome", message.type)
             return []
+        instance_lost = self.welcome is not None and message.resumed is not True
         self.welcome, self.state = message, ConnectionState.OPEN
+        self.resume_token = message.resume if isinstance(message.resume, str) else None
         subscriptions = tuple(self.send(Sub.build(action=action)) for action in self._subscriptions)
         # What a reconnect recovers: the events missed by the tasks this client follows
         # (unless a watch of the task waits to be sent again anyway)...
@@ -325,7 +350,7 @@ class ClientProtocol:
             if followed.resume and task_id not in watched:
                 self.send(Watch.build(task=task_id, since=followed.seq))
         # ...and what waited for the session, in the order it was submitted.
-        events: list[Event] = [Welcomed(message, subscriptions)]
+        events: list[Event] = [Welcomed(message, subscriptions, instance_lost)]
         held, self._held = self._held, {}
         for ref, command in held.items():
             try:

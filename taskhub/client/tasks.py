@@ -1,4 +1,5 @@
-"""What the client hands to user code: a worker's :class:`Task` and a caller's :class:`TaskHandle`."""
+r"""What a worker's handler gets: the :class:`Task` it works on, and the :class:`Update`\ s
+it hears of."""
 
 from __future__ import annotations
 
@@ -11,24 +12,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from taskhub.core.codes import ErrorCode
-from taskhub.core.commands import COMMANDS, MISSING, GetPayload, Pickup
+from taskhub.core.commands import COMMANDS, MISSING, GetPayload, Pickup, Touch
 from taskhub.core.commands import Update as UpdateCommand
-from taskhub.core.errors import InvalidMessage, NoResult, TaskFailed
+from taskhub.core.errors import InvalidMessage, InvalidTransition, UnknownTask
 from taskhub.core.frames import encoded_size
 from taskhub.core.messages import (
     Message,
     Offer,
     Payload,
-    TaskEnd,
     TaskEventMessage,
     TaskFailure,
-    TaskSnapshot,
     TaskSuccess,
     TaskUpdate,
 )
-from taskhub.core.states import TERMINAL_TASK_STATUSES
-
-TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL_TASK_STATUSES)
 
 if TYPE_CHECKING:
     from .client import Client
@@ -56,7 +52,7 @@ class Update:
         return cls(message.data, message.progress, str(message.service), int(message.attempt))
 
 
-def _call(callback: Callable[..., Any], *args: Any) -> None:
+def call(callback: Callable[..., Any], *args: Any) -> None:
     """Run a user callback; a coroutine is scheduled, an exception logged."""
     try:
         outcome = callback(*args)
@@ -88,6 +84,11 @@ class Task:
         self._outcome: tuple[str, Any] | None = None
         #: Set once this service returned, dropped or failed, or the task ended.
         self.done = False
+        #: Set once the hub gave up on this service's part (the task ended, was cancelled,
+        #: timed out, or went on to another attempt or instance): the handler is cancelled.
+        self.over = False
+        #: Called once when the part is over (the worker cancels the handler).
+        self._on_over: Callable[[], object] = lambda: None
         # Answers still to come to updates sent, oldest first.
         self._unacked: collections.deque[asyncio.Future[Message]] = collections.deque()
 
@@ -147,11 +148,34 @@ class Task:
             )
         await self._send_windowed(command)
 
-    async def _send_windowed(self, command: Pickup | UpdateCommand) -> None:
+    async def touch(self) -> None:
+        """Tell the hub this service is alive and still on the task: the task's heartbeat
+        timeout starts again (as every :meth:`update` does). A touch on a task not picked
+        up picks it up. Returns once sent, as :meth:`update` does.
+
+        Raises:
+            ProtocolError (a subclass by code): as :meth:`update`.
+        """
+        await self._send_windowed(Touch.build(task=self.id, attempt=self.attempt))
+
+    async def _send_windowed(self, command: Pickup | UpdateCommand | Touch) -> None:
         """Send a command without waiting for its answer, once fewer than
         :data:`UPDATE_WINDOW` of this task's answers are outstanding."""
         await self._settle_updates(keep=UPDATE_WINDOW - 1)
-        self._unacked.append(await self._client.submit(command))
+        answer = await self._client.submit(command)
+        answer.add_done_callback(self._refused)
+        self._unacked.append(answer)
+
+    def _refused(self, answer: asyncio.Future[Message]) -> None:
+        """A refusal that means this part is over (``stale_attempt``, say) ends it."""
+        error = None if answer.cancelled() else answer.exception()
+        if isinstance(error, InvalidTransition | UnknownTask):
+            self._end()
+
+    def _end(self) -> None:
+        if not self.over:
+            self.over = self.done = True
+            self._on_over()
 
     async def _settle_updates(self, keep: int = 0) -> None:
         """Read the answers to this task's updates that came, and wait for the oldest
@@ -190,10 +214,12 @@ class Task:
             raise ValueError(f"unknown task event {event!r}: use 'update', 'success' or 'fail'")
         self._callbacks[event].append(callback)
         if self._outcome is not None and self._outcome[0] == event:
-            _call(callback, self, self._outcome[1])
+            call(callback, self, self._outcome[1])
         return self
 
     def _notify(self, message: TaskEventMessage) -> None:
+        if message.attempt != self.attempt and not isinstance(message, TaskUpdate):
+            return  # another attempt's news
         arg: Any
         match message:
             case TaskUpdate():
@@ -202,107 +228,13 @@ class Task:
                 arg = result
                 self.done = True
                 self._outcome = (message.type, arg)
-            case _:
-                self.done = True
+            case _:  # end, or retry: the hub gave up on this attempt
+                self._end()
                 return
         for callback in self._callbacks.get(message.type, ()):
-            _call(callback, self, arg)
+            call(callback, self, arg)
+        if isinstance(message, TaskFailure):
+            self._end()  # the task failed: nobody waits for this part any more
 
     def __repr__(self) -> str:
         return f"<Task {self.action} {self.id} attempt {self.attempt}>"
-
-
-class TaskHandle:
-    """A published task, as its caller sees it. Returned by :meth:`Client.pub` at once."""
-
-    def __init__(self, client: Client, task_id: str) -> None:
-        self._client = client
-        self.task_id = task_id
-        #: Done once the hub acknowledged the ``pub`` (its answer), or raises its refusal.
-        self.published: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._callbacks: list[Callable[[Update], Any]] = []
-        self.status: str = "pending"
-
-    def on(self, event: str, callback: Callable[[Update], Any]) -> TaskHandle:
-        """Call ``callback(update)`` for each ``"update"``. Returns the handle, for chaining."""
-        if event != "update":
-            raise ValueError(f"unknown event {event!r}: a caller can follow 'update'")
-        self._callbacks.append(callback)
-        return self
-
-    async def get_result(self, default: Any = _RAISE) -> Any:
-        """Wait for the task to finish and return its result.
-
-        Args:
-            default: returned instead of raising :class:`TaskFailed` or :class:`NoResult`.
-
-        Raises:
-            TaskFailed: the task failed (``.reason``: ``error``, ``pickup_timeout``, ...).
-            NoResult: every service saw or dropped the task without a result.
-            PermissionDenied, InvalidMessage: the hub refused the ``pub``.
-        """
-        await asyncio.shield(self.published)
-        while not self._outcome.done():
-            # The layer may drop a notice: after a quiet spell, ask the database.
-            done, _ = await asyncio.wait([self._outcome], timeout=self._client.resync_interval)
-            if not done:
-                await self._client._resync(self)
-        try:
-            return self._outcome.result()
-        except (TaskFailed, NoResult):
-            if default is _RAISE:
-                raise
-            return default
-
-    def _notify(self, message: TaskEventMessage) -> None:
-        match message:
-            case TaskUpdate():
-                update = Update.of(message)
-                for callback in self._callbacks:
-                    _call(callback, update)
-            case TaskSuccess(result=result):
-                self._finish("success", result=result)
-            case TaskFailure(reason=reason, detail=detail):
-                self._finish("failed", reason=str(reason), detail=str(detail))
-            case TaskEnd(status="ended"):
-                self._finish("ended")
-            case TaskEnd():
-                # The result or the failure reason travels in "success"/"fail", which the
-                # layer may have lost: read them back.
-                asyncio.ensure_future(self._client._resync(self))
-
-    def _finish(self, status: str, *, result: Any = None, reason: str = "", detail: str = "") -> None:
-        if self._outcome.done():
-            return
-        self.status = status
-        if status == "success":
-            self._outcome.set_result(result)
-        elif status == "failed":
-            self._outcome.set_exception(TaskFailed(self.task_id, reason, detail))
-        elif status == "ended":
-            self._outcome.set_exception(NoResult(self.task_id))
-        else:
-            return
-        self._client._forget(self)
-
-    def _abandon(self, error: Exception) -> None:
-        """The client closed: whoever waits for the task is told ``error``."""
-        if not self.published.done():
-            self.published.set_exception(error)
-            self.published.exception()  # nobody may await it: it must not be logged as lost
-        if not self._outcome.done():
-            self._outcome.set_exception(error)
-
-    def _apply_snapshot(self, task: dict[str, Any]) -> None:
-        snapshot = TaskSnapshot.from_dict(task)
-        if snapshot.status in TERMINAL_STATUSES:
-            self._finish(
-                snapshot.status,
-                result=snapshot.result,
-                reason=snapshot.failure_reason,
-                detail=snapshot.failure_detail,
-            )
-
-    def __repr__(self) -> str:
-        return f"<TaskHandle {self.task_id} {self.status}>"

@@ -69,11 +69,16 @@ def validate_pattern(pattern: object) -> str:
     return pattern
 
 
+def wildcard_regex(pattern: str) -> str:
+    """The regular expression a wildcard pattern stands for, anchored at both ends
+    (``mail:*`` is ``^mail:.*$``); ``*`` matches any run of characters."""
+    return "^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$"
+
+
 def pattern_grants(pattern: str, action: str) -> bool:
     """Whether one permission pattern grants ``action`` (a valid action name)."""
     if "*" in pattern:
-        regex = ".*".join(re.escape(part) for part in pattern.split("*"))
-        return re.fullmatch(regex, action) is not None
+        return re.match(wildcard_regex(pattern), action) is not None
     if pattern == action:
         return True
     if ":" in pattern:

@@ -24,13 +24,16 @@ class EventKind(StrEnum):
     ERROR = "error"  # a service reported a failure (data: detail)
     LOST = "lost"  # the instance holding it disconnected
     SEEN = "seen"  # offered, but not picked up within the pickup timeout
+    # An attempt failed (or a failed task was retried on request) and the next will be
+    # offered (data: reason, detail, next_attempt, and delay or by).
+    RETRY = "retry"
     FAIL = "fail"  # the task failed (data: reason, detail)
     END = "end"  # the task is over (data: status)
 
 
 #: The kinds that are also sent live, as messages of the same ``type``, to everyone
 #: following the task (the publisher, the services on it and its watchers).
-RELAYED_KINDS = frozenset({EventKind.UPDATE, EventKind.SUCCESS, EventKind.FAIL, EventKind.END})
+RELAYED_KINDS = frozenset({EventKind.UPDATE, EventKind.SUCCESS, EventKind.RETRY, EventKind.FAIL, EventKind.END})
 
 
 class FailureReason(StrEnum):
@@ -64,6 +67,7 @@ class ErrorCode(StrEnum):
     AUTHENTICATION_TIMEOUT = "authentication_timeout"
     CREDENTIAL_DISABLED = "credential_disabled"
     TOO_MANY_INSTANCES = "too_many_instances"
+    SUPERSEDED = "superseded"  # the instance was resumed on another connection
     # What the command asks for.
     PERMISSION_DENIED = "permission_denied"
     UNKNOWN_TASK = "unknown_task"
@@ -80,6 +84,7 @@ AUTHENTICATION_CODES = frozenset(
         ErrorCode.AUTHENTICATION_TIMEOUT,
         ErrorCode.CREDENTIAL_DISABLED,
         ErrorCode.TOO_MANY_INSTANCES,
+        ErrorCode.SUPERSEDED,
     }
 )
 
@@ -91,6 +96,7 @@ class CloseCode(IntEnum):
     AUTHENTICATION_FAILED = 4001
     CREDENTIAL_DISABLED = 4002
     TOO_MANY_INSTANCES = 4003
+    SUPERSEDED = 4004
 
     @classmethod
     def for_error(cls, code: str) -> CloseCode:
@@ -103,4 +109,5 @@ _CLOSE_FOR: dict[str, CloseCode] = {
     ErrorCode.AUTHENTICATION_FAILED: CloseCode.AUTHENTICATION_FAILED,
     ErrorCode.CREDENTIAL_DISABLED: CloseCode.CREDENTIAL_DISABLED,
     ErrorCode.TOO_MANY_INSTANCES: CloseCode.TOO_MANY_INSTANCES,
+    ErrorCode.SUPERSEDED: CloseCode.SUPERSEDED,
 }

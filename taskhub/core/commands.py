@@ -24,6 +24,16 @@ from .errors import InvalidMessage
 
 MAX_REF_LENGTH = 100
 MAX_ERROR_LENGTH = 10_000
+#: Most retries a task may ask for (besides -1, for ever).
+MAX_RETRIES = 1_000_000
+#: The longest duration a command may name: about 30 years, in seconds.
+MAX_SECONDS = 10**9
+#: The largest concurrency an instance may announce.
+MAX_CONCURRENCY = 100_000
+#: Most tasks one ``tasks`` command lists.
+MAX_LIST = 1000
+#: The values of ``tasks``'s ``status``.
+TASK_STATUSES = frozenset({"pending", "started", "success", "failed", "ended"})
 
 
 class _Missing:
@@ -91,6 +101,44 @@ def _since(name: str, value: Any) -> int:
     return int(value)
 
 
+def _retries(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= MAX_RETRIES:
+        raise _bad(name, f"an integer from -1 (for ever) to {MAX_RETRIES}")
+    return int(value)
+
+
+def _seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_SECONDS:
+        raise _bad(name, f"a positive number of seconds up to {MAX_SECONDS}")
+    return float(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(name, "true or false")
+    return value
+
+
+def _concurrency(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONCURRENCY:
+        raise _bad(name, f"an integer from 1 to {MAX_CONCURRENCY}, or null for no limit")
+    return int(value)
+
+
+def _status(name: str, value: Any) -> str:
+    if value not in TASK_STATUSES:
+        raise _bad(name, "one of " + ", ".join(sorted(TASK_STATUSES)))
+    return str(value)
+
+
+def _limit(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIST:
+        raise _bad(name, f"an integer from 1 to {MAX_LIST}")
+    return int(value)
+
+
 def _action(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise _bad(name, "an action name (a string)")
@@ -105,6 +153,12 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "text": _text,
     "since": _since,
     "action": _action,
+    "retries": _retries,
+    "seconds": _seconds,
+    "flag": _flag,
+    "concurrency": _concurrency,
+    "status": _status,
+    "limit": _limit,
     "json": lambda name, value: value,
 }
 
@@ -149,12 +203,23 @@ class Command:
 
 @dataclass(frozen=True, slots=True)
 class Hello(Command):
-    """Authenticate (when the handshake carried no credentials): ``name``, ``key``."""
+    """Authenticate (when the handshake carried no credentials): ``name``, ``key``.
+
+    ``resume``: the token of an instance this client had (from its ``welcome``), to take
+    it back with its tasks. ``concurrency``: most unfinished tasks to be offered at once.
+    """
 
     type = "hello"
-    fields = (("name", "text", True), ("key", "text", True))
+    fields = (
+        ("name", "text", True),
+        ("key", "text", True),
+        ("resume", "text", False),
+        ("concurrency", "concurrency", False),
+    )
     name: str
     key: str
+    resume: str
+    concurrency: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,8 +244,9 @@ class Unsub(Command):
 class Pub(Command):
     """Publish a task. ``task_id`` (optional, caller-chosen) makes re-sending safe.
 
-    ``timeout`` / ``pickup_timeout``: seconds, ``null`` for none, absent for the hub's
-    default.
+    ``timeout`` / ``pickup_timeout`` / ``heartbeat_timeout``: seconds, ``null`` for none,
+    absent for the hub's default. ``retries``: how many times a failed attempt is retried
+    (-1: for ever), each after ``retry_backoff`` seconds doubled per attempt.
     """
 
     type = "pub"
@@ -190,20 +256,35 @@ class Pub(Command):
         ("task_id", "task", False),
         ("timeout", "timeout", False),
         ("pickup_timeout", "timeout", False),
+        ("heartbeat_timeout", "timeout", False),
+        ("retries", "retries", False),
+        ("retry_backoff", "seconds", False),
     )
     action: str
     payload: Any
     task_id: str
     timeout: float | None
     pickup_timeout: float | None
+    heartbeat_timeout: float | None
+    retries: int
+    retry_backoff: float
+
+
+# A worker's commands name the task and the attempt they concern; ``again`` says the
+# command is sent again after a reconnect: the hub applies it unless it already did.
+_WORK = (("task", "task", True), ("attempt", "attempt", True))
+_AGAIN = ("again", "flag", False)
 
 
 @dataclass(frozen=True, slots=True)
 class Pickup(Command):
+    """The service works on the task: the hub waits for it (the complete timeout starts)."""
+
     type = "pickup"
-    fields = (("task", "task", True), ("attempt", "attempt", True))
+    fields = (*_WORK, _AGAIN)
     task: str
     attempt: int
+    again: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,42 +292,85 @@ class Update(Command):
     """Progress: any JSON ``data`` and an optional ``progress`` fraction."""
 
     type = "update"
-    fields = (
-        ("task", "task", True),
-        ("attempt", "attempt", True),
-        ("data", "json", False),
-        ("progress", "progress", False),
-    )
+    fields = (*_WORK, ("data", "json", False), ("progress", "progress", False), _AGAIN)
     task: str
     attempt: int
     data: Any
     progress: float | None
+    again: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Touch(Command):
+    """The service is alive and still on the task: its heartbeat timeout starts again."""
+
+    type = "touch"
+    fields = (*_WORK, _AGAIN)
+    task: str
+    attempt: int
+    again: bool
 
 
 @dataclass(frozen=True, slots=True)
 class Return(Command):
     type = "return"
-    fields = (("task", "task", True), ("attempt", "attempt", True), ("result", "json", False))
+    fields = (*_WORK, ("result", "json", False), _AGAIN)
     task: str
     attempt: int
     result: Any
+    again: bool
 
 
 @dataclass(frozen=True, slots=True)
 class Drop(Command):
     type = "drop"
-    fields = (("task", "task", True), ("attempt", "attempt", True))
+    fields = (*_WORK, _AGAIN)
     task: str
     attempt: int
+    again: bool
 
 
 @dataclass(frozen=True, slots=True)
 class Fail(Command):
     type = "fail"
-    fields = (("task", "task", True), ("attempt", "attempt", True), ("error", "text", True))
+    fields = (*_WORK, ("error", "text", True), _AGAIN)
     task: str
     attempt: int
     error: str
+    again: bool
+
+
+#: The commands a worker sends about its part in a task.
+WorkCommand = Pickup | Update | Touch | Return | Drop | Fail
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Command):
+    """The publisher cancels its task: it fails with reason ``cancelled``."""
+
+    type = "cancel"
+    fields = (("task", "task", True),)
+    task: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retry(Command):
+    """The publisher retries its failed task: the next attempt is offered at once."""
+
+    type = "retry"
+    fields = (("task", "task", True),)
+    task: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tasks(Command):
+    """List the tasks this credential published or may subscribe to, newest first."""
+
+    type = "tasks"
+    fields = (("status", "status", False), ("action", "action", False), ("limit", "limit", False))
+    status: str
+    action: str
+    limit: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,12 +382,14 @@ class GetPayload(Command):
 
 @dataclass(frozen=True, slots=True)
 class Watch(Command):
-    """Follow a task: the answer holds its state and its events after ``since``."""
+    """Follow a task: the answer holds its state and its events after ``since``. With
+    ``follow`` false, only read them (the connection is not sent the task's events)."""
 
     type = "watch"
-    fields = (("task", "task", True), ("since", "since", False))
+    fields = (("task", "task", True), ("since", "since", False), ("follow", "flag", False))
     task: str
     since: int
+    follow: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,8 +405,12 @@ class Bye(Command):
 
 
 COMMANDS: dict[str, type[Command]] = {
-    cls.type: cls for cls in (Hello, Sub, Unsub, Pub, Pickup, Update, Return, Drop, Fail, GetPayload, Watch, Ping, Bye)
-}
+    cls.type: cls
+    for cls in (
+        Hello, Sub, Unsub, Pub, Pickup, Update, Touch, Return, Drop, Fail, Cancel, Retry, Tasks, GetPayload, Watch,
+        Ping, Bye,
+    )
+}  # fmt: skip
 
 
 def read_ref(obj: Any) -> str | int | None:

@@ -9,6 +9,7 @@ The hierarchy::
     │   ├── PermissionDenied          the credential may not do this
     │   └── UnknownTask               no such task, or not one of yours
     ├── AuthenticationFailed          wrong name or key, disabled, no free slot
+    ├── ConnectionFailed              the hub could not be reached in time
     ├── TaskFailed                    the task failed; ``.reason`` says why
     └── NoResult                      the task ended without a result
 
@@ -71,6 +72,16 @@ class AuthenticationFailed(TaskHubError):
         super().__init__(detail)
         self.detail = detail
         self.code = code
+
+
+class ConnectionFailed(TaskHubError):
+    """The hub could not be reached (or refused the WebSocket handshake) within the
+    client's connect timeout. ``url`` is where it was sought, ``error`` the last failure."""
+
+    def __init__(self, url: str, error: str, seconds: float) -> None:
+        super().__init__(f"could not connect to {url} within {seconds:g} s: {error}")
+        self.url = url
+        self.error = error
 
 
 class TaskFailed(TaskHubError):

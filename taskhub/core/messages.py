@@ -36,6 +36,8 @@ __all__ = [
     "TaskEnd",
     "TaskEventMessage",
     "TaskFailure",
+    "TaskList",
+    "TaskRetry",
     "TaskSuccess",
     "TaskUpdate",
     "TaskSnapshot",
@@ -90,10 +92,14 @@ class Welcome(Message):
 
     type = "welcome"
     required = ("service", "instance")
-    types = {"instance": str, "max_message_size": int, "max_payload_size": int}
-    order = ("v", "service", "instance", "max_message_size", "max_payload_size", "ref")
+    types = {"instance": str, "max_message_size": int, "max_payload_size": int, "resume": str, "resumed": bool}
+    order = ("v", "service", "instance", "resume", "resumed", "max_message_size", "max_payload_size", "ref")
     service: str
     instance: str
+    #: The token that takes this instance back after a reconnect (``hello``'s ``resume``).
+    resume: Any = MISSING
+    #: Whether this connection took back the instance its ``resume`` named.
+    resumed: Any = False
     max_message_size: Any = MISSING
     max_payload_size: Any = MISSING
     v: Any = PROTOCOL_VERSION
@@ -180,6 +186,18 @@ class State(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TaskList(Message):
+    """The answer to ``tasks``: the dicts of :class:`TaskSnapshot` objects, newest first."""
+
+    type = "tasks"
+    required = ("tasks",)
+    types = {"tasks": list}
+    order = ("ref", "tasks")
+    tasks: list[dict[str, Any]]
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TaskEventMessage(Message):
     """A task event, live: ``seq`` is the event's number in the task's log (what
     ``watch`` replays by)."""
@@ -209,6 +227,20 @@ class TaskSuccess(TaskEventMessage):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TaskRetry(TaskEventMessage):
+    """Attempt ``attempt`` failed (``reason``, ``detail``); attempt ``next_attempt`` will be
+    offered after ``delay`` seconds, or at once when someone (``by``) asked for it."""
+
+    type = "retry"
+    order = ("task", "seq", "attempt", "reason", "detail", "next_attempt", "delay", "by")
+    reason: Any = ""
+    detail: Any = ""
+    next_attempt: Any = None
+    delay: Any = MISSING
+    by: Any = MISSING
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TaskFailure(TaskEventMessage):
     type = "fail"
     order = ("task", "seq", "attempt", "reason", "detail")
@@ -227,7 +259,10 @@ class TaskEnd(TaskEventMessage):
 
 MESSAGES: dict[str, type[Message]] = {
     cls.type: cls
-    for cls in (Welcome, Ack, Pong, Error, Offer, Payload, State, TaskUpdate, TaskSuccess, TaskFailure, TaskEnd)
+    for cls in (
+        Welcome, Ack, Pong, Error, Offer, Payload, State, TaskList,
+        TaskUpdate, TaskSuccess, TaskRetry, TaskFailure, TaskEnd,
+    )  # fmt: skip
 }
 
 
@@ -250,6 +285,17 @@ def event_message(task: str, seq: int, kind: str, service: str, attempt: int, da
         )
     if kind == EventKind.SUCCESS:
         return TaskSuccess(task=task, seq=seq, attempt=attempt, service=service, result=data.get("result"))
+    if kind == EventKind.RETRY:
+        return TaskRetry(
+            task=task,
+            seq=seq,
+            attempt=attempt,
+            reason=data.get("reason", ""),
+            detail=data.get("detail", ""),
+            next_attempt=data.get("next_attempt"),
+            delay=data.get("delay", MISSING),
+            by=data.get("by", MISSING),
+        )
     if kind == EventKind.FAIL:
         return TaskFailure(
             task=task, seq=seq, attempt=attempt, reason=data.get("reason", ""), detail=data.get("detail", "")
@@ -293,6 +339,8 @@ class TaskSnapshot:
     result: Any = None
     failure_reason: str = ""
     failure_detail: str = ""
+    retries: int = 0
+    retry_at: str | None = None
     created_at: str = ""
     finished_at: str | None = None
 

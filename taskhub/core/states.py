@@ -36,8 +36,9 @@ class TaskTrigger(StrEnum):
     SETTLE_FAILED = "settle_failed"  # all finished, none returned, at least one failed
     PICKUP_TIMEOUT = "pickup_timeout"  # nobody subscribed in time
     COMPLETE_TIMEOUT = "complete_timeout"  # picked up, but no end in time
+    HEARTBEAT_TIMEOUT = "heartbeat_timeout"  # picked up, but no update or touch in time
     CANCEL = "cancel"  # the caller or an operator cancelled it
-    RETRY = "retry"  # a failed attempt is offered again
+    RETRY = "retry"  # a failed attempt is offered again (after its backoff, or on request)
 
 
 TASK_TRANSITIONS: dict[TaskStatus, dict[TaskTrigger, TaskStatus]] = {
@@ -51,6 +52,7 @@ TASK_TRANSITIONS: dict[TaskStatus, dict[TaskTrigger, TaskStatus]] = {
         TaskTrigger.SETTLE_EMPTY: TaskStatus.ENDED,
         TaskTrigger.SETTLE_FAILED: TaskStatus.FAILED,
         TaskTrigger.COMPLETE_TIMEOUT: TaskStatus.FAILED,
+        TaskTrigger.HEARTBEAT_TIMEOUT: TaskStatus.FAILED,
         TaskTrigger.CANCEL: TaskStatus.FAILED,
         TaskTrigger.RETRY: TaskStatus.PENDING,
     },
@@ -65,6 +67,7 @@ TERMINAL_TASK_STATUSES = frozenset({TaskStatus.SUCCESS, TaskStatus.FAILED, TaskS
 class AssignmentState(StrEnum):
     OFFERED = "offered"  # sent to one instance of the service
     PICKED_UP = "picked_up"  # the service works on it; the hub waits
+    WAITING = "waiting"  # its instance is gone: waiting for another of the service
     RETURNED = "returned"  # the service returned a result
     DROPPED = "dropped"  # the service finished without a result
     FAILED = "failed"  # the service reported an error
@@ -77,10 +80,13 @@ class AssignmentState(StrEnum):
 class AssignmentTrigger(StrEnum):
     PICKUP = "pickup"
     UPDATE = "update"
+    TOUCH = "touch"  # alive, without news
     RETURN = "return"
     DROP = "drop"
     FAIL = "fail"
-    LOSE = "lose"
+    LOSE = "lose"  # its instance is gone and nobody took it over in time
+    HAND_OVER = "hand_over"  # offered to another instance of the service
+    ORPHAN = "orphan"  # its instance is gone and no other of the service is live
     PICKUP_TIMEOUT = "pickup_timeout"
     TELL = "tell"
     ABORT = "abort"
@@ -95,17 +101,34 @@ _FINISH = {
     AssignmentTrigger.ABORT: AssignmentState.ABORTED,
 }
 
+# An instance that is gone hands its part over to another of the service, or leaves it
+# waiting for one.
+_RELEASE = {
+    AssignmentTrigger.HAND_OVER: AssignmentState.OFFERED,
+    AssignmentTrigger.ORPHAN: AssignmentState.WAITING,
+}
+
 ASSIGNMENT_TRANSITIONS: dict[AssignmentState, dict[AssignmentTrigger, AssignmentState]] = {
     AssignmentState.OFFERED: {
         AssignmentTrigger.PICKUP: AssignmentState.PICKED_UP,
-        # An update implies work: it picks the task up (and records a pickup).
+        # An update or a touch implies work: it picks the task up (and records a pickup).
         AssignmentTrigger.UPDATE: AssignmentState.PICKED_UP,
+        AssignmentTrigger.TOUCH: AssignmentState.PICKED_UP,
         AssignmentTrigger.PICKUP_TIMEOUT: AssignmentState.SEEN,
         **_FINISH,
+        **_RELEASE,
     },
     AssignmentState.PICKED_UP: {
         AssignmentTrigger.UPDATE: AssignmentState.PICKED_UP,
+        AssignmentTrigger.TOUCH: AssignmentState.PICKED_UP,
         **_FINISH,
+        **_RELEASE,
+    },
+    AssignmentState.WAITING: {
+        AssignmentTrigger.HAND_OVER: AssignmentState.OFFERED,
+        AssignmentTrigger.LOSE: AssignmentState.LOST,
+        AssignmentTrigger.TELL: AssignmentState.TOLD,
+        AssignmentTrigger.ABORT: AssignmentState.ABORTED,
     },
     AssignmentState.RETURNED: {},
     AssignmentState.DROPPED: {},
@@ -118,7 +141,10 @@ ASSIGNMENT_TRANSITIONS: dict[AssignmentState, dict[AssignmentTrigger, Assignment
     AssignmentState.ABORTED: {},
 }
 
-ACTIVE_ASSIGNMENT_STATES = frozenset({AssignmentState.OFFERED, AssignmentState.PICKED_UP})
+#: The states in which the service is still on the task (the hub waits for it).
+ACTIVE_ASSIGNMENT_STATES = frozenset({AssignmentState.OFFERED, AssignmentState.PICKED_UP, AssignmentState.WAITING})
+#: The states in which an instance holds the assignment.
+HELD_ASSIGNMENT_STATES = frozenset({AssignmentState.OFFERED, AssignmentState.PICKED_UP})
 FAILED_ASSIGNMENT_STATES = frozenset({AssignmentState.FAILED, AssignmentState.LOST})
 
 def _advance(table: dict[Any, dict[Any, Any]], state: Any, trigger: Any, what: str) -> Any:

@@ -24,9 +24,9 @@ core, the models and the store's row types only.
 
 from __future__ import annotations
 
-from .commands import act, check_size, get_payload, publish, subscribe, unsubscribe, watch
+from .commands import act, cancel, check_size, get_payload, publish, retry, subscribe, unsubscribe, watch
 from .dispatch import dispatch_waiting
-from .instances import authenticate, disconnect, register_instance
+from .instances import Session, authenticate, connect, detach, release
 from .routing import Notice, task_group
 from .sweeping import sweep
 from .transitions import OPTIMISTIC_ATTEMPTS, transition
@@ -34,14 +34,18 @@ from .transitions import OPTIMISTIC_ATTEMPTS, transition
 __all__ = [
     "OPTIMISTIC_ATTEMPTS",
     "Notice",
+    "Session",
     "act",
     "authenticate",
+    "cancel",
     "check_size",
-    "disconnect",
+    "connect",
+    "detach",
     "dispatch_waiting",
     "get_payload",
     "publish",
-    "register_instance",
+    "release",
+    "retry",
     "subscribe",
     "sweep",
     "task_group",

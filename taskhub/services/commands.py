@@ -18,14 +18,14 @@ from taskhub.conf import conf
 from taskhub.core import machine
 from taskhub.core.actions import permits
 from taskhub.core.codes import ErrorCode, EventKind
-from taskhub.core.commands import MISSING, Drop, Fail, Pickup, Pub, Return, Update
-from taskhub.core.errors import InvalidMessage, PermissionDenied
+from taskhub.core.commands import MISSING, Drop, Fail, Pickup, Pub, Return, Touch, Update, WorkCommand
+from taskhub.core.errors import InvalidMessage, PermissionDenied, UnknownTask
 from taskhub.core.frames import encoded_size
-from taskhub.models import Credential, Subscription, TaskRecord
+from taskhub.models import Credential, Subscription, TaskEvent, TaskRecord
 from taskhub.store import get_store
 
 from . import queries
-from .dispatch import choose_offers, dispatch_waiting
+from .dispatch import choose_offers, dispatch_waiting, start
 from .routing import Notice, notices_for
 from .transitions import transition, unit_of_work, write_new
 
@@ -69,10 +69,15 @@ def publish(
     payload = None if cmd.payload is MISSING else cmd.payload
     size = check_size(payload, "payload")
     task_id = str(uuid.uuid4()) if cmd.task_id is MISSING else cmd.task_id
-    pickup_timeout = conf.PICKUP_TIMEOUT if cmd.pickup_timeout is MISSING else cmd.pickup_timeout
-    complete_timeout = conf.COMPLETE_TIMEOUT if cmd.timeout is MISSING else cmd.timeout
-
-    task, events = machine.new_task(task_id, now, pickup_timeout=pickup_timeout, complete_timeout=complete_timeout)
+    task, events = machine.new_task(
+        task_id,
+        now,
+        pickup_timeout=conf.PICKUP_TIMEOUT if cmd.pickup_timeout is MISSING else cmd.pickup_timeout,
+        complete_timeout=conf.COMPLETE_TIMEOUT if cmd.timeout is MISSING else cmd.timeout,
+        heartbeat_timeout=None if cmd.heartbeat_timeout is MISSING else cmd.heartbeat_timeout,
+        retries=0 if cmd.retries is MISSING else cmd.retries,
+        retry_backoff=1.0 if cmd.retry_backoff is MISSING else cmd.retry_backoff,
+    )
     events[0] = machine.Event(EventKind.INIT, credential.name, data={"action": action, "payload_size": size})
     record = TaskRecord(
         id=task_id,
@@ -126,38 +131,95 @@ def unsubscribe(instance_id: uuid.UUID, action: str) -> bool:
 
 
 def act(
-    credential: Credential, cmd: Pickup | Update | Return | Drop | Fail, now: datetime, channel: str | None = None
+    credential: Credential,
+    cmd: WorkCommand,
+    now: datetime,
+    channel: str | None = None,
+    instance: uuid.UUID | None = None,
 ) -> list[Notice]:
-    """Apply a worker's ``pickup``, ``update``, ``return``, ``drop`` or ``fail``.
+    """Apply a worker's ``pickup``, ``update``, ``touch``, ``return``, ``drop`` or ``fail``.
 
-    ``channel`` is the sending connection's (see
-    :func:`~taskhub.services.routing.listeners`).
+    ``channel`` and ``instance`` are the sending connection's (see
+    :func:`~taskhub.services.routing.listeners`): a command of an instance the task was
+    taken from is refused. A command sent ``again`` after a reconnect that the hub
+    already applied (an event of the task records its instance and ref) changes nothing.
 
     Raises:
         UnknownTask: no such task, or not offered to this service.
         InvalidTransition: the command does not fit the task's state (``stale_attempt``
-            for an attempt the hub gave up on).
+            for an attempt the hub gave up on, or a task handed to another instance).
         InvalidMessage: ``payload_too_large`` for update data or a result.
     """
-    service, attempt = credential.name, cmd.attempt
+    ref = "" if cmd.ref is None else str(cmd.ref)
+    if cmd.again is True and instance is not None and ref and _applied(cmd.task, instance, ref):
+        return []
+    service, attempt, me = credential.name, cmd.attempt, None if instance is None else str(instance)
     decide: Callable[[machine.Task], list[machine.Event]]
     match cmd:
         case Pickup():
-            decide = lambda task: machine.pickup(task, service, attempt, now)  # noqa: E731
+            decide = lambda task: machine.pickup(task, service, attempt, now, me)  # noqa: E731
         case Update():
             data = None if cmd.data is MISSING else cmd.data
             progress = None if cmd.progress is MISSING else cmd.progress
             check_size(data, "update data")
-            decide = lambda task: machine.update(task, service, attempt, data, progress, now)  # noqa: E731
+            decide = lambda task: machine.update(task, service, attempt, data, progress, now, me)  # noqa: E731
+        case Touch():
+            decide = lambda task: machine.touch(task, service, attempt, now, me)  # noqa: E731
         case Return():
             result = None if cmd.result is MISSING else cmd.result
             check_size(result, "result")
-            decide = lambda task: machine.return_result(task, service, attempt, result, now)  # noqa: E731
+            decide = lambda task: machine.return_result(task, service, attempt, result, now, me)  # noqa: E731
         case Drop():
-            decide = lambda task: machine.drop(task, service, attempt, now)  # noqa: E731
+            decide = lambda task: machine.drop(task, service, attempt, now, me)  # noqa: E731
         case Fail(error=error):
-            decide = lambda task: machine.fail(task, service, attempt, error, now)  # noqa: E731
-    return transition(cmd.task, decide, now, sender=channel, service=service)
+            decide = lambda task: machine.fail(task, service, attempt, error, now, me)  # noqa: E731
+    return transition(cmd.task, decide, now, sender=channel, service=service, ref=ref)
+
+
+def _applied(task_id: str, instance: uuid.UUID, ref: str) -> bool:
+    """Whether a command of ``instance`` with ``ref`` already wrote an event of the task."""
+    return TaskEvent.objects.filter(task_id=uuid.UUID(task_id), instance=instance, ref=ref).exists()
+
+
+def cancel(credential: Credential | None, task_id: str, now: datetime, by: str) -> list[Notice]:
+    """Cancel a pending or running task: it fails with reason ``cancelled`` and every
+    service on it is told. ``credential`` must have published it (``None``: an operator,
+    who may cancel any task); ``by`` names who asked, for the failure's detail.
+
+    Raises:
+        UnknownTask: no such task, or not published by ``credential``.
+        InvalidTransition: the task is already finished.
+    """
+    _own(credential, task_id)
+    return transition(task_id, lambda task: machine.cancel(task, by, now), now)
+
+
+def retry(credential: Credential | None, task_id: str, now: datetime, by: str) -> list[Notice]:
+    """Retry a failed task at once: its next attempt is offered to the action's
+    subscribers (or waits for one). ``credential`` as :func:`cancel`.
+
+    Raises:
+        UnknownTask: no such task, or not published by ``credential``.
+        InvalidTransition: the task did not fail.
+    """
+    action = _own(credential, task_id)
+    notices = transition(task_id, lambda task: machine.retry(task, by, now), now)
+    return notices + start(task_id, action, now)
+
+
+def _own(credential: Credential | None, task_id: str) -> str:
+    """The action of the task, if ``credential`` published it (``None``: anyone may).
+
+    Raises:
+        UnknownTask: otherwise.
+    """
+    tasks = TaskRecord.objects.filter(pk=task_id)
+    if credential is not None:
+        tasks = tasks.filter(publisher=credential)
+    action = tasks.values_list("action", flat=True).first()
+    if action is None:
+        raise UnknownTask(f"no task {task_id} of yours")
+    return action
 
 
 def get_payload(credential: Credential, task_id: str) -> Any:
@@ -169,12 +231,13 @@ def get_payload(credential: Credential, task_id: str) -> Any:
     return queries.visible_task(credential, task_id).payload
 
 
-def watch(credential: Credential, task_id: str, since: int) -> dict[str, Any]:
+def watch(credential: Credential, task_id: str, since: int, *, follow: bool = True) -> dict[str, Any]:
     """The task's current state and its events with a ``seq`` above ``since``.
 
-    Call after joining the task's group. The task is marked ``watched`` first, under the
-    lock transitions take, so every transition either committed before (its events are
-    in the answer) or sees the mark and sends to the group.
+    To ``follow`` the task, call after joining its group: the task is marked ``watched``
+    first, under a lock on its row, so every transition either wrote before (its events
+    are in the answer) or sees the mark and sends to the group (docs/architecture.md,
+    "Notices").
 
     Returns:
         ``{"task": snapshot, "events": [...]}``, the fields of a ``state`` message.
@@ -183,7 +246,7 @@ def watch(credential: Credential, task_id: str, since: int) -> dict[str, Any]:
         UnknownTask: as :func:`~taskhub.services.queries.visible_task`.
     """
     with transaction.atomic():
-        record = queries.visible_task(credential, task_id, lock=True)
-        if not record.watched:
+        record = queries.visible_task(credential, task_id, lock=follow)
+        if follow and not record.watched:
             TaskRecord.objects.filter(pk=record.pk).update(watched=True)
         return {"task": queries.task_snapshot(record), "events": queries.events_since(record, since)}

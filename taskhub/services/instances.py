@@ -1,27 +1,37 @@
-"""Instances: credentials checked, connections registered, their slots and leases.
+"""Instances: credentials checked, connections registered and resumed, slots and leases.
 
-An instance is one live connection of a service. Its row holds a slot of the
-credential's ``max_instances`` (counted across every hub process) for as long as its
-lease lasts; its process renews the lease on every sweep (:func:`renew_leases`). When
-the connection goes, :func:`disconnect` loses its tasks and frees the slot at once; when
-its process dies, any other process reaps it once the lease ran out.
+An instance is one connection of a service, and outlives it for a while: a connection
+that goes without a ``bye`` *detaches* its instance, which keeps its tasks and its slot
+for the resume grace (``TASKHUB_RESUME_GRACE``), so that the client can reconnect to any
+hub process and *resume* it with the token its ``welcome`` carried. Once the grace has
+passed, or the instance leaves with ``bye``, or its process stops renewing its lease
+(``TASKHUB_INSTANCE_LEASE``: the process died), it is *released*: each task it held goes
+to another live instance of its service, or waits for one (:func:`release`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from django.db import transaction
+from django.db.models import Q
 
 from taskhub.auth import verify_key
 from taskhub.conf import conf
 from taskhub.core import machine
 from taskhub.core.codes import ErrorCode
 from taskhub.core.errors import AuthenticationFailed
-from taskhub.core.states import ACTIVE_ASSIGNMENT_STATES
+from taskhub.core.states import HELD_ASSIGNMENT_STATES
 from taskhub.models import Assignment, Credential, Instance
+from taskhub.store import get_store
 
+from .dispatch import successor
 from .routing import Notice
 from .transitions import transition
 
@@ -41,65 +51,167 @@ def authenticate(name: str, key: str) -> Credential:
     return credential
 
 
-def register_instance(
-    credential: Credential, channel_name: str, process: str, remote_addr: str, now: datetime
-) -> Instance:
-    """Take one of the credential's instance slots, counted across all hub processes.
+class Session(NamedTuple):
+    """A registered or resumed instance: what ``welcome`` tells the client."""
+
+    instance: Instance
+    #: The token that resumes the instance (``hello``'s ``resume``).
+    token: str
+    resumed: bool
+    #: The channel of the connection this one took the instance from, to be closed.
+    superseded: str | None
+    #: The notices of tasks a detached instance handed over to free its slot.
+    notices: list[Notice]
+
+
+def _new_token(instance_id: uuid.UUID) -> tuple[str, str]:
+    """A resume token for the instance and the hash stored for it."""
+    secret = secrets.token_urlsafe(24)
+    return f"{instance_id.hex}.{secret}", hashlib.sha256(secret.encode()).hexdigest()
+
+
+def connect(
+    credential: Credential,
+    channel_name: str,
+    process: str,
+    remote_addr: str,
+    now: datetime,
+    *,
+    resume: str | None = None,
+    concurrency: int | None = None,
+) -> Session:
+    """Take back the instance ``resume`` names, or register a new one.
+
+    A new instance takes one of the credential's slots, counted across all hub
+    processes; when every slot is held and some by detached instances (connections that
+    went without a bye), the longest detached one is released to make room.
 
     Raises:
-        AuthenticationFailed: ``too_many_instances`` when every slot has a live lease.
+        AuthenticationFailed: ``too_many_instances`` when every slot is held by a
+            connected instance.
     """
+    if resume:
+        session = _resume(credential, resume, channel_name, process, now, concurrency)
+        if session is not None:
+            return session
+    notices: list[Notice] = []
     with transaction.atomic():
         # Locks the credential row (PostgreSQL) so racing connects count one at a time;
         # SQLite's IMMEDIATE transactions serialise them anyway.
         locked = Credential.objects.select_for_update().get(pk=credential.pk)
-        live = Instance.objects.filter(credential=locked, lease_expires_at__gt=now).count()
-        if live >= locked.max_instances:
-            raise AuthenticationFailed(
-                f"{credential.name} already has {live} live instance(s) of {locked.max_instances} allowed",
-                ErrorCode.TOO_MANY_INSTANCES,
-            )
-        return Instance.objects.create(
+        live = Instance.objects.filter(credential=locked, lease_expires_at__gt=now)
+        held = live.count()
+        if held >= locked.max_instances:
+            detached = live.filter(detached_at__isnull=False).order_by("detached_at").first()
+            if detached is None:
+                raise AuthenticationFailed(
+                    f"{credential.name} already has {held} live instance(s) of {locked.max_instances} allowed",
+                    ErrorCode.TOO_MANY_INSTANCES,
+                )
+            notices = release(detached.pk, now)
+        instance_id = uuid.uuid4()
+        token, resume_hash = _new_token(instance_id)
+        instance = Instance.objects.create(
+            id=instance_id,
             credential=locked,
             channel_name=channel_name,
             process=process,
             remote_addr=remote_addr[:100],
             connected_at=now,
             lease_expires_at=now + timedelta(seconds=conf.INSTANCE_LEASE),
+            resume_hash=resume_hash,
+            concurrency=concurrency,
         )
+    return Session(instance, token, False, None, notices)
 
 
-def disconnect(instance_id: uuid.UUID, now: datetime) -> list[Notice]:
-    """The instance is gone: its active assignments are lost, its slot is freed.
+def _resume(
+    credential: Credential, token: str, channel_name: str, process: str, now: datetime, concurrency: int | None
+) -> Session | None:
+    """The instance ``token`` names, taken over by this connection; ``None`` if there is no
+    such instance of this credential any more (its grace passed) or the token is wrong."""
+    instance_hex, _, secret = token.partition(".")
+    try:
+        instance_id = uuid.UUID(hex=instance_hex)
+    except ValueError:
+        return None
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    with transaction.atomic():
+        instance = Instance.objects.select_for_update().filter(pk=instance_id, credential=credential).first()
+        if instance is None or not hmac.compare_digest(instance.resume_hash, digest):
+            return None
+        superseded = instance.channel_name if instance.detached_at is None and instance.channel_name else None
+        new_token, resume_hash = _new_token(instance_id)
+        Instance.objects.filter(pk=instance_id).update(
+            channel_name=channel_name,
+            process=process,
+            detached_at=None,
+            lease_expires_at=now + timedelta(seconds=conf.INSTANCE_LEASE),
+            resume_hash=resume_hash,
+            concurrency=concurrency,
+        )
+        instance.refresh_from_db()
+    return Session(instance, new_token, True, superseded if superseded != channel_name else None, [])
+
+
+def detach(instance_id: uuid.UUID, channel_name: str, now: datetime) -> bool:
+    """The instance's connection closed without a bye: it keeps its tasks and slot for the
+    resume grace. Nothing happens if another connection has taken the instance since.
 
     Returns:
-        The notices of the tasks it held.
+        Whether it was detached.
     """
-    notices: list[Notice] = []
-    task_ids = (
-        Assignment.objects.filter(instance=instance_id, state__in=ACTIVE_ASSIGNMENT_STATES)
-        .values_list("task_id", flat=True)
-        .distinct()
+    detached = Instance.objects.filter(pk=instance_id, channel_name=channel_name, detached_at__isnull=True).update(
+        detached_at=now, channel_name=""
     )
-    for task_id in list(task_ids):
-        notices += transition(task_id, lambda task: machine.lose_instance(task, str(instance_id), now), now)
+    return bool(detached)
+
+
+def release(instance_id: uuid.UUID, now: datetime, *, channel_name: str | None = None) -> list[Notice]:
+    """The instance is gone for good: each task it held goes to another live instance of
+    its service, or waits for one until its pickup timeout; its slot is freed.
+
+    With ``channel_name`` (a ``bye``), nothing happens if another connection has taken
+    the instance since.
+
+    Returns:
+        The notices of the tasks it held (offers to their new instances among them).
+    """
+    instances = Instance.objects.filter(pk=instance_id)
+    if channel_name is not None:
+        instances = instances.filter(channel_name=channel_name)
+    service = instances.values_list("credential__name", flat=True).first()
+    if service is None:
+        return []
+    notices: list[Notice] = []
+    store = get_store()
+    held = Assignment.objects.filter(instance=instance_id, state__in=HELD_ASSIGNMENT_STATES)
+    for task_id, action in list(held.values_list("task_id", "task__action").distinct()):
+        heir = successor(store, action, service, now, exclude=instance_id)
+        heirs, channels = ({service: heir[0]}, {heir[0]: heir[1]}) if heir else ({}, {})
+        notices += transition(task_id, _releasing(str(instance_id), heirs, now), now, channels)
     Instance.objects.filter(pk=instance_id).delete()
     return notices
 
 
+def _releasing(instance: str, heirs: dict[str, str], now: datetime) -> Callable[[machine.Task], list[machine.Event]]:
+    return lambda task: machine.release_instance(task, instance, heirs, now)
+
+
 def renew_leases(process: str, now: datetime) -> list[str]:
-    """Renew the leases of ``process``'s instances.
+    """Renew the leases of ``process``'s connected instances.
 
     Returns:
         The channel names of those whose credential an operator disabled: the process
         closes them.
     """
-    Instance.objects.filter(process=process).update(lease_expires_at=now + timedelta(seconds=conf.INSTANCE_LEASE))
-    return list(
-        Instance.objects.filter(process=process, credential__is_active=False).values_list("channel_name", flat=True)
-    )
+    mine = Instance.objects.filter(process=process, detached_at__isnull=True)
+    mine.update(lease_expires_at=now + timedelta(seconds=conf.INSTANCE_LEASE))
+    return list(mine.filter(credential__is_active=False).values_list("channel_name", flat=True))
 
 
 def lapsed(now: datetime, limit: int) -> list[uuid.UUID]:
-    """Instances whose lease ran out (their process died), at most ``limit``."""
-    return list(Instance.objects.filter(lease_expires_at__lte=now).values_list("id", flat=True)[:limit])
+    """Instances to release, at most ``limit``: their lease ran out (their process died),
+    or they were detached longer than the resume grace."""
+    gone = Q(lease_expires_at__lte=now) | Q(detached_at__lte=now - timedelta(seconds=conf.RESUME_GRACE))
+    return list(Instance.objects.filter(gone).values_list("id", flat=True)[:limit])

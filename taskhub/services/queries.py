@@ -7,13 +7,20 @@ task that does not exist.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from django.db import connection
+from django.db.models import Q
 
+from taskhub.core.actions import wildcard_regex
+from taskhub.core.codes import RELAYED_KINDS, EventKind
 from taskhub.core.errors import UnknownTask
-from taskhub.core.messages import LoggedEvent, TaskSnapshot
-from taskhub.models import Credential, TaskRecord
+from taskhub.core.messages import LoggedEvent, TaskSnapshot, event_message
+from taskhub.core.states import AssignmentState, TaskStatus
+from taskhub.models import Assignment, Credential, TaskEvent, TaskRecord
+
+from .routing import offer_message
 
 
 def visible_task(credential: Credential, task_id: str, *, lock: bool = False) -> TaskRecord:
@@ -34,6 +41,29 @@ def visible_task(credential: Credential, task_id: str, *, lock: bool = False) ->
     ):
         raise UnknownTask(f"no task {task_id} of yours")
     return record
+
+
+def listed(credential: Credential, *, status: str | None, action: str | None, limit: int) -> list[dict[str, Any]]:
+    """The tasks the credential published or may subscribe to, newest first (``tasks``)."""
+    tasks = TaskRecord.objects.filter(Q(publisher=credential) | _granted(credential.sub_permissions))
+    if status is not None:
+        tasks = tasks.filter(status=status)
+    if action is not None:
+        tasks = tasks.filter(action=action)
+    return [task_snapshot(record) for record in tasks.defer("payload").order_by("-created_at")[:limit]]
+
+
+def _granted(patterns: list[str]) -> Q:
+    """The actions the permission patterns grant, as a filter (see :mod:`taskhub.core.actions`)."""
+    granted = Q(pk__in=[])
+    for pattern in patterns:
+        if "*" in pattern:
+            granted |= Q(action__regex=wildcard_regex(pattern))
+        elif ":" in pattern:
+            granted |= Q(action=pattern)
+        else:
+            granted |= Q(action__startswith=f"{pattern}:") | Q(action__startswith=f"{pattern}/")
+    return granted
 
 
 def events_since(record: TaskRecord, since: int) -> list[dict[str, Any]]:
@@ -59,6 +89,50 @@ def task_snapshot(record: TaskRecord) -> dict[str, Any]:
         result=record.result,
         failure_reason=record.failure_reason,
         failure_detail=record.failure_detail,
+        retries=record.retries,
+        retry_at=record.retry_at.isoformat() if record.retry_at else None,
         created_at=record.created_at.isoformat(),
         finished_at=record.finished_at.isoformat() if record.finished_at else None,
     ).to_dict()
+
+
+# -- what the layer may have lost (taskhub.recovery) ---------------------------------------
+
+
+def offered_to(process: str) -> list[tuple[uuid.UUID, uuid.UUID, int]]:
+    """``(instance, task, attempt)`` of the offers that instances of ``process`` have not
+    picked up yet, in tasks still running."""
+    return list(
+        Assignment.objects.filter(
+            instance__process=process, state=AssignmentState.OFFERED, task__status=TaskStatus.STARTED
+        ).values_list("instance_id", "task_id", "attempt")
+    )
+
+
+def offer_of(task_id: uuid.UUID, attempt: int) -> dict[str, Any] | None:
+    """The offer message of the task's attempt, while the task runs that attempt."""
+    record = TaskRecord.objects.filter(pk=task_id, status=TaskStatus.STARTED, attempt=attempt).first()
+    return None if record is None else offer_message(record, attempt)
+
+
+def versions(task_ids: list[str]) -> dict[str, int]:
+    """The current version of each of the tasks (those that still exist)."""
+    found: dict[str, int] = {}
+    for start in range(0, len(task_ids), 500):
+        rows = TaskRecord.objects.filter(pk__in=task_ids[start : start + 500]).values_list("id", "version")
+        found.update((str(pk), version) for pk, version in rows)
+    return found
+
+
+def relayed_since(task_id: str, seq: int, instance: uuid.UUID | None) -> list[dict[str, Any]]:
+    """The live messages of the task's relayed events after ``seq``, but the updates of
+    ``instance`` (which knows its own)."""
+    events = TaskEvent.objects.filter(task_id=uuid.UUID(task_id), id__gt=seq, kind__in=RELAYED_KINDS).order_by("id")
+    messages = []
+    for e in events:
+        if e.kind == EventKind.UPDATE and instance is not None and e.instance == instance:
+            continue
+        message = event_message(str(task_id), e.id, e.kind, e.service, e.attempt, e.data)
+        if message is not None:
+            messages.append(message.to_dict())
+    return messages

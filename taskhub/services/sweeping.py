@@ -14,7 +14,7 @@ from taskhub.core.states import TaskStatus
 from taskhub.models import TaskRecord
 
 from .dispatch import DISPATCH_BATCH, dispatch_waiting
-from .instances import disconnect, lapsed, renew_leases
+from .instances import lapsed, release, renew_leases
 from .routing import Notice
 from .transitions import transition
 
@@ -24,9 +24,9 @@ log = logging.getLogger("taskhub.services")
 def sweep(process: str, now: datetime) -> tuple[list[Notice], list[str]]:
     """One pass of a hub process's sweeper.
 
-    Renews the leases of ``process``'s instances, reaps instances whose lease lapsed
-    (their tasks are lost), expires overdue tasks, and offers waiting tasks that have a
-    subscriber.
+    Renews the leases of ``process``'s instances, releases instances that are gone (their
+    lease lapsed, or their resume grace passed: their tasks go to other instances),
+    expires overdue tasks, and offers what waits for a subscriber or an instance.
 
     Returns:
         ``(notices, channel names of this process's instances to close)``; those are
@@ -35,8 +35,8 @@ def sweep(process: str, now: datetime) -> tuple[list[Notice], list[str]]:
     to_close = renew_leases(process, now)
     notices: list[Notice] = []
     for instance_id in lapsed(now, DISPATCH_BATCH):
-        log.warning("instance %s lost its lease; releasing its tasks", instance_id)
-        notices += disconnect(instance_id, now)
+        log.warning("instance %s is gone (lease or resume grace over); releasing its tasks", instance_id)
+        notices += release(instance_id, now)
     overdue = TaskRecord.objects.filter(deadline__lte=now, status__in=[TaskStatus.PENDING, TaskStatus.STARTED])
     for task_id in list(overdue.order_by("deadline").values_list("id", flat=True)[:DISPATCH_BATCH]):
         notices += transition(task_id, lambda task: machine.expire(task, now), now)

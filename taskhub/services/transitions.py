@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -24,6 +25,7 @@ from typing import Any
 
 from django.db import transaction
 
+from taskhub.conf import conf
 from taskhub.core import machine
 from taskhub.core.codes import RELAYED_KINDS, EventKind
 from taskhub.core.errors import UnknownTask
@@ -38,9 +40,12 @@ MAX_TRANSITION_RETRIES = 10
 OPTIMISTIC_ATTEMPTS = 3
 
 #: The core's task fields that are columns of the model, read and written by name.
-#: ``id``, ``status`` and ``assignments`` are converted.
+#: ``id``, ``status`` and ``assignments`` are converted; the core's other fields
+#: (``retry_cap``, ``jitter``) are set from settings and chance on every load.
 CORE_COLUMNS = tuple(
-    f.name for f in dataclasses.fields(machine.Task) if f.name not in ("id", "status", "assignments")
+    f.name
+    for f in dataclasses.fields(machine.Task)
+    if f.name not in ("id", "status", "assignments") and f.name in {g.attname for g in TaskRecord._meta.concrete_fields}
 )
 
 Decide = Callable[[machine.Task], list[machine.Event]]
@@ -61,6 +66,8 @@ def load(record: TaskRecord, rows: Sequence[AssignmentRow]) -> machine.Task:
             )
             for a in rows
         ],
+        retry_cap=conf.RETRY_BACKOFF_MAX,
+        jitter=random.random(),
         **{name: getattr(record, name) for name in CORE_COLUMNS},
     )
 
@@ -100,9 +107,11 @@ def changes_of(
     now: datetime,
     rows: Sequence[AssignmentRow],
     fields: dict[str, Any] | None,
+    ref: str = "",
 ) -> Changes:
     """The rows a transition writes: ``fields`` of the task (``None``: insert it), its
-    new and changed assignments, its events, and the instances it was offered to."""
+    new and changed assignments, its events (each with ``ref``, the client command that
+    caused them), and the instances it was offered to."""
     existing = {(a.service, a.attempt): a for a in rows}
     changes = Changes(record, fields, now)
     for a in task.assignments:
@@ -123,7 +132,8 @@ def changes_of(
                 }
             )
         else:
-            changes.assignment_updates.append((row.pk, a.state.value, a.detail))
+            instance = uuid.UUID(a.instance) if a.instance else None
+            changes.assignment_updates.append((row.pk, a.state.value, a.detail, instance))
     changes.events = [
         {
             "task_id": record.pk,
@@ -132,6 +142,7 @@ def changes_of(
             "instance": uuid.UUID(e.instance) if e.instance else None,
             "attempt": e.attempt,
             "data": e.data,
+            "ref": ref,
             "created_at": now,
         }
         for e in events
@@ -168,15 +179,18 @@ def transition(
     with_payload: bool = False,
     sender: str | None = None,
     service: str | None = None,
+    ref: str = "",
 ) -> list[Notice]:
     """Apply one decision of the core to a task, once, whatever other processes do.
 
     ``decide`` gets the loaded task, mutates it and returns the events; if it raises,
-    nothing is written and the exception propagates. ``channels`` (instance id to channel
+    nothing is written and the exception propagates. A decision with no events that
+    changes columns (a deadline) is written too. ``channels`` (instance id to channel
     name) are those of the instances a ``decide`` may offer the task to. ``sender`` is
     the channel of the connection whose command this is (see
-    :func:`~taskhub.services.routing.listeners`), and ``service`` the service that sent
-    it: on a finished task, ``decide`` then sees that service's assignments only.
+    :func:`~taskhub.services.routing.listeners`), ``service`` the service that sent it
+    (on a finished task, ``decide`` then sees that service's assignments only), and
+    ``ref`` the command's ref, recorded with its events.
 
     Returns:
         What to tell whom once it is written.
@@ -198,10 +212,10 @@ def transition(
                 record, rows, publisher_channel = loaded
                 task = load(record, rows)
                 events = decide(task)
-                if not events:
-                    return []
                 fields = changed_columns(record, task, events, now, optimistic=store.optimistic)
-                written = store.write_transition(changes_of(record, task, events, now, rows, fields))
+                if not events and not fields.keys() - {"version"}:
+                    return []
+                written = store.write_transition(changes_of(record, task, events, now, rows, fields, ref))
                 if written is None:
                     raise Conflict(record.pk)
         except Conflict:

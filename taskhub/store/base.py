@@ -61,13 +61,15 @@ class LoadedTask(NamedTuple):
 
 
 class Subscriber(NamedTuple):
-    """A live instance subscribed to an action, and its service."""
+    """A live instance subscribed to an action, and its service. ``busy``: it has as many
+    unfinished tasks as its concurrency allows."""
 
     instance: uuid.UUID
     channel_name: str
     credential_id: int
     name: str
     sub_permissions: list[str]
+    busy: bool = False
 
 
 @dataclass
@@ -77,7 +79,7 @@ class Changes:
     ``fields`` are the task's changed columns by attribute name, written at
     ``record.version``; empty, the task's row is left alone; ``None``, ``record`` is
     inserted instead (payload included). ``assignment_updates`` are ``(pk, state,
-    detail)``. ``new_assignments`` and ``events`` are rows by attribute name; a column a
+    detail, instance)``. ``new_assignments`` and ``events`` are rows by attribute name; a column a
     row does not name gets the field's default. ``assigned`` instances were just given
     the task: their ``last_assigned_at`` becomes ``now``.
     """
@@ -85,7 +87,7 @@ class Changes:
     record: TaskRecord
     fields: dict[str, Any] | None
     now: datetime
-    assignment_updates: list[tuple[int, str, str]] = field(default_factory=list)
+    assignment_updates: list[tuple[int, str, str, uuid.UUID | None]] = field(default_factory=list)
     new_assignments: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     assigned: list[uuid.UUID] = field(default_factory=list)
@@ -139,8 +141,8 @@ class Store(ABC):
 
     @abstractmethod
     def live_subscribers(self, action: str, now: datetime) -> list[Subscriber]:
-        """Live instances subscribed to ``action`` with an active credential, least
-        recently assigned first."""
+        """Connected live instances subscribed to ``action`` with an active credential,
+        least recently assigned first (busy ones among them)."""
 
     @staticmethod
     def parse_id(task_id: uuid.UUID | str) -> uuid.UUID | None:

@@ -13,11 +13,15 @@ from datetime import datetime
 
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import F
+from django.db.models import Count, F, OuterRef, Subquery
+from django.db.models.functions import Coalesce
 
+from taskhub.core.states import HELD_ASSIGNMENT_STATES
 from taskhub.models import Assignment, Instance, Subscription, TaskEvent, TaskRecord
 
 from .base import TERMINAL, AssignmentRow, Changes, LoadedTask, Store, Subscriber, Written
+
+HELD = [state.value for state in HELD_ASSIGNMENT_STATES]
 
 
 class OrmStore(Store):
@@ -65,8 +69,10 @@ class OrmStore(Store):
             )
             if not moved:
                 return None
-        for pk, state, detail in changes.assignment_updates:
-            Assignment.objects.using(self.alias).filter(pk=pk).update(state=state, detail=detail, updated_at=now)
+        for pk, state, detail, instance in changes.assignment_updates:
+            Assignment.objects.using(self.alias).filter(pk=pk).update(
+                state=state, detail=detail, instance_id=instance, updated_at=now
+            )
         if changes.new_assignments:
             Assignment.objects.using(self.alias).bulk_create([Assignment(**row) for row in changes.new_assignments])
         events = TaskEvent.objects.using(self.alias).bulk_create([TaskEvent(**row) for row in changes.events])
@@ -79,9 +85,22 @@ class OrmStore(Store):
         return Written(event_ids=tuple(ids))
 
     def live_subscribers(self, action: str, now: datetime) -> list[Subscriber]:
+        held = (
+            Assignment.objects.using(self.alias)
+            .filter(instance=OuterRef("instance_id"), state__in=HELD)
+            .values("instance")
+            .annotate(n=Count("id"))
+            .values("n")
+        )
         rows = (
             Subscription.objects.using(self.alias)
-            .filter(action=action, instance__lease_expires_at__gt=now, instance__credential__is_active=True)
+            .filter(
+                action=action,
+                instance__lease_expires_at__gt=now,
+                instance__detached_at__isnull=True,
+                instance__credential__is_active=True,
+            )
+            .annotate(held=Coalesce(Subquery(held), 0))
             .order_by(F("instance__last_assigned_at").asc(nulls_first=True), "instance__connected_at")
             .values_list(
                 "instance_id",
@@ -89,6 +108,11 @@ class OrmStore(Store):
                 "instance__credential_id",
                 "instance__credential__name",
                 "instance__credential__sub_permissions",
+                "instance__concurrency",
+                "held",
             )
         )
-        return [Subscriber(*row) for row in rows]
+        return [
+            Subscriber(instance, channel, credential, name, patterns, concurrency is not None and held >= concurrency)
+            for instance, channel, credential, name, patterns, concurrency, held in rows
+        ]

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model
 
+from taskhub.core.states import HELD_ASSIGNMENT_STATES
 from taskhub.models import Assignment, Credential, Instance, Subscription, TaskEvent, TaskRecord
 
 from . import schema
@@ -35,6 +36,8 @@ _UNSET = object()
 #: What an assignment row brings to a transition, in :class:`AssignmentRow` order (its
 #: last field, the channel, comes from the instance).
 _ASSIGNMENT_COLUMNS = ("id", "service", "instance", "attempt", "state", "detail")
+#: The states in which an instance holds an assignment (what its concurrency counts).
+HELD = sorted(state.value for state in HELD_ASSIGNMENT_STATES)
 
 class Step(NamedTuple):
     """One statement of a write: its text, its parameters, and for an insert its model."""
@@ -152,7 +155,8 @@ class SqlStore(Store):
             ("update_assignment",),
             lambda: (
                 f"UPDATE {self.quote(schema.assignments().name)} SET {c(Assignment, 'state')} = %s, "
-                f"{c(Assignment, 'detail')} = %s, {c(Assignment, 'updated_at')} = %s WHERE {c(Assignment, 'id')} = %s"
+                f"{c(Assignment, 'detail')} = %s, {c(Assignment, 'instance')} = %s, {c(Assignment, 'updated_at')} = %s "
+                f"WHERE {c(Assignment, 'id')} = %s"
             ),
         )
 
@@ -214,28 +218,35 @@ class SqlStore(Store):
         text = self.statement(("live_subscribers",), self._select_subscribers)
         lease = self.values.named(Instance, "lease_expires_at")(now)
         with self.cursor() as cursor:
-            cursor.execute(text, [action, lease, True])
+            cursor.execute(text, [*HELD, action, lease, True])  # the count's states come first
             rows = cursor.fetchall()
         read = getattr(self, "_subscriber_reader", None)
         if read is None:
             fields = [_field(Instance, n) for n in ("id", "channel_name")]
             fields += [_field(Credential, n) for n in ("id", "name", "sub_permissions")]
             read = self._subscriber_reader = Reader(self.conn, fields)
-        return [Subscriber(*read(row)) for row in rows]
+        return [Subscriber._make([*read(row[:-1]), bool(row[-1])]) for row in rows]
 
     def _select_subscribers(self) -> str:
         q, c = self.quote, self.column
         by_instance = schema.join(Subscription, "instance")
         by_credential = schema.join(Instance, "credential")
         last = f"i.{c(Instance, 'last_assigned_at')}"
+        held_by = schema.join(Assignment, "instance")
+        concurrency = f"i.{c(Instance, 'concurrency')}"
+        held = (
+            f"SELECT count(*) FROM {q(schema.assignments().name)} a WHERE a.{q(held_by.local)} = i.{q(held_by.remote)} "
+            f"AND a.{c(Assignment, 'state')} IN ({', '.join(['%s'] * len(HELD))})"
+        )
         return (
             f"SELECT i.{c(Instance, 'id')}, i.{c(Instance, 'channel_name')}, c.{c(Credential, 'id')}, "
-            f"c.{c(Credential, 'name')}, c.{c(Credential, 'sub_permissions')} "
+            f"c.{c(Credential, 'name')}, c.{c(Credential, 'sub_permissions')}, "
+            f"CASE WHEN {concurrency} IS NULL THEN 0 WHEN ({held}) >= {concurrency} THEN 1 ELSE 0 END "
             f"FROM {q(schema.subscriptions().name)} s "
             f"JOIN {q(by_instance.target.name)} i ON s.{q(by_instance.local)} = i.{q(by_instance.remote)} "
             f"JOIN {q(by_credential.target.name)} c ON i.{q(by_credential.local)} = c.{q(by_credential.remote)} "
             f"WHERE s.{c(Subscription, 'action')} = %s AND i.{c(Instance, 'lease_expires_at')} > %s "
-            f"AND c.{c(Credential, 'is_active')} = %s "
+            f"AND c.{c(Credential, 'is_active')} = %s AND i.{c(Instance, 'detached_at')} IS NULL "
             f"ORDER BY CASE WHEN {last} IS NULL THEN 0 ELSE 1 END, {last}, i.{c(Instance, 'connected_at')}"
         )
 
@@ -304,10 +315,12 @@ class SqlStore(Store):
     def other_steps(self, changes: Changes) -> tuple[list[Step], list[Step]]:
         """``(steps before the events, the events' inserts)``; the rest of the write after the task's step."""
         prep = self.values.named
-        now_at, prep_pk = prep(Assignment, "updated_at")(changes.now), prep(Assignment, "id")
+        now_at = prep(Assignment, "updated_at")(changes.now)
+        prep_pk, prep_instance = prep(Assignment, "id"), prep(Assignment, "instance_id")
         update = self.update_assignment()
         steps = [
-            Step(update, [state, detail, now_at, prep_pk(pk)]) for pk, state, detail in changes.assignment_updates
+            Step(update, [state, detail, prep_instance(instance), now_at, prep_pk(pk)])
+            for pk, state, detail, instance in changes.assignment_updates
         ]
         steps += self.inserts(Assignment, changes.new_assignments)
         if changes.assigned:

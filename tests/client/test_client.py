@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import websockets
 
-from taskhub.client import Client, InvalidMessage, InvalidTransition, NoResult, Task, TaskFailed, backoff
+from taskhub.client import Client, InvalidMessage, NoResult, ProtocolError, Task, TaskFailed, backoff
 from taskhub.client.tasks import UPDATE_WINDOW
 from tests.conftest import TIMEOUT
 
@@ -137,20 +137,71 @@ async def test_a_refused_update_is_raised_by_the_next_and_nothing_more_is_sent(h
     async def handler(task, client):
         await task.update(1)
         await hub.sent(1)
-        await hub.refuse(0, "stale_attempt")
+        await hub.refuse(0, "internal_error")
         await client.ping()  # the hub answers in order: the refusal came before the pong
         try:
             await task.update(2)
-        except InvalidTransition as exc:
+        except ProtocolError as exc:
             raised.set_result(exc)
         await task.update(3)  # raised once
         await asyncio.Event().wait()
 
     client = await worker(hub, handler)
     await hub.offer()
-    assert "refused: stale_attempt" in str(await asyncio.wait_for(raised, TIMEOUT))
+    assert "refused: internal_error" in str(await asyncio.wait_for(raised, TIMEOUT))
     frames = await hub.sent(2)
     assert [f.get("data") for f in frames] == [1, 3]
+    await client.close()
+
+
+@pytest.mark.parametrize("code", ["stale_attempt", "invalid_transition", "unknown_task"])
+async def test_a_refusal_that_ends_the_part_cancels_the_handler_and_nothing_more_is_sent(hub, code):
+    cancelled = asyncio.Event()
+
+    async def handler(task, client):
+        await task.update(1)
+        try:
+            await asyncio.Event().wait()  # long work: the refusal cancels it
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    client = await worker(hub, handler)
+    await hub.offer()
+    await hub.sent(1)
+    await hub.refuse(0, code)
+    await asyncio.wait_for(cancelled.wait(), TIMEOUT)
+    assert await client.ping() >= 0
+    assert [f["type"] for f in hub.frames] == ["update"]  # no fail, no return
+    assert client.running == []
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "end", "status": "success"},  # another service's success ended the task
+        {"type": "fail", "reason": "cancelled", "detail": "cancelled by app"},
+        {"type": "retry", "reason": "complete_timeout", "detail": "", "next_attempt": 2},
+    ],
+)
+async def test_the_hub_ending_the_attempt_cancels_the_handler(hub, message):
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def handler(task, client):
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    client = await worker(hub, handler)
+    await hub.offer()
+    await asyncio.wait_for(started.wait(), TIMEOUT)
+    await hub.send({**message, "task": TASK, "seq": 5, "attempt": 1})
+    await asyncio.wait_for(cancelled.wait(), TIMEOUT)
+    assert await client.ping() >= 0 and hub.frames == []
     await client.close()
 
 
@@ -175,14 +226,14 @@ async def test_a_refused_update_is_raised_by_drop(hub):
         await task.update(1)
         try:
             await task.drop()  # waits for the update's answer
-        except InvalidTransition as exc:
+        except ProtocolError as exc:
             raised.set_result(exc.code)
 
     client = await worker(hub, handler)
     await hub.offer()
     await hub.sent(1)
-    await hub.refuse(0, "stale_attempt")
-    assert await asyncio.wait_for(raised, TIMEOUT) == "stale_attempt"
+    await hub.refuse(0, "internal_error")
+    assert await asyncio.wait_for(raised, TIMEOUT) == "internal_error"
     assert [f["type"] for f in hub.frames] == ["update"]  # the drop was not sent
     await client.close()
 
@@ -221,12 +272,12 @@ async def test_the_result_is_returned_after_a_refused_update_and_the_refusal_log
     client = await worker(hub, handler)
     await hub.offer()
     await hub.sent(1)
-    await hub.refuse(0, "stale_attempt")
+    await hub.refuse(0, "internal_error")
     frames = await hub.sent(2)
     assert [f["type"] for f in frames] == ["update", "return"] and frames[1]["result"] == "result"
     await hub.answer(1)
     await client.close()
-    assert f"an update of {TASK} was not accepted: refused: stale_attempt" in caplog.text
+    assert f"an update of {TASK} was not accepted: refused: internal_error" in caplog.text
 
 
 async def test_a_callback_registered_after_success_is_still_called(hub):

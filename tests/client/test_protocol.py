@@ -20,7 +20,7 @@ from taskhub.client.protocol import (
     TaskEventIn,
     Welcomed,
 )
-from taskhub.core.commands import GetPayload, Ping, Pub, Update, Watch
+from taskhub.core.commands import Bye, GetPayload, Ping, Pub, Update, Watch
 from taskhub.core.errors import AuthenticationFailed, InvalidMessage, UnknownTask
 from taskhub.core.messages import TaskSuccess, TaskUpdate
 
@@ -101,17 +101,37 @@ def test_after_a_lost_connection_safe_commands_are_sent_again_and_the_others_fai
     receive(protocol, {"type": "ack", "ref": sub["ref"], "action": "mail:send", "waiting": 0})
     pub = protocol.send(Pub.build(action="mail:send", task_id=TASK))
     update = protocol.send(Update.build(task=TASK, attempt=1, progress=0.5))
+    bye = protocol.send(Bye.build())
     sent(protocol)
     events: list[Any] = protocol.connection_lost()  # their types are what is checked
-    assert [(type(e), e.ref) for e in events] == [(Failed, update)]
+    assert [(type(e), e.ref) for e in events] == [(Failed, bye)]
     assert isinstance(events[0].error, ConnectionLost)
     assert protocol.state is ConnectionState.CLOSED
     protocol.connection_made()
-    receive(protocol, WELCOME)
+    receive(protocol, {**WELCOME, "resumed": True})
     frames = sent(protocol)
-    # The subscription first, then the pub with its ref and its task id: the hub creates the task once.
-    assert [(f["type"], f["ref"]) for f in frames][1:] == [("pub", pub)]
-    assert frames[1]["task_id"] == TASK and frames[0]["type"] == "sub"
+    # The subscription first, then the pub with its ref and its task id (the hub creates
+    # the task once), then the update marked again (the hub applies it once).
+    assert [(f["type"], f["ref"], f.get("again")) for f in frames] == [
+        ("sub", frames[0]["ref"], None),
+        ("pub", pub, None),
+        ("update", update, True),
+    ]
+    assert frames[1]["task_id"] == TASK
+
+
+def test_a_reconnect_that_does_not_get_the_instance_back_says_so():
+    protocol = opened()
+    assert protocol.resume_token is None
+    protocol.connection_lost()
+    protocol.connection_made()
+    welcome = {**WELCOME, "resume": "i-1.secret", "resumed": True}
+    (welcomed,) = receive(protocol, welcome)
+    assert not welcomed.instance_lost and protocol.resume_token == "i-1.secret"
+    protocol.connection_lost()
+    protocol.connection_made()
+    (welcomed,) = receive(protocol, {**welcome, "instance": "i-2", "resumed": False})
+    assert welcomed.instance_lost
 
 
 def test_offers_and_task_events_each_seq_once():

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from taskhub.core.commands import MISSING, Fail, Pub, Update, parse_command, read_ref
+from taskhub.core.commands import MISSING, Fail, Pub, Touch, Update, parse_command, read_ref
 from taskhub.core.errors import InvalidMessage
 from taskhub.core.frames import decode_frame, encode
 from taskhub.core.messages import Error
@@ -44,7 +44,7 @@ def test_missing_and_unknown_type():
 
 def test_pub_with_defaults_and_with_every_field():
     cmd = parse_command({"type": "pub", "action": "mail:send", "ref": "r1"})
-    assert cmd == Pub("r1", "mail:send", MISSING, MISSING, MISSING, MISSING)
+    assert cmd == Pub("r1", "mail:send", MISSING, MISSING, MISSING, MISSING, MISSING, MISSING, MISSING)
     cmd = parse_command(
         {
             "type": "pub",
@@ -53,9 +53,12 @@ def test_pub_with_defaults_and_with_every_field():
             "task_id": TASK.upper(),
             "timeout": 30,
             "pickup_timeout": None,
+            "heartbeat_timeout": 5,
+            "retries": -1,
+            "retry_backoff": 0.5,
         }
     )
-    assert cmd == Pub(None, "mail:send", [1], TASK, 30.0, None)
+    assert cmd == Pub(None, "mail:send", [1], TASK, 30.0, None, 5.0, -1, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -80,6 +83,24 @@ def test_pub_with_defaults_and_with_every_field():
         ({"type": "watch", "task": TASK, "since": -1}, "invalid_field"),
         ({"type": "hello", "name": "a"}, "invalid_field"),
         ({"type": "ping", "ref": {"a": 1}}, "invalid_field"),
+        ({"type": "pub", "action": "a:b", "retries": -2}, "invalid_field"),
+        ({"type": "pub", "action": "a:b", "retries": 1.5}, "invalid_field"),
+        ({"type": "pub", "action": "a:b", "retries": True}, "invalid_field"),
+        ({"type": "pub", "action": "a:b", "retry_backoff": 0}, "invalid_field"),
+        ({"type": "pub", "action": "a:b", "retry_backoff": None}, "invalid_field"),
+        ({"type": "pub", "action": "a:b", "heartbeat_timeout": -1}, "invalid_field"),
+        ({"type": "touch", "task": TASK}, "invalid_field"),
+        ({"type": "touch", "task": TASK, "attempt": 1, "again": "yes"}, "invalid_field"),
+        ({"type": "cancel"}, "invalid_field"),
+        ({"type": "cancel", "task": "nope"}, "invalid_field"),
+        ({"type": "retry", "task": 7}, "invalid_field"),
+        ({"type": "tasks", "status": "done"}, "invalid_field"),
+        ({"type": "tasks", "limit": 0}, "invalid_field"),
+        ({"type": "tasks", "limit": 1001}, "invalid_field"),
+        ({"type": "tasks", "action": "Bad"}, "invalid_action"),
+        ({"type": "hello", "name": "a", "key": "k", "concurrency": 0}, "invalid_field"),
+        ({"type": "hello", "name": "a", "key": "k", "resume": 5}, "invalid_field"),
+        ({"type": "watch", "task": TASK, "follow": 1}, "invalid_field"),
         ({"type": "ping", "ref": "x" * 101}, "invalid_field"),
     ],
 )
@@ -89,11 +110,13 @@ def test_field_errors(obj, code):
 
 def test_update_and_fail_parse():
     assert parse_command({"type": "update", "task": TASK, "attempt": 2, "data": {"n": 1}, "progress": 1}) == Update(
-        None, TASK, 2, {"n": 1}, 1.0
+        None, TASK, 2, {"n": 1}, 1.0, MISSING
     )
     assert parse_command({"type": "fail", "task": TASK, "attempt": 1, "error": "boom", "ref": 9}) == Fail(
-        9, TASK, 1, "boom"
+        9, TASK, 1, "boom", MISSING
     )
+    again = parse_command({"type": "touch", "task": TASK, "attempt": 1, "again": True, "ref": 3})
+    assert again == Touch(3, TASK, 1, True)
 
 
 def test_unknown_fields_are_ignored():

@@ -127,13 +127,180 @@ def test_another_service_can_still_succeed_after_one_failed():
     assert task.status is TaskStatus.SUCCESS
 
 
-def test_lost_instance_fails_with_worker_lost():
+def test_a_lost_instance_with_no_heir_leaves_its_part_waiting_then_fails_with_worker_lost():
     task = started("a")
     machine.pickup(task, "a", 1, at(1))
-    assert kinds(machine.lose_instance(task, "other", at(2))) == []
-    events = machine.lose_instance(task, "a-1", at(2))
+    assert kinds(machine.release_instance(task, "other", {}, at(2))) == []
+    events = machine.release_instance(task, "a-1", {}, at(2))
+    assert kinds(events) == ["lost"] and task.status is TaskStatus.STARTED
+    (part,) = task.current()
+    assert (part.state, part.instance) == (AssignmentState.WAITING, None)
+    # The service has the whole pickup timeout (10 s) from the loss to bring an instance.
+    assert machine.next_deadline(task) == at(12)
+    assert machine.expire(task, at(11.9)) == []
+    events = machine.expire(task, at(12))
     assert kinds(events) == ["lost", "fail", "end"]
-    assert task.failure_reason == "worker_lost"
+    assert (task.status, task.failure_reason) == (TaskStatus.FAILED, "worker_lost")
+
+
+def test_a_lost_instance_hands_its_part_to_an_heir_of_the_same_service():
+    task = started("a", "b")
+    machine.pickup(task, "a", 1, at(1))
+    events = machine.release_instance(task, "a-1", {"a": "a-2"}, at(2))
+    assert [(e.kind, e.service, e.instance) for e in events] == [("lost", "a", "a-1"), ("start", "a", "a-2")]
+    part = next(a for a in task.current() if a.service == "a")
+    assert (part.state, part.instance) == (AssignmentState.OFFERED, "a-2")
+    # The lost instance is fenced; the heir works as usual.
+    with pytest.raises(InvalidTransition, match="handed to another instance") as info:
+        machine.update(task, "a", 1, "late", None, at(3), instance="a-1")
+    assert info.value.code == "stale_attempt"
+    assert kinds(machine.return_result(task, "a", 1, "r", at(3), instance="a-2")) == ["success", "end"]
+
+
+def test_a_waiting_part_goes_to_the_first_instance_that_comes():
+    task = started("a")
+    machine.release_instance(task, "a-1", {}, at(1))
+    events = machine.offer_waiting(task, "a", "a-3", at(2))
+    assert [(e.kind, e.instance) for e in events] == [("start", "a-3")]
+    assert task.current()[0].state is AssignmentState.OFFERED
+    with pytest.raises(InvalidTransition, match="no part of a waiting"):
+        machine.offer_waiting(task, "a", "a-4", at(3))
+
+
+def test_a_service_whose_instances_are_all_busy_waits_for_one():
+    task, _ = machine.new_task("t1", T0, pickup_timeout=10, complete_timeout=None)
+    events = machine.start(task, [("a", None), ("b", "b-1")], T0)
+    assert [(e.service, e.instance) for e in events] == [("b", "b-1")]
+    assert {a.service: a.state for a in task.current()} == {"a": AssignmentState.WAITING, "b": AssignmentState.OFFERED}
+    machine.drop(task, "b", 1, at(1))
+    assert task.status is TaskStatus.STARTED  # a is still on it
+
+
+def failing(retries=2, backoff=1.0, **options):
+    options = {"pickup_timeout": 10, "complete_timeout": None, **options}
+    task, _ = machine.new_task("t1", T0, retries=retries, retry_backoff=backoff, **options)
+    task.jitter = 1.0  # the full backoff, for round numbers
+    machine.start(task, [("a", "a-1")], T0)
+    return task
+
+
+def test_a_failed_attempt_is_retried_after_its_backoff_with_a_new_attempt_number():
+    task = failing(retries=2)
+    events = machine.fail(task, "a", 1, "boom", at(1))
+    assert kinds(events) == ["error", "retry"]
+    retry = events[1]
+    assert retry.attempt == 1
+    assert retry.data == {"reason": "error", "detail": "boom", "next_attempt": 2, "delay": 1.0}
+    assert (task.status, task.attempt, task.retry_at) == (TaskStatus.PENDING, 2, at(2))
+    assert task.failure_reason == ""  # the task has not failed
+    assert machine.next_deadline(task) == at(2)  # the sweeper offers it then
+    assert machine.expire(task, at(2)) == [] and task.retry_at is None
+    assert machine.next_deadline(task) == at(12)  # the pickup timeout counts from the retry
+    # Attempt 1 is over: its stale actors are refused.
+    with pytest.raises(InvalidTransition, match="attempt 1 of task t1 is over") as info:
+        machine.update(task, "a", 1, None, None, at(2))
+    assert info.value.code == "stale_attempt"
+    machine.start(task, [("a", "a-1")], at(2))
+    assert kinds(machine.fail(task, "a", 2, "boom", at(3))) == ["error", "retry"]
+    assert task.retry_at == at(5)  # 2 s: the backoff doubles
+    machine.start(task, [("a", "a-1")], at(5))
+    events = machine.fail(task, "a", 3, "boom again", at(6))
+    assert kinds(events) == ["error", "fail", "end"]  # no retries left
+    assert (task.status, task.failure_reason, task.failure_detail) == (TaskStatus.FAILED, "error", "boom again")
+
+
+def test_the_backoff_is_capped_and_jittered_into_its_upper_half():
+    task = failing(retries=-1, backoff=10)
+    task.retry_cap = 15
+    task.attempt = 5
+    assert machine.retry_delay(task) == 15  # 10 * 2**4 capped
+    task.jitter = 0.0
+    assert machine.retry_delay(task) == 7.5
+    task.attempt, task.jitter = 1, 0.5
+    assert machine.retry_delay(task) == 7.5
+
+
+def test_retries_for_ever():
+    task = failing(retries=-1)
+    for attempt in range(1, 30):
+        assert kinds(machine.fail(task, "a", attempt, "x", at(attempt))) == ["error", "retry"]
+        machine.start(task, [("a", "a-1")], at(attempt))
+    assert task.attempt == 30
+
+
+@pytest.mark.parametrize(
+    ("lose", "reason"),
+    [
+        (lambda task: machine.expire(task, at(20)), "pickup_timeout"),
+        (lambda task: machine.cancel(task, "app", at(1)), "cancelled"),
+    ],
+)
+def test_a_pickup_timeout_or_a_cancel_is_never_retried(lose, reason):
+    task, _ = machine.new_task("t1", T0, pickup_timeout=10, complete_timeout=None, retries=5)
+    assert kinds(lose(task)) == ["fail", "end"]
+    assert task.failure_reason == reason
+
+
+def test_a_lost_worker_and_timeouts_are_retried():
+    task = failing(retries=3, complete_timeout=5)
+    machine.pickup(task, "a", 1, at(1))
+    events = machine.expire(task, at(6))
+    assert kinds(events) == ["retry"] and events[0].data["reason"] == "complete_timeout"
+    machine.start(task, [("a", "a-1")], at(7))
+    machine.release_instance(task, "a-1", {}, at(8))
+    events = machine.expire(task, at(18))
+    assert kinds(events) == ["lost", "retry"] and events[1].data["reason"] == "worker_lost"
+
+
+def test_a_heartbeat_is_kept_by_updates_and_touches_and_expires_in_silence():
+    task = failing(retries=0, heartbeat_timeout=3)
+    assert machine.next_deadline(task) == at(10)  # offered: the pickup timeout
+    machine.pickup(task, "a", 1, at(1))
+    assert machine.next_deadline(task) == at(4)
+    machine.update(task, "a", 1, "x", 0.5, at(3))
+    assert task.heartbeat_deadline == at(6)
+    assert machine.touch(task, "a", 1, at(5)) == []  # a touch records no event
+    assert task.heartbeat_deadline == at(8)
+    assert machine.expire(task, at(7.9)) == []
+    events = machine.expire(task, at(8))
+    assert kinds(events) == ["fail", "end"]
+    assert task.failure_reason == "heartbeat_timeout"
+    assert task.failure_detail == "no update or touch within the heartbeat timeout"
+
+
+def test_a_touch_on_an_offered_task_picks_it_up():
+    task = failing(heartbeat_timeout=3)
+    assert kinds(machine.touch(task, "a", 1, at(1))) == ["pickup"]
+    assert task.current()[0].state is AssignmentState.PICKED_UP
+
+
+def test_cancel_fails_a_pending_or_started_task_and_tells_its_services():
+    pending, _ = machine.new_task("t1", T0, pickup_timeout=10, complete_timeout=None)
+    assert kinds(machine.cancel(pending, "app", at(1))) == ["fail", "end"]
+    task = started("a", "b")
+    machine.pickup(task, "a", 1, at(1))
+    events = machine.cancel(task, "operator", at(2))
+    assert [e.data for e in events] == [
+        {"reason": "cancelled", "detail": "cancelled by operator"},
+        {"status": "failed"},
+    ]
+    assert {a.state for a in task.current()} == {AssignmentState.ABORTED}
+    with pytest.raises(InvalidTransition, match="cannot cancel a task in state 'failed'"):
+        machine.cancel(task, "app", at(3))
+
+
+def test_a_failed_task_is_retried_on_request_at_once():
+    task = failing(retries=0)
+    machine.fail(task, "a", 1, "boom", at(1))
+    events = machine.retry(task, "app", at(5))
+    assert kinds(events) == ["retry"]
+    assert events[0].data == {"reason": "error", "detail": "boom", "next_attempt": 2, "by": "app"}
+    assert (task.status, task.attempt, task.failure_reason, task.retry_at) == (TaskStatus.PENDING, 2, "", None)
+    assert machine.next_deadline(task) == at(15)
+    done = started("a")
+    machine.return_result(done, "a", 1, "r", at(1))
+    with pytest.raises(InvalidTransition, match="cannot retry a task in state 'success'"):
+        machine.retry(done, "app", at(2))
 
 
 def test_pickup_timeout_while_pending_fails_the_task():

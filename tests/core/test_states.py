@@ -26,6 +26,7 @@ TASK_MOVES = [
     (S, "settle_empty", E),
     (S, "settle_failed", F),
     (S, "complete_timeout", F),
+    (S, "heartbeat_timeout", F),
     (S, "cancel", F),
     (S, "retry", P),
     (F, "retry", P),
@@ -39,13 +40,22 @@ FINISHING = [
     ("tell", "told"),
     ("abort", "aborted"),
 ]
+# The instance holding a part is gone for good: another instance takes it over, or it
+# waits for one.
+RELEASING = [("hand_over", "offered"), ("orphan", "waiting")]
 ASSIGNMENT_MOVES = [
     ("offered", "pickup", "picked_up"),
     ("offered", "update", "picked_up"),  # an update picks the task up
+    ("offered", "touch", "picked_up"),  # so does a touch
     ("offered", "pickup_timeout", "seen"),
-    *(("offered", trigger, target) for trigger, target in FINISHING),
+    *(("offered", trigger, target) for trigger, target in FINISHING + RELEASING),
     ("picked_up", "update", "picked_up"),
-    *(("picked_up", trigger, target) for trigger, target in FINISHING),
+    ("picked_up", "touch", "picked_up"),
+    *(("picked_up", trigger, target) for trigger, target in FINISHING + RELEASING),
+    ("waiting", "hand_over", "offered"),
+    ("waiting", "lose", "lost"),  # nobody took it over within the pickup timeout
+    ("waiting", "tell", "told"),
+    ("waiting", "abort", "aborted"),
     ("told", "return", "told"),  # a late return: recorded, not delivered
 ]
 
