@@ -121,6 +121,9 @@ async def recover(process: str, connections: Iterable[Connection]) -> int:
             if version is None or version <= heard.version:
                 continue
             missed = await db.run(queries.relayed_since, task_id, heard.seq, connection.instance_id)
+            if not missed:  # it moved without news (a pickup, a touch)
+                heard.version = max(heard.version, version)
+                continue
             log.info("%d event(s) of %s were lost on the layer; sending them again", len(missed), task_id)
             await connection.dispatch({"type": RELAY, "task": task_id, "version": version, "messages": missed})
             sent += len(missed)

@@ -1,9 +1,9 @@
 """Each hub process's sweeper: renews leases, enforces deadlines, re-offers waiting tasks.
 
-daphne runs no ASGI lifespan, so the consumer starts the sweeper lazily on the first
-connection of each event loop (:func:`ensure_started`). Deadlines live in the database,
-so a task still times out when the process that accepted it has died: any surviving
-process's sweeper expires it.
+It starts with the server (:mod:`taskhub.asgi`), and on the first connection of an event
+loop otherwise (:func:`ensure_started`). Deadlines live in the database, so a task still
+times out when the process that accepted it has died: any surviving process's sweeper
+expires it.
 """
 
 from __future__ import annotations

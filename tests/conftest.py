@@ -15,7 +15,7 @@ from channels.testing import WebsocketCommunicator
 if TYPE_CHECKING:
     from pytest_django import Settings
 
-    from taskhub.core.commands import Drop, Fail, Pickup, Pub, Return, Update
+    from taskhub.core.commands import Pub, WorkCommand
     from taskhub.models import Credential
 
 #: Multiply every timeout in the suite (slow machines: TASKHUB_TEST_SCALE=3).
@@ -103,12 +103,12 @@ def pub_command(obj: dict[str, Any]) -> Pub:
     return cmd
 
 
-def task_command(obj: dict[str, Any]) -> Pickup | Update | Return | Drop | Fail:
+def task_command(obj: dict[str, Any]) -> WorkCommand:
     """``parse_command`` of a worker's command on a task, typed as ``services.act`` takes it."""
-    from taskhub.core.commands import Drop, Fail, Pickup, Return, Update, parse_command
+    from taskhub.core.commands import Drop, Fail, Pickup, Return, Touch, Update, parse_command
 
     cmd = parse_command(obj)
-    assert isinstance(cmd, Pickup | Update | Return | Drop | Fail)
+    assert isinstance(cmd, Pickup | Update | Touch | Return | Drop | Fail)
     return cmd
 
 

@@ -6,6 +6,7 @@ Used by ``tests/e2e/conftest.py`` and by ``bench/``, so both run the hub the sam
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -43,8 +44,8 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 
     raise TimeoutError(f"nothing listens on {port} after {timeout} s")
 
 
-def start_redis() -> tuple[str, subprocess.Popen[bytes]]:
-    """A private redis-server on a free port: ``(url, process)``.
+def start_redis(port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:
+    """A private redis-server on ``port`` (a free one by default): ``(url, process)``.
 
     Raises:
         RuntimeError: redis-server is not installed.
@@ -52,7 +53,7 @@ def start_redis() -> tuple[str, subprocess.Popen[bytes]]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (Debian package redis-server)")
-    port = free_port()
+    port = port or free_port()
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
@@ -167,25 +168,35 @@ def create_credential(
     return name, key
 
 
-def add_credential(
-    database_url: str, *, sub: Sequence[str] = (), pub: Sequence[str] = (), max_instances: int = 1, prefix: str = "svc"
-) -> tuple[str, str]:
-    """A credential with a fresh name, written from this process (Django must be set up):
-    ``(name, key)``. What :func:`create_credential` does, without a process per credential.
-
-    The hub's database is opened under an alias of its own for the write and closed after
-    it, so that no test-database machinery ever sees that alias.
-    """
+@contextlib.contextmanager
+def hub_database(database_url: str) -> Iterator[str]:
+    """The hubs' database, opened from this process (Django must be set up) under an alias
+    of its own, which it yields; closed and forgotten after, so that no test-database
+    machinery ever sees that alias."""
     import dj_database_url
     from django.db import connections
-
-    from taskhub.auth import generate_key, hash_key
-    from taskhub.models import Credential
 
     alias = f"hub_{uuid.uuid4().hex[:8]}"
     config = dict(dj_database_url.parse(database_url))
     connections.settings[alias] = connections.configure_settings({"default": config})["default"]
     try:
+        yield alias
+    finally:
+        connections[alias].close()
+        del connections[alias]
+        del connections.settings[alias]
+
+
+def add_credential(
+    database_url: str, *, sub: Sequence[str] = (), pub: Sequence[str] = (), max_instances: int = 1, prefix: str = "svc"
+) -> tuple[str, str]:
+    """A credential with a fresh name, written from this process (Django must be set up):
+    ``(name, key)``. What :func:`create_credential` does, without a process per credential.
+    """
+    from taskhub.auth import generate_key, hash_key
+    from taskhub.models import Credential
+
+    with hub_database(database_url) as alias:
         name, key = f"{prefix}-{uuid.uuid4().hex[:8]}", generate_key()
         Credential.objects.using(alias).create(
             name=name,
@@ -195,7 +206,3 @@ def add_credential(
             max_instances=max_instances,
         )
         return name, key
-    finally:
-        connections[alias].close()
-        del connections[alias]
-        del connections.settings[alias]

@@ -4,7 +4,8 @@ The URL, name and key come from ``--url``/``--name``/``--key`` or from the envir
 variables ``TASKHUB_URL``, ``TASKHUB_NAME`` and ``TASKHUB_KEY``.
 
 Exit status of ``pub``: 0 with a result, 1 when the task failed, 2 when it ended without a
-result, 3 when the hub refused the command or the credential.
+result, 3 when the hub refused the command or the credential, 4 when the hub could not be
+reached within the connect timeout.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import sys
 from typing import Any, TextIO
 
-from taskhub.core.errors import AuthenticationFailed, NoResult, ProtocolError, TaskFailed
+from taskhub.core.errors import AuthenticationFailed, ConnectionFailed, NoResult, ProtocolError, TaskFailed
 
 from .client import Client
 from .tasks import Update
@@ -49,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", default=os.environ.get("TASKHUB_URL", "ws://127.0.0.1:8000/ws/taskhub/"))
     parser.add_argument("--name", default=os.environ.get("TASKHUB_NAME"))
     parser.add_argument("--key", default=os.environ.get("TASKHUB_KEY"))
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to try to reach the hub before giving up (default 30; a worker keeps trying)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     pub = sub.add_parser("pub", help="publish a task, show its progress, print its result")
     pub.add_argument("action")
@@ -120,12 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.name or not args.key:
         raise SystemExit("error: give --name and --key (or TASKHUB_NAME and TASKHUB_KEY)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    client = Client(args.url, name=args.name, key=args.key)
+    client = Client(args.url, name=args.name, key=args.key, connect_timeout=args.connect_timeout)
     command = {"pub": _pub, "watch": _watch, "worker": _worker}[args.command]
     try:
         return asyncio.run(command(client, args))
     except (AuthenticationFailed, ProtocolError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except ConnectionFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         return 130

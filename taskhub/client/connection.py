@@ -173,7 +173,7 @@ class Connection:
                 if self._refused(exc):
                     return
                 log.error("taskhub: %s; reconnecting", exc)
-            except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
+            except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError, TaskHubError) as exc:
                 refused = isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403)
                 if refused and self._refused(AuthenticationFailed(f"handshake refused: {exc}")):
                     return
@@ -221,8 +221,8 @@ class Connection:
                 async for raw in ws:
                     try:
                         self._handle(self.protocol.receive(raw))
-                    except AuthenticationFailed:
-                        raise
+                    except TaskHubError:
+                        raise  # the hub refused the session
                     except Exception:  # one frame's trouble must not end the client
                         log.exception("taskhub: could not handle a frame from the hub")
                     await self._flush()
@@ -244,7 +244,7 @@ class Connection:
                         self.on_instance_lost()
                     self.spawn(self._opened([self._expect(ref) for ref in refs]))
                 case SessionRefused(error=error):
-                    raise error
+                    raise error  # ends the session: final if it refuses the credential
                 case Offered(offer=offer):
                     self.on_offer(offer)
                 case TaskEventIn(message=message):

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from taskhub.core.commands import Command, Sub, Watch
-from taskhub.core.errors import AuthenticationFailed, InvalidMessage, TaskHubError, error_for
+from taskhub.core.errors import InvalidMessage, TaskHubError, error_for
 from taskhub.core.frames import decode_frame, encode
 from taskhub.core.messages import Error, LoggedEvent, Message, Offer, State, TaskEventMessage, Welcome, parse_message
 
@@ -86,7 +86,10 @@ class Welcomed:
 
 @dataclass(frozen=True)
 class SessionRefused:
-    error: AuthenticationFailed
+    """The hub refused the session: :class:`AuthenticationFailed` for the credential, or
+    another error (a wrong path: ``not_found``)."""
+
+    error: TaskHubError
 
 
 @dataclass(frozen=True)
@@ -332,10 +335,7 @@ class ClientProtocol:
 
     def _opening(self, message: Message) -> list[Event]:
         if isinstance(message, Error):
-            error = error_for(message.code, str(message.detail))
-            if not isinstance(error, AuthenticationFailed):
-                error = AuthenticationFailed(str(message.detail), message.code)
-            return [SessionRefused(error)]
+            return [SessionRefused(error_for(message.code, str(message.detail)))]
         if not isinstance(message, Welcome):
             log.warning("taskhub: the hub's first message was %s, not welcome", message.type)
             return []

@@ -68,6 +68,7 @@ class ErrorCode(StrEnum):
     CREDENTIAL_DISABLED = "credential_disabled"
     TOO_MANY_INSTANCES = "too_many_instances"
     SUPERSEDED = "superseded"  # the instance was resumed on another connection
+    NOT_FOUND = "not_found"  # no TaskHub endpoint at the handshake's path
     # What the command asks for.
     PERMISSION_DENIED = "permission_denied"
     UNKNOWN_TASK = "unknown_task"
@@ -97,6 +98,7 @@ class CloseCode(IntEnum):
     CREDENTIAL_DISABLED = 4002
     TOO_MANY_INSTANCES = 4003
     SUPERSEDED = 4004
+    NOT_FOUND = 4404
 
     @classmethod
     def for_error(cls, code: str) -> CloseCode:
@@ -110,4 +112,5 @@ _CLOSE_FOR: dict[str, CloseCode] = {
     ErrorCode.CREDENTIAL_DISABLED: CloseCode.CREDENTIAL_DISABLED,
     ErrorCode.TOO_MANY_INSTANCES: CloseCode.TOO_MANY_INSTANCES,
     ErrorCode.SUPERSEDED: CloseCode.SUPERSEDED,
+    ErrorCode.NOT_FOUND: CloseCode.NOT_FOUND,
 }

@@ -447,7 +447,7 @@ def retry(task: Task, by: str, now: datetime) -> list[Event]:
     Raises:
         InvalidTransition: the task did not fail.
     """
-    task.status = advance_task(task.status, TaskTrigger.RETRY)
+    task.status = advance_task(task.status, TaskTrigger.RERUN)
     data = {"reason": task.failure_reason, "detail": task.failure_detail, "next_attempt": task.attempt + 1, "by": by}
     failed = task.attempt
     task.attempt += 1

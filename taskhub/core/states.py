@@ -38,7 +38,8 @@ class TaskTrigger(StrEnum):
     COMPLETE_TIMEOUT = "complete_timeout"  # picked up, but no end in time
     HEARTBEAT_TIMEOUT = "heartbeat_timeout"  # picked up, but no update or touch in time
     CANCEL = "cancel"  # the caller or an operator cancelled it
-    RETRY = "retry"  # a failed attempt is offered again (after its backoff, or on request)
+    RETRY = "retry"  # a failed attempt is followed by another (after its backoff)
+    RERUN = "rerun"  # a failed task is run again on request
 
 
 TASK_TRANSITIONS: dict[TaskStatus, dict[TaskTrigger, TaskStatus]] = {
@@ -57,7 +58,7 @@ TASK_TRANSITIONS: dict[TaskStatus, dict[TaskTrigger, TaskStatus]] = {
         TaskTrigger.RETRY: TaskStatus.PENDING,
     },
     TaskStatus.SUCCESS: {},
-    TaskStatus.FAILED: {TaskTrigger.RETRY: TaskStatus.PENDING},
+    TaskStatus.FAILED: {TaskTrigger.RERUN: TaskStatus.PENDING},
     TaskStatus.ENDED: {},
 }
 

@@ -116,7 +116,7 @@ def dispatch_waiting(now: datetime, actions: Iterable[str] | None = None) -> tup
         if heir is None:
             continue
         instance, channel = heir
-        more = transition(task_id, _offering(service, instance, now), now, {instance: channel})
+        more = transition(task_id, _offering(service, instance, now), now, {instance: channel}, with_payload=True)
         started += bool(more)
         notices += more
     return started, notices

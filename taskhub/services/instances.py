@@ -189,7 +189,9 @@ def release(instance_id: uuid.UUID, now: datetime, *, channel_name: str | None =
     for task_id, action in list(held.values_list("task_id", "task__action").distinct()):
         heir = successor(store, action, service, now, exclude=instance_id)
         heirs, channels = ({service: heir[0]}, {heir[0]: heir[1]}) if heir else ({}, {})
-        notices += transition(task_id, _releasing(str(instance_id), heirs, now), now, channels)
+        notices += transition(
+            task_id, _releasing(str(instance_id), heirs, now), now, channels, with_payload=bool(heirs)
+        )
     Instance.objects.filter(pk=instance_id).delete()
     return notices
 

@@ -170,7 +170,7 @@ class PostgresStore(SqlStore):
             row = cur.fetchone()
         if row is None:
             return None  # the fence did not hold: nothing was written
-        return self._written(row, by_task, tuple(sorted(row[-1] or ())))
+        return self._written(row, by_task, tuple(sorted(row[-1] or ())) if events else ())
 
     def _with_tail(self, texts: tuple[str, ...], by_task: bool, events: tuple[int, ...]) -> str:
         """``WITH w0 AS (...), w1 AS (...) SELECT ...``: one row when the fence ``w0`` held,

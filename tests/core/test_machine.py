@@ -299,8 +299,11 @@ def test_a_failed_task_is_retried_on_request_at_once():
     assert machine.next_deadline(task) == at(15)
     done = started("a")
     machine.return_result(done, "a", 1, "r", at(1))
-    with pytest.raises(InvalidTransition, match="cannot retry a task in state 'success'"):
+    with pytest.raises(InvalidTransition, match="cannot rerun a task in state 'success'"):
         machine.retry(done, "app", at(2))
+    machine.start(task, [("a", "a-1")], at(5))
+    with pytest.raises(InvalidTransition, match="cannot rerun a task in state 'started'"):
+        machine.retry(task, "app", at(6))
 
 
 def test_pickup_timeout_while_pending_fails_the_task():

@@ -28,8 +28,8 @@ TASK_MOVES = [
     (S, "complete_timeout", F),
     (S, "heartbeat_timeout", F),
     (S, "cancel", F),
-    (S, "retry", P),
-    (F, "retry", P),
+    (S, "retry", P),  # a failed attempt, with retries left
+    (F, "rerun", P),  # a failed task, retried on request
 ]
 
 FINISHING = [

@@ -18,7 +18,7 @@ import pytest
 
 from taskhub.client import Client
 from tests.conftest import TIMEOUT
-from tests.processes import ROOT, Hub, add_credential, create_database, drop_database, start_redis
+from tests.processes import ROOT, Hub, add_credential, create_database, drop_database, hub_database, start_redis
 
 __all__ = ["ROOT", "Hub"]
 
@@ -85,6 +85,22 @@ def credential(database_url: str, django_db_blocker: Any) -> Callable[..., tuple
             return thread.submit(add_credential, database_url, **options).result()
 
     return make
+
+
+@pytest.fixture
+def hub_db(database_url: str, django_db_blocker: Any) -> Callable[[Callable[[str], Any]], Any]:
+    """``hub_db(lambda alias: ...)``: run a function on the hubs' database (its alias
+    given) from this process, on a thread of its own, and return what it returns."""
+
+    def run(fn: Callable[[str], Any]) -> Any:
+        def call() -> Any:
+            with hub_database(database_url) as alias:
+                return fn(alias)
+
+        with django_db_blocker.unblock(), concurrent.futures.ThreadPoolExecutor(1) as thread:
+            return thread.submit(call).result()
+
+    return run
 
 
 def unique_action(verb: str = "run") -> str:

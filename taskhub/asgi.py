@@ -1,0 +1,60 @@
+"""The hub's ASGI application: wrap your project's router so that every hub process
+sweeps from its start.
+
+Each process's sweeper enforces deadlines, releases instances that are gone and sends
+what the channel layer lost (:mod:`taskhub.sweeper`). It must run in every process, also
+one that never gets a connection (another process's tasks still time out there).
+:func:`hub_application` starts it when the server starts:
+
+- on ASGI lifespan startup (uvicorn, hypercorn), and stops it on shutdown;
+- under daphne, which runs no lifespan, as soon as daphne's event loop runs.
+
+The first WebSocket connection of an event loop starts it too, whatever the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from . import sweeper
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+
+
+class HubApplication:
+    """An ASGI application that starts the sweeper with the server, around ``app``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._on_daphne_loop()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                sweeper.ensure_started()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await sweeper.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _on_daphne_loop(self) -> None:
+        """Under daphne (no lifespan), start the sweeper once its event loop runs."""
+        server = sys.modules.get("daphne.server")
+        loop = getattr(server, "twisted_loop", None)
+        if loop is not None:
+            loop.call_soon(sweeper.ensure_started)
+            log.debug("the sweeper starts with daphne's event loop")
+
+
+def hub_application(app: Any) -> HubApplication:
+    """``app`` (your ``ProtocolTypeRouter``) with the sweeper started by the server."""
+    return HubApplication(app)
