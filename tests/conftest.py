@@ -117,6 +117,8 @@ class Peer:
 
     def __init__(self, communicator: WebsocketCommunicator) -> None:
         self.comm = communicator
+        #: The hub's welcome, once read.
+        self.welcome: dict[str, Any] = {}
 
     async def send(self, message: dict[str, Any] | str) -> None:
         await self.comm.send_to(text_data=message if isinstance(message, str) else json.dumps(message))
@@ -145,17 +147,24 @@ class Peer:
         await self.comm.disconnect()
 
 
-async def open_peer(name: str | None = None, key: str | None = None, *, expect_welcome: bool = True) -> Peer:
+async def open_peer(
+    name: str | None = None,
+    key: str | None = None,
+    *,
+    expect_welcome: bool = True,
+    headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+    path: str = "/ws/taskhub/",
+) -> Peer:
     from hubproject.asgi import application
 
-    headers = []
+    headers = list(headers)
     if name is not None:
         headers.append((b"authorization", b"Basic " + base64.b64encode(f"{name}:{key}".encode())))
-    communicator = WebsocketCommunicator(application, "/ws/taskhub/", headers=headers)
+    communicator = WebsocketCommunicator(application, path, headers=headers)
     connected, _ = await communicator.connect(timeout=TIMEOUT)
     assert connected
     peer = Peer(communicator)
     if expect_welcome:
-        welcome = await peer.recv()
-        assert welcome["type"] == "welcome", welcome
+        peer.welcome = await peer.recv()
+        assert peer.welcome["type"] == "welcome", peer.welcome
     return peer
