@@ -9,16 +9,26 @@ TASKHUB_LAYER      ``core`` or ``pubsub`` (with REDIS_URL)          ``core``
 SECRET_KEY         Django's secret key                              a development key (warns)
 DJANGO_DEBUG       ``1`` for debug pages                            ``0``
 ALLOWED_HOSTS      comma-separated host names                       ``localhost,127.0.0.1,[::1]``
+TASKHUB_LOG_LEVEL  the level of the ``taskhub`` loggers             ``INFO``
+TASKHUB_*          any of TaskHub's settings (``taskhub.conf``)     the app's defaults
 =================  ===============================================  ===========================
+
+Empty ``ALLOWED_HOSTS`` under ``DJANGO_DEBUG=1`` means the local names only, as Django's
+own host check has it under ``DEBUG``.
 """
 
 from __future__ import annotations
 
 import os
+import types
+import typing
 import warnings
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from taskhub import conf as _taskhub_conf
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -30,6 +40,11 @@ DEBUG = os.environ.get("DJANGO_DEBUG", "0").lower() in {"1", "true", "yes", "on"
 ALLOWED_HOSTS = [
     h.strip() for h in os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()
 ]
+if DEBUG and not ALLOWED_HOSTS:
+    # Django's host check takes these under DEBUG when ALLOWED_HOSTS is empty; say so here,
+    # because taskhub.security.BrowserOriginValidator lets any browser Origin through when
+    # DEBUG finds ALLOWED_HOSTS empty.
+    ALLOWED_HOSTS = [".localhost", "127.0.0.1", "[::1]"]
 
 INSTALLED_APPS = [
     "daphne",
@@ -129,12 +144,54 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"taskhub": {"handlers": ["console"], "level": os.environ.get("TASKHUB_LOG_LEVEL", "INFO")}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)-8s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # A handler of its own, so that TaskHub's lines show under any server (manage.py
+    # configures no root handler); not propagated, or a root handler (daphne's) would
+    # write each line a second time.
+    "loggers": {
+        "taskhub": {
+            "handlers": ["console"],
+            "level": os.environ.get("TASKHUB_LOG_LEVEL", "INFO").upper(),
+            "propagate": False,
+        }
+    },
 }
 
-# TaskHub's own settings (see README, "Settings"); each may be overridden from the environment.
-for _name in ("PICKUP_TIMEOUT", "COMPLETE_TIMEOUT", "INSTANCE_LEASE", "SWEEP_INTERVAL"):
-    if f"TASKHUB_{_name}" in os.environ:
-        _value = os.environ[f"TASKHUB_{_name}"]
-        globals()[f"TASKHUB_{_name}"] = None if _value.lower() == "none" else float(_value)
+
+_BOOLEANS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+
+
+def _from_environment(name: str, hint: object) -> object:
+    """``TASKHUB_<name>`` from the environment, as the type the app's setting has.
+
+    Raises:
+        ImproperlyConfigured: the variable does not spell a value of that type.
+    """
+    text = os.environ[f"TASKHUB_{name}"].strip()
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if type(None) in kinds and text.lower() == "none":
+        return None
+    try:
+        if bool in kinds:
+            return _BOOLEANS[text.lower()]
+        if int in kinds:
+            return int(text)
+        if float in kinds:
+            return float(text)
+    except (KeyError, ValueError):
+        what = {bool: "true or false", int: "a whole number", float: "a number"}
+        expected = next(what[kind] for kind in (bool, int, float) if kind in kinds)
+        also = " or none" if type(None) in kinds else ""
+        raise ImproperlyConfigured(
+            f"the environment variable TASKHUB_{name}={text!r} is not {expected}{also}"
+        ) from None
+    return text
+
+
+# TaskHub's own settings (README, "Settings"): each one may be set from the environment as
+# TASKHUB_<NAME>, read as the type taskhub.conf gives it ("none" for None). Taken from
+# taskhub.conf, so that a new setting needs no line here.
+for _name, _hint in typing.get_type_hints(_taskhub_conf.Settings).items():
+    if _name in _taskhub_conf.DEFAULTS and f"TASKHUB_{_name}" in os.environ:
+        globals()[f"TASKHUB_{_name}"] = _from_environment(_name, _hint)

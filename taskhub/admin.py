@@ -6,14 +6,22 @@ import json
 from typing import Any
 
 from django import forms
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.db.models import Count, Q, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template import engines
+from django.template.backends.django import DjangoTemplates
+from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
 from django.utils.html import format_html
 
 from .auth import MIN_KEY_LENGTH, generate_key, hash_key
 from .models import Assignment, Credential, Instance, TaskEvent, TaskRecord, validate_patterns
+
+#: The request attribute that holds a key generated while saving, until the response shows it.
+_GENERATED_KEY = "_taskhub_generated_key"
 
 
 class PatternsField(forms.CharField):
@@ -31,14 +39,22 @@ class PatternsField(forms.CharField):
         validate_patterns(value)
 
 
+#: The help text of the key field, on the add form and on the change form.
+KEY_HELP_ADD = (
+    "Leave empty to generate a key: it is shown once, after saving. Or type one of at least "
+    f"{MIN_KEY_LENGTH} characters. Only a hash is stored."
+)
+KEY_HELP_CHANGE = (
+    f"Leave empty to keep the current key, or type a new one of at least {MIN_KEY_LENGTH} characters. "
+    "Only a hash is stored."
+)
+
+
 class CredentialForm(forms.ModelForm):  # type: ignore[type-arg]
-    key = forms.CharField(
-        required=False,
-        min_length=MIN_KEY_LENGTH,
-        widget=forms.PasswordInput(render_value=False),
-        help_text="Leave empty to generate a key. It is shown once, after saving; only a hash is stored.",
+    key = forms.CharField(required=False, min_length=MIN_KEY_LENGTH, widget=forms.PasswordInput(render_value=False))
+    regenerate_key = forms.BooleanField(
+        required=False, help_text="Replace the key with a new generated one, shown once after saving."
     )
-    regenerate_key = forms.BooleanField(required=False, help_text="Replace the key with a new generated one.")
     sub_permissions = PatternsField(required=False, help_text=Credential._meta.get_field("sub_permissions").help_text)
     pub_permissions = PatternsField(required=False, help_text=Credential._meta.get_field("pub_permissions").help_text)
 
@@ -54,6 +70,37 @@ class CredentialForm(forms.ModelForm):  # type: ignore[type-arg]
             "is_active",
             "description",
         ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # An empty key generates one on add, and keeps the current one on change.
+        adding = self.instance._state.adding
+        self.fields["key"].help_text = KEY_HELP_ADD if adding else KEY_HELP_CHANGE
+        if adding:
+            self.fields.pop("regenerate_key", None)  # a new credential has no key to replace
+
+
+#: The page that shows a generated key, as the answer to the save itself: a key in a
+#: message would travel in the messages cookie (or the session) to the next page.
+KEY_PAGE = """{% extends "admin/base_site.html" %}
+{% block title %}{{ title }} | {{ site_title|default:"Django site admin" }}{% endblock %}
+{% block breadcrumbs %}<div class="breadcrumbs"><a href="{% url 'admin:index' %}">Home</a>
+&rsaquo; <a href="{{ changelist_url }}">Credentials</a> &rsaquo; {{ credential.name }}</div>{% endblock %}
+{% block content %}<div id="content-main">
+<p>The key of <strong>{{ credential.name }}</strong> is below. Copy it now: it is not shown again,
+and only its hash is stored.</p>
+<p><code id="credential-key" style="font-size:1.2em;user-select:all">{{ key }}</code></p>
+<p><a class="button" href="{{ next_url }}">Continue</a></p>
+</div>{% endblock %}
+"""
+
+
+def _key_page(request: HttpRequest, context: dict[str, Any]) -> HttpResponse:
+    """The one-time page that shows ``context["key"]``, never cached."""
+    engine = next(e for e in engines.all() if isinstance(e, DjangoTemplates))  # the admin needs one
+    response = TemplateResponse(request, engine.from_string(KEY_PAGE), context)
+    add_never_cache_headers(response)
+    return response
 
 
 @admin.register(Credential)
@@ -81,6 +128,10 @@ class CredentialAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def live_instances(self, obj: Credential) -> int:
         return getattr(obj, "live", 0)
 
+    def get_fields(self, request: HttpRequest, obj: Credential | None = None) -> Any:
+        fields = super().get_fields(request, obj)
+        return fields if obj is not None else [f for f in fields if f != "regenerate_key"]
+
     def save_model(self, request: HttpRequest, obj: Credential, form: Any, change: bool) -> None:
         key = form.cleaned_data.get("key")
         generated = not key and (not change or form.cleaned_data.get("regenerate_key"))
@@ -90,7 +141,32 @@ class CredentialAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             obj.key_hash = hash_key(key)
         super().save_model(request, obj, form, change)
         if generated:
-            messages.warning(request, f"The key of {obj.name} is {key} — copy it now, it is not shown again.")
+            # Shown by response_add/response_change, in the answer to this request only.
+            setattr(request, _GENERATED_KEY, key)
+
+    def response_add(self, request: HttpRequest, obj: Credential, post_url_continue: str | None = None) -> HttpResponse:
+        return self._show_key(request, obj, super().response_add(request, obj, post_url_continue))
+
+    def response_change(self, request: HttpRequest, obj: Credential) -> HttpResponse:
+        return self._show_key(request, obj, super().response_change(request, obj))
+
+    def _show_key(self, request: HttpRequest, obj: Credential, response: HttpResponse) -> HttpResponse:
+        """The page that shows a key generated by this request, leading on to where the
+        admin would have gone (``response``'s redirect); else ``response`` itself."""
+        key = getattr(request, _GENERATED_KEY, None)
+        if key is None:
+            return response
+        changelist = reverse("admin:taskhub_credential_changelist", current_app=self.admin_site.name)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": f"The key of {obj.name}",
+            "credential": obj,
+            "key": key,
+            "next_url": response["Location"] if isinstance(response, HttpResponseRedirect) else changelist,
+            "changelist_url": changelist,
+        }
+        return _key_page(request, context)
 
     @admin.action(description="Disable selected credentials (disconnects their instances)")
     def disable(self, request: HttpRequest, queryset: QuerySet[Credential]) -> None:

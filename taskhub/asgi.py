@@ -10,6 +10,8 @@ one that never gets a connection (another process's tasks still time out there).
 - under daphne, which runs no lifespan, as soon as daphne's event loop runs.
 
 The first WebSocket connection of an event loop starts it too, whatever the server.
+
+Under daphne, it also bounds each connection's memory (:mod:`taskhub.flow`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import sys
 from typing import Any
 
-from . import sweeper
+from . import flow, sweeper
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,8 @@ class HubApplication:
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        if flow.install():
+            log.debug("daphne's connections are bounded (taskhub.flow)")
         self._on_daphne_loop()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:

@@ -7,12 +7,15 @@ taskhub.E001   PICKUP_TIMEOUT is a positive number of seconds or None
 taskhub.E002   COMPLETE_TIMEOUT is a positive number of seconds or None
 taskhub.E003   MAX_MESSAGE_SIZE, MAX_PAYLOAD_SIZE, INLINE_PAYLOAD_SIZE are positive integers
 taskhub.E004   INLINE_PAYLOAD_SIZE <= MAX_PAYLOAD_SIZE < MAX_MESSAGE_SIZE
-taskhub.E005   INSTANCE_LEASE, SWEEP_INTERVAL, AUTH_TIMEOUT, RESUME_GRACE, RETRY_BACKOFF_MAX are positive numbers
+taskhub.E005   INSTANCE_LEASE, SWEEP_INTERVAL, AUTH_TIMEOUT, RESUME_GRACE, RETRY_BACKOFF_MAX,
+               AUTH_FAILURE_WINDOW are positive numbers
 taskhub.E006   INSTANCE_LEASE is at least three SWEEP_INTERVALs (leases are renewed by the sweeper)
 taskhub.E007   a channel layer is configured
 taskhub.E008   DB_THREADS is a positive integer or None
 taskhub.E009   PREPARED_STATEMENTS and SQLITE_INLINE are True or False
 taskhub.E010   STORE is "auto" or the name of a backend that fits the database
+taskhub.E011   AUTH_FAILURES and MAX_QUEUED_FRAMES are positive integers
+taskhub.E012   MAX_BUFFERED_BYTES is an integer number of bytes, at least MAX_MESSAGE_SIZE
 taskhub.W001   MAX_MESSAGE_SIZE is below daphne's default frame limit (1 MiB)
 =============  ===========================================================
 """
@@ -74,7 +77,14 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
         )
     times_ok = True
-    for name in ("INSTANCE_LEASE", "SWEEP_INTERVAL", "AUTH_TIMEOUT", "RESUME_GRACE", "RETRY_BACKOFF_MAX"):
+    for name in (
+        "INSTANCE_LEASE",
+        "SWEEP_INTERVAL",
+        "AUTH_TIMEOUT",
+        "RESUME_GRACE",
+        "RETRY_BACKOFF_MAX",
+        "AUTH_FAILURE_WINDOW",
+    ):
         value = getattr(conf, name)
         if not _positive(value):
             times_ok = False
@@ -101,6 +111,20 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         value = getattr(conf, name)
         if not isinstance(value, bool):
             errors.append(Error(f"TASKHUB_{name} must be True or False, not {value!r}.", id="taskhub.E009"))
+    for name in ("AUTH_FAILURES", "MAX_QUEUED_FRAMES"):
+        value = getattr(conf, name)
+        if not _positive(value, integer=True):
+            errors.append(Error(f"TASKHUB_{name} must be a positive integer, not {value!r}.", id="taskhub.E011"))
+    buffered = conf.MAX_BUFFERED_BYTES
+    if not _positive(buffered, integer=True) or (sizes_ok and buffered < conf.MAX_MESSAGE_SIZE):
+        errors.append(
+            Error(
+                f"TASKHUB_MAX_BUFFERED_BYTES must be an integer number of bytes, at least TASKHUB_MAX_MESSAGE_SIZE, "
+                f"not {buffered!r}.",
+                hint="A client must be able to have one whole message pending.",
+                id="taskhub.E012",
+            )
+        )
     errors += _check_store()
     if not getattr(settings, "CHANNEL_LAYERS", None):
         errors.append(

@@ -41,6 +41,16 @@ DEFAULTS: dict[str, Any] = {
     "SWEEP_INTERVAL": 1.0,
     # Seconds a connection without handshake credentials has to send its hello.
     "AUTH_TIMEOUT": 10.0,
+    # Failed authentications allowed per client address, and per credential name, within
+    # AUTH_FAILURE_WINDOW seconds; beyond, hello is refused with too_many_attempts.
+    "AUTH_FAILURES": 10,
+    "AUTH_FAILURE_WINDOW": 60.0,
+    # Bytes the hub queues for a client that does not read its socket (over what the
+    # socket buffers hold) before it closes the connection with code 4008.
+    "MAX_BUFFERED_BYTES": 8 * 1024 * 1024,
+    # Frames read from a client and not yet handled; beyond, the hub stops reading that
+    # client's socket until it catches up (TCP then slows the client down).
+    "MAX_QUEUED_FRAMES": 16,
     # Threads per process that run database work; None: 1 on SQLite (one writer), else 8.
     "DB_THREADS": None,
     # On SQLite, run database work on the event loop's thread while the database thread
@@ -79,6 +89,10 @@ class Settings:
     RETRY_BACKOFF_MAX: float
     SWEEP_INTERVAL: float
     AUTH_TIMEOUT: float
+    AUTH_FAILURES: int
+    AUTH_FAILURE_WINDOW: float
+    MAX_BUFFERED_BYTES: int
+    MAX_QUEUED_FRAMES: int
     DB_THREADS: int | None
     PREPARED_STATEMENTS: bool
     SQLITE_INLINE: bool

@@ -17,16 +17,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils import timezone
 
-from . import db, layers, notify, services, sweeper
+from . import db, layers, notify, services, sweeper, throttle
 from .conf import conf
 from .core.codes import CloseCode, ErrorCode
 from .core.commands import (
@@ -58,8 +61,12 @@ from .models import Credential
 from .notify import send_notices
 from .recovery import Ledger
 from .services import queries
+from .services.routing import RELAY
 
 log = logging.getLogger(__name__)
+
+# Cleanups of consumers that ended without a disconnect, kept until they finish.
+_cleanups: set[asyncio.Future[None]] = set()
 
 _CLOSE_DETAIL = {
     ErrorCode.CREDENTIAL_DISABLED: "the credential was disabled",
@@ -111,6 +118,22 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
     instance_id: uuid.UUID | None = None
     concurrency: int | None = None
 
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # Channels lets a handler's exception end the consumer without websocket.disconnect:
+        # the instance would stay registered, its lease renewed, its slot taken. Whatever
+        # ends the consumer, the connection's instance is detached.
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._cleaned_up:
+                # A task of its own: a cancelled consumer could not await the database.
+                cleanup = asyncio.ensure_future(self._cleanup())
+                _cleanups.add(cleanup)
+                cleanup.add_done_callback(_cleanups.discard)
+
+    _cleaned_up = False
+    closing = False
+
     async def connect(self) -> None:
         sweeper.ensure_started()
         # Task groups this connection joined to watch the tasks, and what it forwarded of
@@ -140,31 +163,44 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
 
     async def refuse(self, code: str, detail: str, ref: str | int | None) -> None:
         """Refuse the session: an error, then the close code that goes with it."""
+        self.closing = True
         await self.reply(Error(code=code, detail=detail, ref=ref))
         await self.close(CloseCode.for_error(code))
 
     async def login(
         self, name: str, key: str, ref: str | int | None, *, resume: str | None, concurrency: int | None
     ) -> None:
-        if self.auth_timer is not None:
-            self.auth_timer.cancel()
+        """Authenticate and register the instance, or refuse the session and close.
+
+        The authentication timer runs until this succeeds: a ``hello`` that fails in any
+        way leaves the connection closing, never open and unauthenticated.
+        """
         now = timezone.now()
-        client = self.scope.get("client") or ("", 0)
+        address = str((self.scope.get("client") or ("", 0))[0])
         try:
-            credential = await db.run(services.authenticate, name, key)
-            session = await db.run(
+            throttle.check(address, name, time.monotonic())
+            credential = await db.run_deferred(services.authenticate, name, key)
+            session = await db.run_deferred(
                 services.connect,
                 credential,
                 self.channel_name,
                 sweeper.PROCESS,
-                str(client[0]),
+                address,
                 now,
                 resume=resume,
                 concurrency=concurrency,
             )
         except AuthenticationFailed as exc:
+            if exc.code == ErrorCode.AUTHENTICATION_FAILED:
+                throttle.failed(address, name, time.monotonic())
             await self.refuse(exc.code, exc.detail, ref)
             return
+        except Exception:
+            log.exception("could not open a session for %r", name)
+            await self.refuse(ErrorCode.INTERNAL_ERROR, "the hub could not open the session: try again later", ref)
+            return
+        if self.auth_timer is not None:
+            self.auth_timer.cancel()
         self.credential, self.instance_id, self.concurrency = credential, session.instance.pk, concurrency
         await self.reply(
             Welcome(
@@ -184,13 +220,25 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
         await send_notices(self.channel_layer, notices)
 
     async def disconnect(self, code: int) -> None:
-        notify.unregister(self.channel_name)
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        """Forget the connection: its groups, its timer, and its instance (detached)."""
+        if self._cleaned_up:
+            return
+        self._cleaned_up = True
+        notify.unregister(getattr(self, "channel_name", ""))
         if getattr(self, "auth_timer", None) is not None:
             self.auth_timer.cancel()  # type: ignore[union-attr]
         for group in getattr(self, "followed", set()):
-            await notify.group_discard(self.channel_layer, group, self.channel_name)
+            try:
+                await notify.group_discard(self.channel_layer, group, self.channel_name)
+            except Exception:  # the layer is down: the group expires on its own
+                log.warning("could not leave group %s", group, exc_info=True)
         if self.instance_id is not None:
-            # Without a bye: the client may come back for its instance.
+            # Without a bye: the client may come back for its instance. Should this fail,
+            # the sweeper stops renewing the lease (the channel is gone) and the instance
+            # lapses.
             await db.run(services.detach, self.instance_id, self.channel_name, timezone.now())
 
     async def dispatch(self, message: dict[str, Any]) -> None:
@@ -200,14 +248,31 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
         # that themselves; the extra hop only queued offers and relays behind database work.
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
-            raise ValueError(f"no handler for message type {message['type']}")
-        await handler(message)
+            log.error("no handler for message type %r", message.get("type"))
+            return
+        try:
+            await handler(message)
+        except (StopConsumer, asyncio.CancelledError):
+            raise
+        except Exception:
+            # A bug or a broken database. The connection closes (and its instance is
+            # detached when the disconnect comes), or, if this was the disconnect, the
+            # consumer ends; the sweeper detaches an instance whose consumer is gone.
+            log.exception("the connection failed on %r", message.get("type"))
+            if message.get("type") == "websocket.disconnect":
+                raise StopConsumer() from None
+            if not self.closing:
+                self.closing = True
+                with contextlib.suppress(Exception):
+                    await self.close(CloseCode.INTERNAL_ERROR)
 
     async def reply(self, message: Message | dict[str, Any]) -> None:
         """Send a message (or a message's dict, as relays carry them)."""
         await self.send(text_data=encode(message.to_dict() if isinstance(message, Message) else message))
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.closing:  # refused: what the client sent after that is not heard
+            return
         obj: Any = None
         try:
             if text_data is None:
@@ -215,7 +280,13 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
             obj = decode_frame(text_data, conf.MAX_MESSAGE_SIZE)
             cmd = parse_command(obj)
         except InvalidMessage as exc:
-            await self.reply(Error(code=exc.code, detail=exc.detail, ref=read_ref(obj)))
+            # A frame whose JSON parsed but holds a value the hub refuses keeps its ref.
+            await self.reply(Error(code=exc.code, detail=exc.detail, ref=read_ref(getattr(exc, "frame", obj))))
+            return
+        except Exception:  # a bug in validation: the frame is refused, the connection goes on
+            log.exception("could not read a frame")
+            detail = "the hub could not read this frame"
+            await self.reply(Error(code=ErrorCode.INTERNAL_ERROR, detail=detail, ref=read_ref(obj)))
             return
         try:
             await self.dispatch_command(cmd)
@@ -269,15 +340,21 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
             case Pickup() | Update() | Touch() | Return() | Drop() | Fail():
                 notices = await db.run(services.act, credential, cmd, now, self.channel_name, instance_id)
                 answer = Ack(ref=cmd.ref, task=cmd.task)
+                self._heard_own(cmd, notices)
                 if self.concurrency is not None and isinstance(cmd, Return | Drop | Fail) and self.subscriptions:
                     # Room for another task: offer what waits for one.
                     notices += (await db.run(services.dispatch_waiting, now, self.subscriptions))[1]
-            case Cancel(task=task_id):
-                notices = await db.run(services.cancel, credential, task_id, now, credential.name)
-                answer = Ack(ref=cmd.ref, task=task_id)
-            case Retry(task=task_id):
-                await self.follow(task_id)
-                notices = await db.run(services.retry, credential, task_id, now, credential.name)
+            case Cancel(task=task_id) | Retry(task=task_id):
+                # Followed first, so that no event of the outcome falls before the join:
+                # whoever cancels or retries a task hears how it ends.
+                change = services.cancel if isinstance(cmd, Cancel) else services.retry
+                new = await self.follow(task_id)
+                try:
+                    notices = await db.run(change, credential, task_id, now, credential.name)
+                except ProtocolError:
+                    if new:  # refused: nothing of the task may reach this connection
+                        await self.unfollow(task_id)
+                    raise
                 answer = Ack(ref=cmd.ref, task=task_id)
             case Tasks():
                 listed = await db.run(
@@ -296,6 +373,18 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
         await self.reply(answer)
         await send_notices(self.channel_layer, notices)
 
+    def _heard_own(self, cmd: Pickup | Update | Touch | Return | Drop | Fail, notices: list[services.Notice]) -> None:
+        """What this connection's own command did to the task counts as heard, so that the
+        sweeper's recovery does not look for it; a part that is over is forgotten (no
+        more of the task comes here, unless it is watched or was published here)."""
+        if isinstance(cmd, Return | Drop | Fail) and services.task_group(cmd.task) not in self.followed:
+            self.ledger.forget(cmd.task)
+            return
+        for _, _, message in notices:
+            if message.get("type") == RELAY and message["task"] == cmd.task and message.get("exclude"):
+                heard = self.ledger.get(cmd.task)
+                heard.version = max(heard.version, message["version"])
+
     async def watch(self, cmd: Watch) -> State:
         """``watch``: join the task's group first (so that no event falls between the
         read and the join), then read; leave the group again if the task is not this
@@ -303,26 +392,34 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
         assert self.credential is not None
         since = 0 if cmd.since is MISSING else cmd.since
         follow = cmd.follow is not False
-        if follow:
-            await self.follow(cmd.task)
+        new = follow and await self.follow(cmd.task)
         try:
             state = await db.run(services.watch, self.credential, cmd.task, since, follow=follow)
         except ProtocolError:
-            await self.unfollow(services.task_group(cmd.task))
+            # Not this credential's task (or none): nothing of it may reach this connection.
+            if new:
+                await self.unfollow(cmd.task)
             raise
         if follow and state["task"]["status"] in ("success", "failed", "ended"):
-            await self.unfollow(services.task_group(cmd.task))
+            await self.unfollow(cmd.task)
         return State(ref=cmd.ref, **state)
 
-    async def follow(self, task_id: str) -> None:
-        """Watch the task: join its group."""
+    async def follow(self, task_id: str) -> bool:
+        """Watch the task: join its group. Returns whether the connection followed it
+        neither as a watcher nor as its publisher or worker before."""
         group = services.task_group(task_id)
+        new = task_id not in self.ledger.tasks and group not in self.followed
         self.ledger.get(task_id)
         if group not in self.followed:
             self.followed.add(group)
             await notify.group_add(self.channel_layer, group, self.channel_name)
+        return new
 
-    async def unfollow(self, group: str) -> None:
+    async def unfollow(self, task_id: str) -> None:
+        """Stop watching the task: leave its group and forget what was heard of it (the
+        sweeper's recovery sends only tasks this connection remembers)."""
+        self.ledger.forget(task_id)
+        group = services.task_group(task_id)
         if group in self.followed:
             self.followed.discard(group)
             await notify.group_discard(self.channel_layer, group, self.channel_name)
@@ -348,8 +445,7 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
         for message in self.ledger.relay(task_id, event["version"], event["messages"]):
             await self.reply(message)
             if message["type"] == "end":
-                self.ledger.forget(task_id)
-                await self.unfollow(services.task_group(task_id))
+                await self.unfollow(task_id)
 
     async def taskhub_close(self, event: dict[str, Any]) -> None:
         """An operator disabled this instance's credential, or another connection resumed

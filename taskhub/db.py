@@ -14,6 +14,11 @@ Here plain threads take calls from a queue:
   each. Transitions lock their task row, and the commands of one connection still run one
   at a time and in order, because the consumer awaits each before it reads the next frame.
 
+Calls wait in two lanes: :func:`run_deferred`'s (authentication and registration of
+new connections) run only when no call of :func:`run` waits, and a group holds at most
+:data:`MAX_DEFERRED_GROUP` of them, so that a burst of connects delays established
+connections' commands by about one call, not by the whole burst.
+
 Like Channels, each thread closes connections that errored or outlived ``CONN_MAX_AGE``
 before and after its work.
 
@@ -40,6 +45,7 @@ without waiting for readers or writers (``PRAGMA wal_checkpoint(PASSIVE)``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import queue
@@ -65,6 +71,8 @@ DEFAULT_THREADS = 8
 
 #: Most calls committed together on SQLite.
 MAX_GROUP = 64
+#: Most deferred calls (:func:`run_deferred`) in such a group.
+MAX_DEFERRED_GROUP = 8
 
 _lock = threading.Lock()
 _pool: _Pool | None = None
@@ -103,10 +111,15 @@ def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
 
 
 class _Pool:
-    """Database threads sharing one queue of calls; ``group`` commits queued calls together."""
+    """Database threads sharing two queues of calls, the established connections' first;
+    ``group`` commits queued calls together."""
 
     def __init__(self, threads: int, *, group: bool) -> None:
-        self.calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        # One token per call put (None: stop a thread); the calls wait in the deques, so
+        # a thread that wakes takes the most urgent call, not the oldest.
+        self.tokens: queue.SimpleQueue[bool | None] = queue.SimpleQueue()
+        self.urgent: collections.deque[_Call] = collections.deque()
+        self.later: collections.deque[_Call] = collections.deque()
         self.group = group
         #: Calls put and not yet answered; counted on the event loop's thread.
         self.pending = 0
@@ -116,26 +129,48 @@ class _Pool:
         for thread in self.threads:
             thread.start()
 
+    def put(self, call: _Call, *, later: bool = False) -> None:
+        (self.later if later else self.urgent).append(call)
+        self.tokens.put(True)
+
     def stop(self) -> None:
         for _ in self.threads:
-            self.calls.put(None)
+            self.tokens.put(None)
         for thread in self.threads:
             thread.join()
+
+    def _take(self, *, later_ok: bool = True) -> _Call | None:
+        """The next call for a token taken: an urgent one if any waits."""
+        try:
+            return self.urgent.popleft()
+        except IndexError:
+            pass
+        if not later_ok:
+            return None
+        return self.later.popleft()
 
     def _serve(self) -> None:
         _local.hub_thread = True
         try:
-            while (call := self.calls.get()) is not None:
-                calls = [call]
+            while self.tokens.get() is not None:
+                first = self._take()
+                assert first is not None  # a token always has its call
+                calls = [first]
                 while self.group and len(calls) < MAX_GROUP:
                     try:
-                        more = self.calls.get_nowait()
+                        token = self.tokens.get_nowait()
                     except queue.Empty:
                         break
-                    if more is None:
-                        self.calls.put(None)  # stop after this group
+                    if token is None:
+                        self.tokens.put(None)  # stop after this group
                         break
-                    calls.append(more)
+                    # Few deferred calls per group: an urgent call that queues meanwhile
+                    # waits for the whole group.
+                    call = self._take(later_ok=len(calls) < MAX_DEFERRED_GROUP)
+                    if call is None:
+                        self.tokens.put(True)  # its call stays queued for the next group
+                        break
+                    calls.append(call)
                 close_old_connections()
                 try:
                     outcomes = _run_one(calls[0]) if len(calls) == 1 else _run_group(calls)
@@ -192,8 +227,20 @@ async def run(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     first, then, if that failed with "database is locked", on the database thread (see
     the module's docstring).
     """
+    return await _run(functools.partial(func, *args, **kwargs), later=False)
+
+
+async def run_deferred(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """:func:`run`, behind every call of :func:`run` that waits for a thread.
+
+    For work that may wait without holding anyone up: authentication and registration,
+    so that a burst of connects does not stall the traffic of established connections.
+    """
+    return await _run(functools.partial(func, *args, **kwargs), later=True)
+
+
+async def _run(partial: functools.partial[R], *, later: bool) -> R:
     pool = _get_pool()
-    partial = functools.partial(func, *args, **kwargs)
     # A pool that groups calls is SQLite's.
     if pool.group and pool.pending == 0 and conf.SQLITE_INLINE and not getattr(_local, "inline", False):
         try:
@@ -201,10 +248,10 @@ async def run(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         except OperationalError as exc:
             if "locked" not in str(exc):
                 raise
-            log.debug("SQLite is locked by another connection: %r goes to the database thread", func)
+            log.debug("SQLite is locked by another connection: %r goes to the database thread", partial.func)
     call = _Call(partial, asyncio.get_running_loop())
     pool.pending += 1
-    pool.calls.put(call)
+    pool.put(call, later=later)
     try:
         result: R = await call.future
     finally:

@@ -145,9 +145,7 @@ class TaskRecord(models.Model):
         blank=True,
         help_text="Seconds a picked-up task may go without an update or a touch; empty: no limit.",
     )
-    retries = models.IntegerField(
-        default=0, help_text="How many times a failed attempt is retried; -1: for ever."
-    )
+    retries = models.IntegerField(default=0, help_text="How many times a failed attempt is retried; -1: for ever.")
     retry_backoff = models.FloatField(
         default=1.0, help_text="Seconds before the first retry; each later one waits twice as long (capped)."
     )
@@ -196,7 +194,7 @@ class TaskEvent(models.Model):
     kind = models.CharField(
         max_length=20,
         choices={k.value: k.value for k in EventKind},
-        help_text="What happened (docs/protocol.md, \"Events\").",
+        help_text='What happened (docs/protocol.md, "Events").',
     )
     service = models.CharField(max_length=100, blank=True, help_text="The service the event concerns, if any.")
     instance = models.UUIDField(null=True, blank=True, help_text="The instance (connection) involved, if any.")

@@ -22,7 +22,6 @@ from .services.routing import Notice
 log = logging.getLogger(__name__)
 
 
-
 class Consumer(Protocol):
     """A consumer of this process, as notices reach it."""
 
@@ -48,6 +47,11 @@ def register(channel_name: str, consumer: Consumer) -> None:
 def consumers() -> list[Any]:
     """The consumers of this process (for :func:`taskhub.recovery.recover`)."""
     return list(_local.values())
+
+
+def channels() -> frozenset[str]:
+    """The channel names of this process's consumers: its open connections."""
+    return frozenset(_local)
 
 
 def unregister(channel_name: str) -> None:

@@ -108,7 +108,7 @@ async def recover(process: str, connections: Iterable[Connection]) -> int:
     for instance_id, offered, attempt in await db.run(queries.offered_to, process):
         connection = by_instance.get(instance_id)
         if connection is not None and connection.ledger.get(str(offered)).offered < attempt:
-            offer = await db.run(queries.offer_of, offered, attempt)
+            offer = await db.run(queries.offer_of, offered, attempt, instance_id)
             if offer is not None:
                 log.info("offer of %s to %s was lost on the layer; sending it again", offered, instance_id)
                 await connection.dispatch({"type": OFFER, "message": offer})

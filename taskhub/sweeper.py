@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import secrets
 import socket
@@ -49,15 +50,48 @@ async def stop() -> None:
 
 
 async def sweep_once(now: datetime | None = None) -> None:
-    """One pass: database work on a database thread, then notices and closes on the layer.
+    """One pass: each step's batches on a database thread, one call each, their notices
+    and closes sent on the layer as they come (:mod:`taskhub.services.sweeping`).
 
-    ``now`` defaults to the clock; tests pass a later moment to fire deadlines.
+    ``now`` defaults to the clock; tests pass a later moment to fire deadlines. A long
+    pass renews the leases again every sweep interval, so that a backlog never lets this
+    process's own instances lapse.
     """
-    notices, to_close = await db.run(services.sweep, PROCESS, now or timezone.now())
+    now = now or timezone.now()
     layer = get_channel_layer()
-    await send_notices(layer, notices)
-    close = {"type": CLOSE, "code": ErrorCode.CREDENTIAL_DISABLED.value}
-    await send_notices(layer, [Notice("channel", name, close) for name in to_close])
+    loop = asyncio.get_running_loop()
+    renewed = -math.inf
+
+    async def renew_if_due() -> None:
+        nonlocal renewed
+        if loop.time() - renewed < conf.SWEEP_INTERVAL:
+            return
+        renewed = loop.time()
+        to_close = await db.run(services.renew_leases, PROCESS, timezone.now(), notify.channels())
+        close = {"type": CLOSE, "code": ErrorCode.CREDENTIAL_DISABLED.value}
+        await send_notices(layer, [Notice("channel", name, close) for name in to_close])
+
+    await renew_if_due()
+    more = True
+    while more:
+        notices, more = await db.run(services.release_lapsed, now)
+        await send_notices(layer, notices)
+        await renew_if_due()
+    # Several batches at once where the database has several threads (PostgreSQL).
+    size, width = services.SWEEP_BATCH, db.thread_count()
+    cursor = None
+    while due := await db.run(services.overdue, now, size * width, cursor):
+        ids = [task_id for _, task_id in due]
+        batches = [ids[i : i + size] for i in range(0, len(ids), size)]
+        for notices in await asyncio.gather(*(db.run(services.expire, batch, now) for batch in batches)):
+            await send_notices(layer, notices)
+        await renew_if_due()
+        cursor = due[-1]
+    more = True
+    while more:
+        notices, more = await db.run(services.offer_waiting, now)
+        await send_notices(layer, notices)
+        await renew_if_due()
     await recovery.recover(PROCESS, notify.consumers())
 
 

@@ -4,7 +4,8 @@ import re
 import uuid
 
 import pytest
-from django.contrib.messages import get_messages
+from django.contrib.messages.storage.cookie import CookieStorage
+from django.test import RequestFactory
 from django.utils import timezone
 
 from taskhub.auth import verify_key
@@ -27,31 +28,79 @@ def test_admin_requires_staff_login(client):
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
 
 
+CREDENTIAL = {
+    "name": "mailer",
+    "key": "",
+    "sub_permissions": "mail:send-bulk\nlog",
+    "pub_permissions": "log:*",
+    "max_instances": 2,
+    "is_active": "on",
+    "description": "",
+}
+
+
+def shown_key(response):
+    """The key on the page that answers a save that generated one."""
+    found = re.search(r'<code id="credential-key"[^>]*>([^<]+)</code>', response.content.decode())
+    assert found is not None, response.content.decode()
+    return found.group(1)
+
+
+def assert_key_kept_out_of_cookies_and_session(client, response, key):
+    """No cookie the response sets, nor the session, holds the key (the messages cookie is
+    signed and maybe compressed: decode it)."""
+    for name, morsel in response.cookies.items():
+        assert key not in morsel.value, name
+        if name == "messages":
+            request = RequestFactory().get("/")
+            request.COOKIES[name] = morsel.value
+            assert all(key not in str(message) for message in CookieStorage(request))
+    assert all(key not in str(value) for value in client.session.values())
+
+
 def test_create_credential_shows_a_generated_key_once(staff):
-    response = staff.post(
-        "/admin/taskhub/credential/add/",
-        {
-            "name": "mailer",
-            "key": "",
-            "sub_permissions": "mail:send-bulk\nlog",
-            "pub_permissions": "log:*",
-            "max_instances": 2,
-            "is_active": "on",
-            "description": "",
-        },
-    )
-    assert response.status_code == 302
-    shown = [str(m) for m in get_messages(response.wsgi_request)]
-    found = re.search(r"The key of mailer is (\S+) ", shown[0])
-    assert found is not None
-    key = found.group(1)
+    response = staff.post("/admin/taskhub/credential/add/", {**CREDENTIAL, "_continue": "Save"})
+    assert response.status_code == 200  # the key is on the answer to the save itself...
+    assert "no-store" in response["Cache-Control"]
+    key = shown_key(response)
+    assert_key_kept_out_of_cookies_and_session(staff, response, key)
     credential = Credential.objects.get(name="mailer")
     assert key not in credential.key_hash and verify_key(key, credential.key_hash)
     assert credential.sub_permissions == ["mail:send-bulk", "log"] and credential.max_instances == 2
-    first = staff.get(f"/admin/taskhub/credential/{credential.pk}/change/")
-    assert key in first.content.decode()  # the message is displayed once...
-    again = staff.get(f"/admin/taskhub/credential/{credential.pk}/change/")
-    assert key not in again.content.decode()  # ...and never again
+    # ...which leads on to where the admin goes after a save ("Save and continue editing").
+    change_url = f"/admin/taskhub/credential/{credential.pk}/change/"
+    assert f'href="{change_url}"' in response.content.decode()
+    after = staff.get(change_url)
+    assert after.status_code == 200 and key not in after.content.decode()  # ...and never again
+
+
+def test_regenerated_key_is_shown_once_without_a_cookie(staff):
+    credential, old_key = make_credential("svc")
+    response = staff.post(
+        f"/admin/taskhub/credential/{credential.pk}/change/",
+        {**CREDENTIAL, "name": "svc", "regenerate_key": "on"},
+    )
+    assert response.status_code == 200
+    key = shown_key(response)
+    assert_key_kept_out_of_cookies_and_session(staff, response, key)
+    credential.refresh_from_db()
+    assert verify_key(key, credential.key_hash) and not verify_key(old_key, credential.key_hash)
+    assert 'href="/admin/taskhub/credential/"' in response.content.decode()  # "Save": back to the list
+    assert key not in staff.get("/admin/taskhub/credential/").content.decode()
+
+
+def test_key_help_says_what_an_empty_key_does(staff):
+    add = staff.get("/admin/taskhub/credential/add/").content.decode()
+    assert "Leave empty to generate a key" in add and 'name="regenerate_key"' not in add
+    credential, old_key = make_credential("svc")
+    change = staff.get(f"/admin/taskhub/credential/{credential.pk}/change/").content.decode()
+    assert "generate a key" not in change and "Leave empty to keep the current key" in change
+    assert 'name="regenerate_key"' in change
+    # And it does what it says: saved with the key empty, the key stays.
+    response = staff.post(f"/admin/taskhub/credential/{credential.pk}/change/", {**CREDENTIAL, "name": "svc"})
+    assert response.status_code == 302
+    credential.refresh_from_db()
+    assert verify_key(old_key, credential.key_hash) and credential.max_instances == 2
 
 
 def test_operator_set_key_and_invalid_patterns(staff):
@@ -74,24 +123,8 @@ def test_operator_set_key_and_invalid_patterns(staff):
     assert response.status_code == 200 and not Credential.objects.filter(name="short").exists()
 
 
-def test_regenerate_key_and_disable_action(staff):
-    credential, old_key = make_credential("svc")
-    response = staff.post(
-        f"/admin/taskhub/credential/{credential.pk}/change/",
-        {
-            "name": "svc",
-            "key": "",
-            "regenerate_key": "on",
-            "sub_permissions": "",
-            "pub_permissions": "",
-            "max_instances": 1,
-            "is_active": "on",
-            "description": "",
-        },
-    )
-    assert response.status_code == 302
-    credential.refresh_from_db()
-    assert not verify_key(old_key, credential.key_hash)
+def test_disable_action(staff):
+    credential, _ = make_credential("svc")
     staff.post("/admin/taskhub/credential/", {"action": "disable", "_selected_action": [credential.pk]})
     credential.refresh_from_db()
     assert credential.is_active is False

@@ -41,7 +41,8 @@ def test_e004_size_order():
 
 
 @pytest.mark.parametrize(
-    "name", ["INSTANCE_LEASE", "SWEEP_INTERVAL", "AUTH_TIMEOUT", "RESUME_GRACE", "RETRY_BACKOFF_MAX"]
+    "name",
+    ["INSTANCE_LEASE", "SWEEP_INTERVAL", "AUTH_TIMEOUT", "RESUME_GRACE", "RETRY_BACKOFF_MAX", "AUTH_FAILURE_WINDOW"],
 )
 def test_e005_durations(name):
     assert ids(**{f"TASKHUB_{name}": 0}) == ["taskhub.E005"]
@@ -77,6 +78,22 @@ def test_e009_switches(name, value):
 @pytest.mark.parametrize("name", ["TASKHUB_PREPARED_STATEMENTS", "TASKHUB_SQLITE_INLINE"])
 def test_e009_accepts_false(name):
     assert ids(**{name: False}) == []
+
+
+@pytest.mark.parametrize("name", ["AUTH_FAILURES", "MAX_QUEUED_FRAMES"])
+@pytest.mark.parametrize("value", [0, 2.5, "10", None])
+def test_e011_counts(name, value):
+    assert ids(**{f"TASKHUB_{name}": value}) == ["taskhub.E011"]
+
+
+@pytest.mark.parametrize("value", [0, 1.5e7, 1024, None])
+def test_e012_buffered_bytes(value):
+    # 1024 bytes could not hold one whole message of the default limit.
+    assert ids(TASKHUB_MAX_BUFFERED_BYTES=value) == ["taskhub.E012"]
+
+
+def test_e012_accepts_the_message_size():
+    assert ids(TASKHUB_MAX_BUFFERED_BYTES=768 * 1024) == []
 
 
 def test_settings_are_read_on_access_and_unknown_names_fail():

@@ -60,3 +60,38 @@ def test_list_disable_enable_and_rotate():
     new = run("rotate-key", "svc").strip().splitlines()[-1]
     c = Credential.objects.get(name="svc")
     assert c.is_active and verify_key(new, c.key_hash) and not verify_key(old, c.key_hash)
+
+
+def test_update_changes_what_it_is_given_and_keeps_the_rest():
+    key = run("create", "geo", "--sub", "geo", "--pub", "log", "--max-instances", "2", "--description", "geocoding")
+    key = key.strip().splitlines()[-1]
+    out = run("update", "geo", "--sub", "geo", "weather:forecast", "--sub", "maps:*", "--max-instances", "4")
+    c = Credential.objects.get(name="geo")
+    assert (c.sub_permissions, c.pub_permissions, c.max_instances, c.description) == (
+        ["geo", "weather:forecast", "maps:*"],
+        ["log"],
+        4,
+        "geocoding",
+    )
+    assert verify_key(key, c.key_hash)  # the key is not touched
+    assert "max_instances=4" in out
+    run("update", "geo", "--pub")  # alone: no pub permission left
+    assert "geo\tactive\tmax_instances=4\tsub=geo,weather:forecast,maps:*\tpub=-" in run("list")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["update", "nobody", "--sub", "geo"], "no credential named 'nobody'"),
+        (["update", "geo", "--sub", "geo", "Not Valid"], "invalid permission pattern 'Not Valid'"),
+        (["update", "geo", "--pub", "mail:"], "invalid permission pattern 'mail:'"),
+        (["update", "geo", "--max-instances", "0"], "greater than or equal to 1"),
+        (["update", "geo"], "nothing to update"),
+    ],
+)
+def test_update_errors_change_nothing(args, message):
+    run("create", "geo", "--sub", "geo", "--max-instances", "2")
+    with pytest.raises(CommandError, match=message):
+        run(*args)
+    c = Credential.objects.get(name="geo")
+    assert (c.sub_permissions, c.pub_permissions, c.max_instances) == (["geo"], [], 2)

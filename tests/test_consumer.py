@@ -124,12 +124,14 @@ async def test_max_instances_is_enforced_and_a_slot_frees_on_disconnect():
     await d.close()
 
 
-@override_settings(TASKHUB_INSTANCE_LEASE=10.0)
-async def test_an_instance_whose_lease_lapsed_holds_no_slot():
+@override_settings(TASKHUB_INSTANCE_LEASE=10.0, TASKHUB_RESUME_GRACE=10.0)
+async def test_an_instance_whose_lease_lapsed_is_released_after_the_resume_grace():
     cred, key = await credential("svc")
     a = await open_peer("svc", key)
     await database_sync_to_async(Instance.objects.filter(credential=cred).update)(process="dead-process")
-    await later(11)
+    await later(19)  # lapsed, but its client may still resume it
+    assert await database_sync_to_async(Instance.objects.filter(credential=cred).exists)()
+    await later(21)
     b = await open_peer("svc", key)
     await b.close()
     await a.close()

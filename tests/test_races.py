@@ -18,7 +18,8 @@ from django.utils import timezone
 from taskhub import services
 from taskhub.core import machine
 from taskhub.core.errors import ProtocolError
-from taskhub.models import TaskRecord
+from taskhub.models import Assignment, Instance, TaskRecord
+from taskhub.services.dispatch import choose_offers
 from taskhub.store import get_store
 
 from .conftest import TIMEOUT, make_credential, pub_command, task_command
@@ -146,3 +147,27 @@ def test_a_transition_whose_fences_keep_failing_takes_the_lock(monkeypatch):
     record = TaskRecord.objects.get(pk=task_id)
     assert list(record.events.values_list("kind", flat=True)).count("pickup") == 1
     assert record.version == 100 + services.OPTIMISTIC_ATTEMPTS + 1
+
+
+def test_racing_offers_never_give_an_instance_more_tasks_than_its_concurrency(monkeypatch):
+    """Two connections publish at once to a service whose one instance has room for one
+    more task: both choose it on the same read, and the writes count again under the
+    instance's lock, so one offer is made and the other part is queued."""
+    app, _ = make_credential("app", pub=["mail"])
+    worker, _ = make_credential("s0", sub=["mail"])
+    instance = live_instance(worker, "chan-0")
+    Instance.objects.filter(pk=instance.pk).update(concurrency=1)
+    both_chose = threading.Barrier(2)
+
+    def choose_then_wait(*args: Any) -> Any:
+        chosen = choose_offers(*args)
+        both_chose.wait(TIMEOUT)  # neither writes before the other has read the room
+        return chosen
+
+    monkeypatch.setattr("taskhub.services.commands.choose_offers", choose_then_wait)
+    pub = pub_command({"type": "pub", "action": "mail:send"})
+    results = race([lambda: services.publish(app, pub, timezone.now()) for _ in range(2)])
+    assert not [r for r in results if isinstance(r, Exception)]
+    states = sorted(Assignment.objects.values_list("state", flat=True))
+    assert states == ["offered", "queued"]
+    assert sum(len([n for n in notices if n.kind == "channel"]) for _, _, notices in results) == 1

@@ -234,8 +234,7 @@ def test_the_store_reads_rows_as_the_orm_does(prepared, settings):
     for field in TaskRecord._meta.concrete_fields:
         assert getattr(record, field.attname) == getattr(orm, field.attname), field.attname
     assert [tuple(r) for r in rows] == [
-        (r.pk, r.service, r.instance_id, r.attempt, r.state, r.detail, "chan-a")
-        for r in orm.assignments.order_by("pk")
+        (r.pk, r.service, r.instance_id, r.attempt, r.state, r.detail, "chan-a") for r in orm.assignments.order_by("pk")
     ]
     assert not_none(get_store().load_task(task_id)).record.payload is None  # loaded only for offers
     assert get_store().load_task("not-a-uuid") is None

@@ -7,7 +7,10 @@ Reconnects: after a lost connection the client waits :func:`backoff` (``min((10n
 60 s)`` for the n-th try, as wsq does), reconnects, re-subscribes, re-sends the commands
 that were not answered and are safe to send again (a ``pub`` with its task id, so the hub
 never creates a task twice) and watches the tasks it waits for from the last event it
-heard. Authentication errors are final: they are raised, not retried.
+heard. A ``cancel`` or ``retry`` whose answer was lost fails with
+:class:`~taskhub.client.ConnectionLost` instead: sent again, it could be refused although
+it happened, or start another attempt. Authentication errors are final: they are raised,
+not retried.
 
 The layers below: :mod:`.connection` (the socket and the reconnect loop),
 :mod:`.protocol` (what frames mean, sans I/O), :mod:`.worker` (handlers), :mod:`.tasks`
@@ -28,8 +31,8 @@ from websockets.exceptions import ConnectionClosed
 
 from taskhub.core.actions import validate_action
 from taskhub.core.commands import Bye, Command, Ping, Pub, Retry, Tasks, Watch
-from taskhub.core.errors import TaskHubError
-from taskhub.core.messages import Offer, State, TaskEventMessage, TaskList, TaskSnapshot
+from taskhub.core.errors import InvalidMessage, TaskHubError
+from taskhub.core.messages import Ack, Message, Offer, State, TaskEventMessage, TaskList, TaskSnapshot
 
 from .connection import Connection, backoff
 from .handle import TaskHandle
@@ -57,6 +60,9 @@ class Client(Connection):
         concurrency: most unfinished tasks the hub offers this worker at once (``None``,
             the default: no limit); a task beyond it goes to another instance of the
             service, or waits for a free one.
+
+    Raises:
+        ValueError: ``url`` is not a WebSocket URL (``ws://`` or ``wss://``).
     """
 
     def __init__(
@@ -167,16 +173,17 @@ class Client(Connection):
                 ``complete_timeout``, ``heartbeat_timeout``) is retried; ``-1``: for ever.
             retry_backoff: seconds before the first retry (1 by default), doubled for each
                 one after, up to the hub's ``TASKHUB_RETRY_BACKOFF_MAX``, jittered.
-            task_id: choose the task's id (a UUID, lowercase); by default one is
-                generated. The client re-sends the ``pub`` with this id after a reconnect,
-                so the hub creates the task once.
+            task_id: choose the task's id (a UUID; ``handle.task_id`` spells it as the
+                hub does, lowercase and hyphenated); by default one is generated. The
+                client re-sends the ``pub`` with this id after a reconnect, so the hub
+                creates the task once.
 
         Raises:
             InvalidMessage: ``action`` is not a valid action name, or an option is out of
                 its range; nothing is sent.
         """
         validate_action(action)
-        fields: dict[str, Any] = {"task_id": task_id or str(uuid.uuid4())}
+        fields: dict[str, Any] = {"task_id": _canonical(task_id) if task_id else str(uuid.uuid4())}
         for name, value in (
             ("timeout", timeout),
             ("pickup_timeout", pickup_timeout),
@@ -200,25 +207,34 @@ class Client(Connection):
         credential's (or no task), and :class:`InvalidMessage` for an id that is not a
         UUID.
         """
+        task_id = _canonical(task_id)
         return self._follow(task_id, Watch.build(task=task_id, since=0))
 
     async def retry(self, task_id: str) -> TaskHandle:
         """Retry a failed task this credential published: its next attempt is offered at
-        once. Returns the handle that follows it from the retry on.
+        once. Returns, once the hub accepted the retry, the handle that follows the task
+        from the retry on.
 
         Raises:
             InvalidTransition: the task did not fail.
             UnknownTask: it is not a task this credential published.
+            InvalidMessage: ``task_id`` is not a UUID.
+            ConnectionLost: the connection closed before the hub answered. The retry is
+                not sent again (a second one could start another attempt): read the
+                task (:meth:`get_task`) to learn whether it happened.
         """
+        task_id = _canonical(task_id)
         state = await self.get_task(task_id)
         since = max((event.get("seq", 0) for event in state.events), default=0)
-        return self._follow(task_id, Retry.build(task=task_id), since=since)
+        handle = self._follow(task_id, Retry.build(task=task_id), since=since)
+        await asyncio.shield(handle.published)
+        return handle
 
     async def tasks(
         self, *, status: str | None = None, action: str | None = None, limit: int = 100
     ) -> list[TaskSnapshot]:
-        """The tasks this credential published or may subscribe to, newest first, at
-        most ``limit`` (up to 1,000): all of them, or those with ``status`` (``pending``,
+        """The tasks this credential published or was offered, newest first, at most
+        ``limit`` (up to 1,000): all of them, or those with ``status`` (``pending``,
         ``started``, ``success``, ``failed``, ``ended``) and ``action``.
 
         Raises:
@@ -238,7 +254,14 @@ class Client(Connection):
         handle = TaskHandle(self, task_id)
         self._handles[task_id] = handle
         self.protocol.follow(task_id, resume=True, since=since)
-        self.spawn(self._publish(handle, command))
+        # Queued now, so that it goes out before whatever the caller sends next (a
+        # get_task of this id, say); the background task only flushes and waits.
+        answer: asyncio.Future[Message] | BaseException
+        try:
+            answer = self._expect(self.protocol.send(command))
+        except InvalidMessage as exc:  # too large: nothing was sent
+            answer = exc
+        self.spawn(self._publish(handle, answer))
         return handle
 
     async def get_task(self, task_id: str, since: int = 0) -> State:
@@ -251,7 +274,7 @@ class Client(Connection):
             UnknownTask: no such task, or not one of this credential's.
             InvalidMessage: ``task_id`` is not a UUID.
         """
-        answer = await self.request(Watch.build(task=task_id, since=since, follow=False))
+        answer = await self.request(Watch.build(task=_canonical(task_id), since=since, follow=False))
         assert isinstance(answer, State)
         return answer
 
@@ -279,19 +302,29 @@ class Client(Connection):
 
     # -- a caller's handles ---------------------------------------------------------------
 
-    async def _publish(self, handle: TaskHandle, command: Command) -> None:
-        """Send the command that made the handle; a watch's answer is its state too."""
+    async def _publish(self, handle: TaskHandle, sent: asyncio.Future[Message] | BaseException) -> None:
+        """Send what the command that made the handle queued, and take its answer; a
+        watch's answer is its state too."""
         try:
-            answer = await self.request(command)
+            if isinstance(sent, BaseException):
+                raise sent
+            await self._flush()
+            answer = await sent
         except Exception as exc:
             self._forget(handle)
             if not handle.published.done():
                 handle.published.set_exception(exc)
+                handle.published.exception()  # retrieved: the handle's result raises it too
             return
         if not handle.published.done():
             handle.published.set_result(answer)
         if isinstance(answer, State):
             handle._apply_snapshot(answer.task)
+        elif isinstance(answer, Ack) and answer.created is False:
+            # The task existed (a caller restarted with its id, say): it may be over
+            # already, and its events went to whoever published it. Read it now rather
+            # than after the resync interval.
+            await self._resync(handle)
 
     async def _resync(self, handle: TaskHandle) -> None:
         """Re-read a task's events and state from the hub (after a quiet spell, or an
@@ -313,3 +346,12 @@ class Client(Connection):
         """Stop following a task once neither a handle nor a handler needs its events."""
         if task_id not in self._handles and task_id not in self._worker.tasks:
             self.protocol.forget(task_id)
+
+
+def _canonical(task_id: str) -> str:
+    """A task id in the spelling the hub uses (lowercase, hyphenated), or the id as given
+    if it is no UUID (the hub's refusal then says so)."""
+    try:
+        return str(uuid.UUID(task_id))
+    except (ValueError, TypeError, AttributeError):
+        return task_id

@@ -6,8 +6,10 @@ in flight; everything a frame means is :class:`~taskhub.client.protocol.ClientPr
 and relays through :meth:`Connection.on_offer` and :meth:`Connection.on_task_event`.
 
 Reconnects wait :func:`backoff` before each try. The first :meth:`Connection.connect`
-raises an authentication error, and nothing reconnects; a later refusal (say, every
-instance slot of the credential is taken for a while) is logged and retried.
+raises what cannot mend itself, and nothing reconnects: an authentication error, a
+subscription refused, a URL whose path serves no hub (:class:`ConnectionFailed` at once),
+or an error this module did not expect. Later, the same is logged and retried (say,
+every instance slot of the credential is taken for a while).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import websockets
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.uri import parse_uri
 
+from taskhub.core.codes import CloseCode, ErrorCode
 from taskhub.core.commands import Command
-from taskhub.core.errors import AuthenticationFailed, ConnectionFailed, PermissionDenied, TaskHubError
+from taskhub.core.errors import AuthenticationFailed, ConnectionFailed, PermissionDenied, ProtocolError, TaskHubError
 from taskhub.core.messages import Message, Offer, TaskEventMessage
 
 from .protocol import (
@@ -71,6 +75,10 @@ class Connection:
             :class:`ConnectionFailed` (``None``: for ever).
         concurrency: most unfinished tasks the hub offers this client at once (``None``:
             no limit); sent at every (re)connect.
+
+    Raises:
+        ValueError: ``url`` is not a WebSocket URL (``ws://HOST[:PORT]/PATH`` or
+            ``wss://...``): nothing could ever connect to it.
     """
 
     def __init__(
@@ -84,6 +92,7 @@ class Connection:
         connect_timeout: float | None = 30.0,
         concurrency: int | None = None,
     ) -> None:
+        _check_url(url)
         self.url, self.name = url, name
         self._auth = "Basic " + base64.b64encode(f"{name}:{key}".encode()).decode()
         self.backoff = backoff
@@ -100,6 +109,7 @@ class Connection:
         self._ready = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._first: asyncio.Future[None] | None = None
+        self._started_at = 0.0
         self._closing = False
 
     @property
@@ -133,13 +143,16 @@ class Connection:
 
         Raises:
             ConnectionFailed: the hub could not be reached in time (it names the URL and
-                the last error); the client stops trying.
+                the last error), or at once when the URL's path serves no hub (the hub
+                answers ``not_found``); the client stops trying.
             AuthenticationFailed: wrong name or key, a disabled credential, no free slot.
             PermissionDenied: a registered subscription is not allowed.
+            Exception: whatever unexpected error ended the first try (logged too).
         """
         seconds = self.connect_timeout if isinstance(timeout, _Default) else timeout
         if self._runner is None:
             self._closing = False
+            self._started_at = asyncio.get_running_loop().time()
             self._first = asyncio.get_running_loop().create_future()
             self._runner = asyncio.create_task(self._run(), name=f"taskhub-client-{self.name}")
         assert self._first is not None
@@ -174,14 +187,28 @@ class Connection:
                     return
                 log.error("taskhub: %s; reconnecting", exc)
             except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError, TaskHubError) as exc:
-                refused = isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403)
-                if refused and self._refused(AuthenticationFailed(f"handshake refused: {exc}")):
+                status = exc.response.status_code if isinstance(exc, InvalidStatus) else None
+                if status in (401, 403) and self._refused(AuthenticationFailed(f"handshake refused: {exc}")):
+                    return
+                # A path that serves no hub will not serve one on the next try either.
+                if _not_found(exc, status) and self._refused(self._unreachable(exc)):
                     return
                 self._failed(exc)
+            except Exception as exc:  # a bug, here or below: said, and raised by a first connect
+                log.exception("taskhub: the connection to %s failed unexpectedly", self.url)
+                if self._refused(exc):
+                    return
+                self._last_error = f"{type(exc).__name__}: {exc}"
             if self._closing:
                 return
             tries += 1
             await asyncio.sleep(self.backoff(tries))
+
+    def _unreachable(self, exc: BaseException) -> ConnectionFailed:
+        """The :class:`ConnectionFailed` of a first connect that cannot succeed."""
+        elapsed = asyncio.get_running_loop().time() - self._started_at
+        what = exc.code if isinstance(exc, ProtocolError) else type(exc).__name__
+        return ConnectionFailed(self.url, f"{what}: {exc}", round(elapsed, 3))
 
     def _failed(self, exc: BaseException) -> None:
         """A connection failed or closed: say so at WARNING, at most every
@@ -333,6 +360,24 @@ class Connection:
                 await ws.send(frame)
         except ConnectionClosed:
             pass
+
+
+def _not_found(exc: BaseException, status: int | None) -> bool:
+    """Whether ``exc`` says the URL's path serves no hub: the hub's ``not_found`` (an
+    error, then close code 4404), or an HTTP 404 from whatever answered the handshake."""
+    if isinstance(exc, ProtocolError):
+        return exc.code == ErrorCode.NOT_FOUND
+    if isinstance(exc, ConnectionClosed):
+        return exc.rcvd is not None and exc.rcvd.code == CloseCode.NOT_FOUND
+    return status == 404
+
+
+def _check_url(url: str) -> None:
+    """Raise ``ValueError`` if ``url`` is not a WebSocket URL."""
+    try:
+        parse_uri(url)
+    except (InvalidURI, ValueError) as exc:
+        raise ValueError(f"{url!r} is not a WebSocket URL (ws://HOST[:PORT]/PATH or wss://...): {exc}") from None
 
 
 def _log_refusal(future: asyncio.Future[Message]) -> None:

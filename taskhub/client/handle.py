@@ -103,9 +103,14 @@ class TaskHandle:
         """Cancel the task: it fails with reason ``cancelled`` (:meth:`get_result` raises
         :class:`TaskFailed`), and the handlers working on it are cancelled.
 
+        It is not sent again after a reconnect: a cancel whose answer the connection lost
+        may or may not have happened, and a second one would be refused if it had.
+
         Raises:
             InvalidTransition: the task is already finished.
             UnknownTask: it is not a task this credential published.
+            ConnectionLost: the connection closed before the hub answered; whether the
+                task was cancelled, :meth:`get_result` (or ``client.get_task``) tells.
         """
         await asyncio.shield(self.published)
         await self._client.request(Cancel.build(task=self.task_id))
@@ -144,6 +149,10 @@ class TaskHandle:
             self._outcome.set_exception(NoResult(self.task_id))
         else:
             return
+        if status != "success":
+            # Nobody may await it (a handle published and forgotten, or cancelled): an
+            # outcome not awaited is no error to log.
+            self._outcome.exception()
         self._client._forget(self)
 
     def _abandon(self, error: Exception) -> None:

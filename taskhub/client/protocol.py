@@ -14,9 +14,11 @@ What it keeps:
   or :class:`Refused` event for that ref;
 - what survives a reconnect: the subscriptions (sent again first), commands not yet
   answered that are safe to send again (``pub`` with its task id, reads, a worker's
-  final ``return``, ``drop`` or ``fail``), and the tasks a caller follows, which it
-  ``watch``\\ es again from the last ``seq`` it heard, so that no task event is lost or
-  repeated;
+  commands, sent ``again``), and the tasks a caller follows, which it ``watch``\\ es
+  again from the last ``seq`` it heard, so that no task event is lost or repeated. A
+  ``cancel`` or ``retry`` whose answer was lost is not sent again (a second one would be
+  refused although the first happened, or start another attempt): it fails with
+  :class:`ConnectionLost`, and the caller reads the task to learn what happened;
 - commands submitted while disconnected, sent once the session is open again.
 
 Events, in the order :meth:`~ClientProtocol.receive` returns them:
@@ -52,10 +54,11 @@ MAX_FRAME = 64 * 2**20
 
 #: Commands sent again after a reconnect when their answer was lost: reads and requests
 #: that are safe to repeat (a ``pub`` carries its task id), and a worker's commands, which
-#: go with ``again``: the hub applies each once (it finds the events it caused).
+#: go with ``again``: the hub applies each once (it finds the events it caused). Not
+#: ``cancel`` and ``retry``: the hub cannot tell one sent again from a new one.
 RESENT = frozenset(
     {
-        "pub", "get_payload", "watch", "tasks", "ping", "unsub", "cancel", "retry",
+        "pub", "get_payload", "watch", "tasks", "ping", "unsub",
         "pickup", "update", "touch", "return", "drop", "fail",
     }
 )  # fmt: skip

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import inspect
 import logging
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,7 @@ from taskhub.core.codes import ErrorCode
 from taskhub.core.commands import COMMANDS, MISSING, GetPayload, Pickup, Touch
 from taskhub.core.commands import Update as UpdateCommand
 from taskhub.core.errors import InvalidMessage, InvalidTransition, UnknownTask
-from taskhub.core.frames import encoded_size
+from taskhub.core.frames import decode_frame, encode
 from taskhub.core.messages import (
     Message,
     Offer,
@@ -50,6 +51,47 @@ class Update:
     @classmethod
     def of(cls, message: TaskUpdate) -> Update:
         return cls(message.data, message.progress, str(message.service), int(message.attempt))
+
+
+def sendable(value: Any, what: str, limit: int | None) -> int:
+    """Check that the hub can take ``value`` as ``what`` (a task's ``"update data"`` or
+    ``"result"``) before it is sent, and return its size in bytes. Call where the one who
+    made the value can still hear why it cannot go.
+
+    Raises:
+        InvalidMessage: ``invalid_value`` for a value that is not JSON (``NaN`` and
+            ``Infinity`` included) or that the hub would refuse (see
+            :func:`~taskhub.core.frames.decode_frame`); ``payload_too_large`` over
+            ``limit`` bytes (the hub's ``max_payload_size``).
+    """
+    try:
+        text = encode(value)
+        size = len(text.encode())
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError among them
+        raise InvalidMessage(
+            f"{what} could not be sent: not JSON ({_cut(str(exc), 200)}): {_preview(value)}", ErrorCode.INVALID_VALUE
+        ) from None
+    if limit is not None and size > limit:
+        raise InvalidMessage(
+            f"{what} of {size} bytes is over the hub's limit of {limit} bytes", ErrorCode.PAYLOAD_TOO_LARGE
+        )
+    try:
+        decode_frame(text, 4 * len(text) + 1)  # the hub's own checks: depth, numbers, strings
+    except InvalidMessage as exc:
+        raise InvalidMessage(f"{what} could not be sent: {exc.detail}", ErrorCode.INVALID_VALUE) from None
+    return size
+
+
+def _preview(value: Any) -> str:
+    """A short ``repr`` of ``value`` for an error text; never raises."""
+    try:
+        return _cut(reprlib.repr(value), 200)
+    except Exception:  # a broken __repr__
+        return f"<{type(value).__name__} object>"
+
+
+def _cut(text: str, length: int) -> str:
+    return text if len(text) <= length else text[: length - 1] + "…"
 
 
 def call(callback: Callable[..., Any], *args: Any) -> None:
@@ -132,8 +174,10 @@ class Task:
 
         Raises:
             InvalidMessage: ``invalid_field`` for a ``progress`` outside 0..1,
-                ``payload_too_large`` for ``data`` over the hub's payload limit; checked
-                before sending, so nothing is sent.
+                ``payload_too_large`` for ``data`` over the hub's payload limit,
+                ``invalid_value`` for ``data`` that is not JSON (a set, ``NaN``) or that
+                the hub would refuse (nested too deep, say); checked before sending, so
+                nothing is sent.
             ProtocolError (a subclass by code): the hub refused an earlier update of this
                 task (say, ``stale_attempt`` after a timeout), and its answer came since.
         """
@@ -141,11 +185,7 @@ class Task:
         command = UpdateCommand.build(
             task=self.id, attempt=self.attempt, data=data, progress=MISSING if progress is None else progress
         )
-        limit = self._client.protocol.max_payload_size
-        if limit is not None and (size := encoded_size(data)) > limit:
-            raise InvalidMessage(
-                f"update data of {size} bytes is over the hub's limit of {limit} bytes", ErrorCode.PAYLOAD_TOO_LARGE
-            )
+        sendable(data, "update data", self._client.protocol.max_payload_size)
         await self._send_windowed(command)
 
     async def touch(self) -> None:

@@ -52,6 +52,7 @@ class ErrorCode(StrEnum):
 
     # A frame that does not parse, or a command with bad fields.
     INVALID_JSON = "invalid_json"
+    INVALID_VALUE = "invalid_value"  # JSON the hub cannot carry (too deep, out of range, U+0000)
     INVALID_FRAME = "invalid_frame"
     MESSAGE_TOO_LARGE = "message_too_large"
     MISSING_TYPE = "missing_type"
@@ -65,6 +66,7 @@ class ErrorCode(StrEnum):
     ALREADY_AUTHENTICATED = "already_authenticated"
     AUTHENTICATION_FAILED = "authentication_failed"
     AUTHENTICATION_TIMEOUT = "authentication_timeout"
+    TOO_MANY_ATTEMPTS = "too_many_attempts"  # too many failed authentications: wait
     CREDENTIAL_DISABLED = "credential_disabled"
     TOO_MANY_INSTANCES = "too_many_instances"
     SUPERSEDED = "superseded"  # the instance was resumed on another connection
@@ -83,6 +85,7 @@ AUTHENTICATION_CODES = frozenset(
     {
         ErrorCode.AUTHENTICATION_FAILED,
         ErrorCode.AUTHENTICATION_TIMEOUT,
+        ErrorCode.TOO_MANY_ATTEMPTS,
         ErrorCode.CREDENTIAL_DISABLED,
         ErrorCode.TOO_MANY_INSTANCES,
         ErrorCode.SUPERSEDED,
@@ -98,7 +101,10 @@ class CloseCode(IntEnum):
     CREDENTIAL_DISABLED = 4002
     TOO_MANY_INSTANCES = 4003
     SUPERSEDED = 4004
+    NOT_READING = 4008  # the client let more than TASKHUB_MAX_BUFFERED_BYTES pile up unread
+    TOO_MANY_ATTEMPTS = 4029
     NOT_FOUND = 4404
+    INTERNAL_ERROR = 1011  # the hub could not open the session (its database failed)
 
     @classmethod
     def for_error(cls, code: str) -> CloseCode:
@@ -113,4 +119,6 @@ _CLOSE_FOR: dict[str, CloseCode] = {
     ErrorCode.TOO_MANY_INSTANCES: CloseCode.TOO_MANY_INSTANCES,
     ErrorCode.SUPERSEDED: CloseCode.SUPERSEDED,
     ErrorCode.NOT_FOUND: CloseCode.NOT_FOUND,
+    ErrorCode.TOO_MANY_ATTEMPTS: CloseCode.TOO_MANY_ATTEMPTS,
+    ErrorCode.INTERNAL_ERROR: CloseCode.INTERNAL_ERROR,
 }

@@ -12,7 +12,6 @@ Unknown fields are ignored, so that newer clients can talk to older hubs.
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any, ClassVar, Self
 from .actions import validate_action
 from .codes import ErrorCode
 from .errors import InvalidMessage
+from .frames import MAX_INTEGER, storable
 
 MAX_REF_LENGTH = 100
 MAX_ERROR_LENGTH = 10_000
@@ -59,12 +59,14 @@ def _bad(name: str, expected: str) -> InvalidMessage:
 
 
 def _task_id(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise _bad(name, "a task id (a UUID string)")
+    # Only the canonical spelling: a client matching events by the id it sent must
+    # recognise the id the hub sends back.
     try:
-        return str(uuid.UUID(value))
+        if isinstance(value, str) and str(uuid.UUID(value)) == value:
+            return value
     except ValueError:
-        raise _bad(name, "a task id (a UUID string)") from None
+        pass
+    raise _bad(name, "a task id: a UUID in canonical form (lowercase, hyphenated: 8d7f6a0e-3b7c-4f4e-…)")
 
 
 def _attempt(name: str, value: Any) -> int:
@@ -76,8 +78,8 @@ def _attempt(name: str, value: Any) -> int:
 def _timeout(name: str, value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise _bad(name, "a positive number of seconds or null")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_SECONDS:
+        raise _bad(name, f"a positive number of seconds up to {MAX_SECONDS:g}, or null")
     return float(value)
 
 
@@ -109,7 +111,7 @@ def _retries(name: str, value: Any) -> int:
 
 def _seconds(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_SECONDS:
-        raise _bad(name, f"a positive number of seconds up to {MAX_SECONDS}")
+        raise _bad(name, f"a positive number of seconds up to {MAX_SECONDS:g}")
     return float(value)
 
 
@@ -128,7 +130,7 @@ def _concurrency(name: str, value: Any) -> int | None:
 
 
 def _status(name: str, value: Any) -> str:
-    if value not in TASK_STATUSES:
+    if not isinstance(value, str) or value not in TASK_STATUSES:
         raise _bad(name, "one of " + ", ".join(sorted(TASK_STATUSES)))
     return str(value)
 
@@ -424,7 +426,9 @@ def read_ref(obj: Any) -> str | int | None:
     ref = obj.get("ref")
     if isinstance(ref, bool) or not isinstance(ref, str | int):
         return None
-    if isinstance(ref, str) and len(ref) > MAX_REF_LENGTH:
+    if isinstance(ref, str) and (len(ref) > MAX_REF_LENGTH or "\x00" in ref or not storable(ref)):
+        return None
+    if isinstance(ref, int) and abs(ref) > MAX_INTEGER:
         return None
     return ref
 

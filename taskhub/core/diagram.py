@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from .states import ASSIGNMENT_TRANSITIONS, TASK_TRANSITIONS
+from .states import ASSIGNMENT_TRANSITIONS, TASK_TRANSITIONS, AssignmentState, TaskStatus
+
+#: The states each kind of thing is created in: a task pending; an assignment offered, or
+#: queued when every instance of its service is busy.
+STARTS = {
+    "tasks": (TaskStatus.PENDING,),
+    "assignments": (AssignmentState.OFFERED, AssignmentState.QUEUED),
+}
 
 
 def state_diagrams() -> str:
     """Both diagrams as Markdown code blocks; ``tests/test_docs.py`` keeps the docs in sync."""
     blocks = []
-    for table, start in ((TASK_TRANSITIONS, "pending"), (ASSIGNMENT_TRANSITIONS, "offered")):
-        lines = ["```mermaid", "stateDiagram-v2", f"    [*] --> {start}"]
+    for table, starts in ((TASK_TRANSITIONS, STARTS["tasks"]), (ASSIGNMENT_TRANSITIONS, STARTS["assignments"])):
+        lines = ["```mermaid", "stateDiagram-v2", *(f"    [*] --> {start.value}" for start in starts)]
         for state, moves in table.items():
             for trigger, target in moves.items():
                 lines.append(f"    {state.value} --> {target.value}: {trigger.value}")

@@ -110,6 +110,7 @@ _CLASS_OF_CODE: dict[str, type[ProtocolError]] = {
     **dict.fromkeys(
         (
             ErrorCode.INVALID_JSON,
+            ErrorCode.INVALID_VALUE,
             ErrorCode.INVALID_FRAME,
             ErrorCode.MESSAGE_TOO_LARGE,
             ErrorCode.MISSING_TYPE,

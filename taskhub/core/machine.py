@@ -15,6 +15,9 @@ for good, or its complete or heartbeat timeout passes. With retries left (``retr
 exponential backoff (:func:`retry_delay`), and a ``retry`` event says why; otherwise it
 fails. A cancel or a pickup timeout is never retried; a failed task can be retried on
 request (:func:`retry`).
+
+Pickup deadlines: whoever is offered a part, at the start or when it is handed over from
+a lost instance or a queue, has the whole pickup timeout from that moment to pick it up.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .states import (
     FAILED_ASSIGNMENT_STATES,
     HELD_ASSIGNMENT_STATES,
     TERMINAL_TASK_STATUSES,
+    UNHELD_ASSIGNMENT_STATES,
     AssignmentState,
     AssignmentTrigger,
     TaskStatus,
@@ -47,6 +51,15 @@ RETRYABLE = frozenset(
         FailureReason.HEARTBEAT_TIMEOUT,
     }
 )
+#: Why an attempt failed, by the final state of its first failed assignment.
+_FAILURE_OF = {
+    AssignmentState.FAILED: FailureReason.ERROR,
+    AssignmentState.LOST: FailureReason.WORKER_LOST,
+    AssignmentState.EXPIRED: FailureReason.PICKUP_TIMEOUT,
+}
+#: Doublings of the retry backoff past which it cannot grow: 2.0 ** 1024 overflows, and
+#: any cap is reached long before.
+MAX_DOUBLINGS = 64
 
 
 @dataclass
@@ -128,8 +141,10 @@ def _after(now: datetime, seconds: float | None) -> datetime | None:
 def retry_delay(task: Task) -> float:
     """Seconds before the attempt after ``task.attempt``: ``retry_backoff`` doubled for
     each attempt that failed before, capped by ``retry_cap``, then jittered into its upper
-    half (so that tasks failed together do not come back together)."""
-    delay = min(task.retry_backoff * 2.0 ** (task.attempt - 1), task.retry_cap)
+    half (so that tasks failed together do not come back together). Any attempt number
+    gives a finite delay (a task retried for ever reaches attempts beyond 1,024)."""
+    doublings = min(task.attempt - 1, MAX_DOUBLINGS)
+    delay = min(task.retry_backoff * 2.0**doublings, task.retry_cap)
     return float(delay * (0.5 + 0.5 * task.jitter))
 
 
@@ -161,8 +176,8 @@ def start(task: Task, offers: list[tuple[str, str | None]], now: datetime) -> li
 
     Args:
         offers: ``(service, instance)`` pairs, one per service; an instance of ``None``
-            leaves that service's part waiting for a free instance. Empty leaves the task
-            pending.
+            queues that service's part until one of its instances has room
+            (:func:`offer_waiting`). Empty leaves the task pending.
 
     Raises:
         InvalidTransition: if the task is not pending.
@@ -175,7 +190,7 @@ def start(task: Task, offers: list[tuple[str, str | None]], now: datetime) -> li
     task.retry_at = None
     events = []
     for service, instance in offers:
-        state = AssignmentState.OFFERED if instance is not None else AssignmentState.WAITING
+        state = AssignmentState.OFFERED if instance is not None else AssignmentState.QUEUED
         task.assignments.append(Assignment(service, instance, task.attempt, state, changed=True))
         if instance is not None:
             events.append(Event(EventKind.START, service, instance, task.attempt))
@@ -219,9 +234,7 @@ def _move(a: Assignment, event: AssignmentTrigger) -> AssignmentState:
     return before
 
 
-def _finish_task(
-    task: Task, event: TaskTrigger, reason: FailureReason | None = None, detail: str = ""
-) -> list[Event]:
+def _finish_task(task: Task, event: TaskTrigger, reason: FailureReason | None = None, detail: str = "") -> list[Event]:
     """Move the task to a final status and close every active assignment."""
     task.status = advance_task(task.status, event)
     closing = AssignmentTrigger.TELL if task.status is TaskStatus.SUCCESS else AssignmentTrigger.ABORT
@@ -238,9 +251,7 @@ def _finish_task(
     return events
 
 
-def _fail_attempt(
-    task: Task, trigger: TaskTrigger, reason: FailureReason, detail: str, now: datetime
-) -> list[Event]:
+def _fail_attempt(task: Task, trigger: TaskTrigger, reason: FailureReason, detail: str, now: datetime) -> list[Event]:
     """The attempt failed: retry the task if it may, else fail it."""
     if reason not in RETRYABLE or not task.retries_left:
         return _finish_task(task, trigger, reason, detail)
@@ -267,8 +278,7 @@ def _settle(task: Task, now: datetime) -> list[Event]:
     failed = [a for a in current if a.state in FAILED_ASSIGNMENT_STATES]
     if failed:
         first = failed[0]
-        reason = FailureReason.WORKER_LOST if first.state is AssignmentState.LOST else FailureReason.ERROR
-        return _fail_attempt(task, TaskTrigger.SETTLE_FAILED, reason, first.detail, now)
+        return _fail_attempt(task, TaskTrigger.SETTLE_FAILED, _FAILURE_OF[first.state], first.detail, now)
     return _finish_task(task, TaskTrigger.SETTLE_EMPTY)
 
 
@@ -387,12 +397,11 @@ def fail(
     return [Event(EventKind.ERROR, service, a.instance, attempt, {"detail": detail})] + _settle(task, now)
 
 
-def release_instance(
-    task: Task, instance: str, successors: dict[str, str], now: datetime
-) -> list[Event]:
+def release_instance(task: Task, instance: str, successors: dict[str, str], now: datetime) -> list[Event]:
     """The instance is gone for good: each of its parts in the current attempt goes to
     another live instance of the same service (``successors``: service to instance), or
-    waits for one until the pickup timeout.
+    waits for one until the pickup timeout. Either way the service has the whole pickup
+    timeout from ``now``: the task may have run longer than that already.
 
     Returns:
         ``lost`` for each part it held, and ``start`` for each handed over.
@@ -411,21 +420,22 @@ def release_instance(
             _move(a, AssignmentTrigger.ORPHAN)
             a.instance, a.changed = None, True
             a.detail = "its instance was lost; waiting for another instance of the service"
-            # The service has the whole pickup timeout to bring another instance.
-            task.pickup_deadline = _after(now, task.pickup_timeout)
+        task.pickup_deadline = _after(now, task.pickup_timeout)
     return events
 
 
 def offer_waiting(task: Task, service: str, instance: str, now: datetime) -> list[Event]:
-    """Hand a service's waiting part to one of its live instances.
+    """Hand a service's queued or waiting part to one of its live instances, which has the
+    whole pickup timeout from ``now`` to pick it up.
 
     Raises:
-        InvalidTransition: the service has no waiting part in the current attempt.
+        InvalidTransition: the service has no such part in the current attempt.
     """
     for a in task.current():
-        if a.service == service and a.state is AssignmentState.WAITING:
+        if a.service == service and a.state in UNHELD_ASSIGNMENT_STATES:
             _move(a, AssignmentTrigger.HAND_OVER)
             a.instance, a.detail, a.changed = instance, "", True
+            task.pickup_deadline = _after(now, task.pickup_timeout)
             return [Event(EventKind.START, service, instance, a.attempt)]
     raise InvalidTransition(f"task {task.id} has no part of {service} waiting for an instance")
 
@@ -502,6 +512,9 @@ def expire(task: Task, now: datetime) -> list[Event]:
                 _move(a, AssignmentTrigger.LOSE)
                 a.detail = "its instance was lost, and no other instance of the service came in time"
                 events.append(Event(EventKind.LOST, a.service, None, a.attempt))
+            elif a.state is AssignmentState.QUEUED:
+                _move(a, AssignmentTrigger.PICKUP_TIMEOUT)
+                a.detail = f"no instance of {a.service} had room within the pickup timeout"
     return events + _settle(task, now)
 
 
@@ -512,7 +525,7 @@ def next_deadline(task: Task) -> datetime | None:
         candidates = [task.pickup_deadline, task.retry_at]
     elif task.status is TaskStatus.STARTED:
         candidates = [task.complete_deadline, task.heartbeat_deadline]
-        if any(a.state in (AssignmentState.OFFERED, AssignmentState.WAITING) for a in task.current()):
+        if any(a.state is AssignmentState.OFFERED or a.state in UNHELD_ASSIGNMENT_STATES for a in task.current()):
             candidates.append(task.pickup_deadline)
     else:
         return None

@@ -260,8 +260,19 @@ class TaskEnd(TaskEventMessage):
 MESSAGES: dict[str, type[Message]] = {
     cls.type: cls
     for cls in (
-        Welcome, Ack, Pong, Error, Offer, Payload, State, TaskList,
-        TaskUpdate, TaskSuccess, TaskRetry, TaskFailure, TaskEnd,
+        Welcome,
+        Ack,
+        Pong,
+        Error,
+        Offer,
+        Payload,
+        State,
+        TaskList,
+        TaskUpdate,
+        TaskSuccess,
+        TaskRetry,
+        TaskFailure,
+        TaskEnd,
     )  # fmt: skip
 }
 

@@ -11,6 +11,13 @@ A *task* moves ``pending -> started -> success | failed | ended``. Each service 
 hub offers the task to gets an *assignment* (its part in the task, for one attempt),
 which moves ``offered -> picked_up -> returned | dropped | failed | ...``. A started
 task settles when every assignment of its current attempt is finished.
+
+An assignment starts ``offered``, or ``queued`` when every instance of its service was
+busy (its concurrency): it is offered to the first with room (``hand_over``) or, at the
+pickup timeout, ``expired``, which fails the attempt with ``pickup_timeout`` (never
+retried). A part whose instance is gone for good goes to another instance of the service
+(``hand_over``) or ``waiting`` for one, and is ``lost`` (``worker_lost``, which may be
+retried) if none comes within the pickup timeout.
 """
 
 from __future__ import annotations
@@ -68,12 +75,14 @@ TERMINAL_TASK_STATUSES = frozenset({TaskStatus.SUCCESS, TaskStatus.FAILED, TaskS
 class AssignmentState(StrEnum):
     OFFERED = "offered"  # sent to one instance of the service
     PICKED_UP = "picked_up"  # the service works on it; the hub waits
+    QUEUED = "queued"  # every instance of the service was busy: waiting for one with room
     WAITING = "waiting"  # its instance is gone: waiting for another of the service
     RETURNED = "returned"  # the service returned a result
     DROPPED = "dropped"  # the service finished without a result
     FAILED = "failed"  # the service reported an error
     LOST = "lost"  # its instance disconnected while holding it
     SEEN = "seen"  # not picked up within the pickup timeout: a passive listener
+    EXPIRED = "expired"  # queued, and no instance of the service had room within the pickup timeout
     TOLD = "told"  # another service completed the task
     ABORTED = "aborted"  # the hub failed or cancelled the task
 
@@ -88,7 +97,7 @@ class AssignmentTrigger(StrEnum):
     LOSE = "lose"  # its instance is gone and nobody took it over in time
     HAND_OVER = "hand_over"  # offered to another instance of the service
     ORPHAN = "orphan"  # its instance is gone and no other of the service is live
-    PICKUP_TIMEOUT = "pickup_timeout"
+    PICKUP_TIMEOUT = "pickup_timeout"  # offered but not picked up, or queued, in time
     TELL = "tell"
     ABORT = "abort"
 
@@ -125,6 +134,14 @@ ASSIGNMENT_TRANSITIONS: dict[AssignmentState, dict[AssignmentTrigger, Assignment
         **_FINISH,
         **_RELEASE,
     },
+    # Never offered: every instance of the service was busy. Not picked up in time, it
+    # fails the attempt as a task nobody subscribed to does (pickup_timeout).
+    AssignmentState.QUEUED: {
+        AssignmentTrigger.HAND_OVER: AssignmentState.OFFERED,
+        AssignmentTrigger.PICKUP_TIMEOUT: AssignmentState.EXPIRED,
+        AssignmentTrigger.TELL: AssignmentState.TOLD,
+        AssignmentTrigger.ABORT: AssignmentState.ABORTED,
+    },
     AssignmentState.WAITING: {
         AssignmentTrigger.HAND_OVER: AssignmentState.OFFERED,
         AssignmentTrigger.LOSE: AssignmentState.LOST,
@@ -136,6 +153,7 @@ ASSIGNMENT_TRANSITIONS: dict[AssignmentState, dict[AssignmentTrigger, Assignment
     AssignmentState.FAILED: {},
     AssignmentState.LOST: {},
     AssignmentState.SEEN: {},
+    AssignmentState.EXPIRED: {},
     # Another service completed the task first: a return that crossed the news is
     # recorded (a late_return event), not delivered.
     AssignmentState.TOLD: {AssignmentTrigger.RETURN: AssignmentState.TOLD},
@@ -143,10 +161,16 @@ ASSIGNMENT_TRANSITIONS: dict[AssignmentState, dict[AssignmentTrigger, Assignment
 }
 
 #: The states in which the service is still on the task (the hub waits for it).
-ACTIVE_ASSIGNMENT_STATES = frozenset({AssignmentState.OFFERED, AssignmentState.PICKED_UP, AssignmentState.WAITING})
+ACTIVE_ASSIGNMENT_STATES = frozenset(
+    {AssignmentState.OFFERED, AssignmentState.PICKED_UP, AssignmentState.QUEUED, AssignmentState.WAITING}
+)
 #: The states in which an instance holds the assignment.
 HELD_ASSIGNMENT_STATES = frozenset({AssignmentState.OFFERED, AssignmentState.PICKED_UP})
-FAILED_ASSIGNMENT_STATES = frozenset({AssignmentState.FAILED, AssignmentState.LOST})
+#: The states in which the assignment waits for an instance of its service.
+UNHELD_ASSIGNMENT_STATES = frozenset({AssignmentState.QUEUED, AssignmentState.WAITING})
+#: The final states that fail the attempt (unless another service returned).
+FAILED_ASSIGNMENT_STATES = frozenset({AssignmentState.FAILED, AssignmentState.LOST, AssignmentState.EXPIRED})
+
 
 def _advance(table: dict[Any, dict[Any, Any]], state: Any, trigger: Any, what: str) -> Any:
     try:

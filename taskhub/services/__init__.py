@@ -26,13 +26,14 @@ from __future__ import annotations
 
 from .commands import act, cancel, check_size, get_payload, publish, retry, subscribe, unsubscribe, watch
 from .dispatch import dispatch_waiting
-from .instances import Session, authenticate, connect, detach, release
+from .instances import Session, authenticate, connect, detach, release, renew_leases
 from .routing import Notice, task_group
-from .sweeping import sweep
+from .sweeping import SWEEP_BATCH, expire, offer_waiting, overdue, release_lapsed, sweep
 from .transitions import OPTIMISTIC_ATTEMPTS, transition
 
 __all__ = [
     "OPTIMISTIC_ATTEMPTS",
+    "SWEEP_BATCH",
     "Notice",
     "Session",
     "act",
@@ -42,9 +43,14 @@ __all__ = [
     "connect",
     "detach",
     "dispatch_waiting",
+    "expire",
     "get_payload",
+    "offer_waiting",
+    "overdue",
     "publish",
     "release",
+    "release_lapsed",
+    "renew_leases",
     "retry",
     "subscribe",
     "sweep",

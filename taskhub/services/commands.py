@@ -25,7 +25,7 @@ from taskhub.models import Credential, Subscription, TaskEvent, TaskRecord
 from taskhub.store import get_store
 
 from . import queries
-from .dispatch import choose_offers, dispatch_waiting, start
+from .dispatch import choose_offers, dispatch_waiting, limited, reserve, start
 from .routing import Notice, notices_for
 from .transitions import transition, unit_of_work, write_new
 
@@ -91,9 +91,11 @@ def publish(
     )
     store = get_store()
     offers, channels = choose_offers(store, action, now)
-    events += machine.start(task, offers, now)
+    bounded = limited(instance for _, instance in offers)
     try:
-        with unit_of_work(store, lock=False):
+        # An offer to an instance with a concurrency is reserved in the insert's transaction.
+        with unit_of_work(store, lock=bool(bounded)):
+            events += machine.start(task, reserve(offers, bounded) if bounded else offers, now)
             written = write_new(store, record, task, events, now)
     except IntegrityError:
         # The id is taken: a re-sent pub (answered as a no-op), or another task's id.
@@ -186,6 +188,9 @@ def cancel(credential: Credential | None, task_id: str, now: datetime, by: str) 
     service on it is told. ``credential`` must have published it (``None``: an operator,
     who may cancel any task); ``by`` names who asked, for the failure's detail.
 
+    The task is marked ``watched`` first, as :func:`watch` does, so that a connection
+    that joined its group (another than the publishing one) hears the outcome live.
+
     Raises:
         UnknownTask: no such task, or not published by ``credential``.
         InvalidTransition: the task is already finished.
@@ -198,6 +203,10 @@ def retry(credential: Credential | None, task_id: str, now: datetime, by: str) -
     """Retry a failed task at once: its next attempt is offered to the action's
     subscribers (or waits for one). ``credential`` as :func:`cancel`.
 
+    Call after the connection joined the task's group: the task is marked ``watched``
+    first, as :func:`watch` does, so that the connection hears the new attempt live,
+    whichever connection published the task.
+
     Raises:
         UnknownTask: no such task, or not published by ``credential``.
         InvalidTransition: the task did not fail.
@@ -208,7 +217,8 @@ def retry(credential: Credential | None, task_id: str, now: datetime, by: str) -
 
 
 def _own(credential: Credential | None, task_id: str) -> str:
-    """The action of the task, if ``credential`` published it (``None``: anyone may).
+    """The action of the task, if ``credential`` published it (``None``: anyone may);
+    the task is marked ``watched``, before any transition that follows reads it.
 
     Raises:
         UnknownTask: otherwise.
@@ -219,6 +229,7 @@ def _own(credential: Credential | None, task_id: str) -> str:
     action = tasks.values_list("action", flat=True).first()
     if action is None:
         raise UnknownTask(f"no task {task_id} of yours")
+    tasks.filter(watched=False).update(watched=True)
     return action
 
 

@@ -13,27 +13,29 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from django.db import transaction
 from django.db.models import Q
 
-from taskhub.auth import verify_key
+from taskhub.auth import hash_key, verify_key
 from taskhub.conf import conf
-from taskhub.core import machine
 from taskhub.core.codes import ErrorCode
 from taskhub.core.errors import AuthenticationFailed
 from taskhub.core.states import HELD_ASSIGNMENT_STATES
 from taskhub.models import Assignment, Credential, Instance
-from taskhub.store import get_store
 
-from .dispatch import successor
+from .dispatch import release_task
 from .routing import Notice
-from .transitions import transition
+
+log = logging.getLogger("taskhub.services")
+
+_STAND_IN_HASH = hash_key(secrets.token_urlsafe(32))
 
 
 def authenticate(name: str, key: str) -> Credential:
@@ -44,7 +46,9 @@ def authenticate(name: str, key: str) -> Credential:
             (the same answer for both), ``credential_disabled`` for a disabled one.
     """
     credential = Credential.objects.filter(name=name).first()
-    if credential is None or not verify_key(key, credential.key_hash):
+    # An unknown name is checked against a stand-in hash: both failures take one path.
+    matches = verify_key(key, credential.key_hash if credential is not None else _STAND_IN_HASH)
+    if credential is None or not matches:
         raise AuthenticationFailed("invalid name or key")
     if not credential.is_active:
         raise AuthenticationFailed(f"credential {name!r} is disabled", ErrorCode.CREDENTIAL_DISABLED)
@@ -141,17 +145,18 @@ def _resume(
         if instance is None or not hmac.compare_digest(instance.resume_hash, digest):
             return None
         superseded = instance.channel_name if instance.detached_at is None and instance.channel_name else None
-        new_token, resume_hash = _new_token(instance_id)
+        # The token stays the instance's for its life: had the hub sent a new one, a
+        # connection lost before its welcome arrived would leave the client with a token
+        # that no longer resumes anything.
         Instance.objects.filter(pk=instance_id).update(
             channel_name=channel_name,
             process=process,
             detached_at=None,
             lease_expires_at=now + timedelta(seconds=conf.INSTANCE_LEASE),
-            resume_hash=resume_hash,
             concurrency=concurrency,
         )
         instance.refresh_from_db()
-    return Session(instance, new_token, True, superseded if superseded != channel_name else None, [])
+    return Session(instance, token, True, superseded if superseded != channel_name else None, [])
 
 
 def detach(instance_id: uuid.UUID, channel_name: str, now: datetime) -> bool:
@@ -167,12 +172,18 @@ def detach(instance_id: uuid.UUID, channel_name: str, now: datetime) -> bool:
     return bool(detached)
 
 
-def release(instance_id: uuid.UUID, now: datetime, *, channel_name: str | None = None) -> list[Notice]:
+def release(
+    instance_id: uuid.UUID, now: datetime, *, channel_name: str | None = None, only_if_gone: bool = False
+) -> list[Notice]:
     """The instance is gone for good: each task it held goes to another live instance of
     its service, or waits for one until its pickup timeout; its slot is freed.
 
-    With ``channel_name`` (a ``bye``), nothing happens if another connection has taken
-    the instance since.
+    The instance's row goes first, conditionally, in the same transaction as the
+    hand-over: a connection resuming the instance meanwhile either took it before (then
+    nothing is released) or finds it gone (then it gets a new instance). With
+    ``channel_name`` (a ``bye``), nothing happens if another connection has taken the
+    instance since; with ``only_if_gone`` (the sweeper), nothing happens unless it is
+    still gone (:func:`lapsed`).
 
     Returns:
         The notices of the tasks it held (offers to their new instances among them).
@@ -180,40 +191,49 @@ def release(instance_id: uuid.UUID, now: datetime, *, channel_name: str | None =
     instances = Instance.objects.filter(pk=instance_id)
     if channel_name is not None:
         instances = instances.filter(channel_name=channel_name)
-    service = instances.values_list("credential__name", flat=True).first()
-    if service is None:
-        return []
+    if only_if_gone:
+        instances = instances.filter(_gone(now))
     notices: list[Notice] = []
-    store = get_store()
-    held = Assignment.objects.filter(instance=instance_id, state__in=HELD_ASSIGNMENT_STATES)
-    for task_id, action in list(held.values_list("task_id", "task__action").distinct()):
-        heir = successor(store, action, service, now, exclude=instance_id)
-        heirs, channels = ({service: heir[0]}, {heir[0]: heir[1]}) if heir else ({}, {})
-        notices += transition(
-            task_id, _releasing(str(instance_id), heirs, now), now, channels, with_payload=bool(heirs)
-        )
-    Instance.objects.filter(pk=instance_id).delete()
+    with transaction.atomic():
+        service = instances.values_list("credential__name", flat=True).first()
+        if service is None:
+            return []
+        _, deleted = instances.delete()
+        if not deleted.get(Instance._meta.label):
+            return []  # taken (resumed) between the read and the delete
+        held = Assignment.objects.filter(instance=instance_id, state__in=HELD_ASSIGNMENT_STATES)
+        for task_id, action in list(held.values_list("task_id", "task__action").distinct()):
+            notices += release_task(task_id, action, service, instance_id, now)
     return notices
 
 
-def _releasing(instance: str, heirs: dict[str, str], now: datetime) -> Callable[[machine.Task], list[machine.Event]]:
-    return lambda task: machine.release_instance(task, instance, heirs, now)
-
-
-def renew_leases(process: str, now: datetime) -> list[str]:
-    """Renew the leases of ``process``'s connected instances.
+def renew_leases(process: str, now: datetime, channels: Collection[str] | None = None) -> list[str]:
+    """Renew the leases of ``process``'s instances whose connection is open: those with
+    one of ``channels``, the channels of the process's live consumers (all of them if
+    ``None``). The others' consumer ended without detaching them (it crashed): they are
+    detached now.
 
     Returns:
-        The channel names of those whose credential an operator disabled: the process
-        closes them.
+        The channel names of instances whose credential an operator disabled: the
+        process closes them.
     """
     mine = Instance.objects.filter(process=process, detached_at__isnull=True)
+    for instance_id, channel_name in mine.values_list("id", "channel_name") if channels is not None else ():
+        if channels is not None and channel_name not in channels:
+            log.warning("instance %s has no connection in this process any more: detaching it", instance_id)
+            detach(instance_id, channel_name, now)
     mine.update(lease_expires_at=now + timedelta(seconds=conf.INSTANCE_LEASE))
     return list(mine.filter(credential__is_active=False).values_list("channel_name", flat=True))
 
 
+def _gone(now: datetime) -> Q:
+    """Instances gone for good: detached, or attached to a process that stopped renewing
+    their lease (it died: its connections went without a detach), for longer than the
+    resume grace, which their clients had to come back."""
+    grace = now - timedelta(seconds=conf.RESUME_GRACE)
+    return Q(detached_at__lte=grace) | Q(detached_at__isnull=True, lease_expires_at__lte=grace)
+
+
 def lapsed(now: datetime, limit: int) -> list[uuid.UUID]:
-    """Instances to release, at most ``limit``: their lease ran out (their process died),
-    or they were detached longer than the resume grace."""
-    gone = Q(lease_expires_at__lte=now) | Q(detached_at__lte=now - timedelta(seconds=conf.RESUME_GRACE))
-    return list(Instance.objects.filter(gone).values_list("id", flat=True)[:limit])
+    """Instances to release, at most ``limit`` (see :func:`_gone`)."""
+    return list(Instance.objects.filter(_gone(now)).values_list("id", flat=True)[:limit])

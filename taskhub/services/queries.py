@@ -11,9 +11,8 @@ import uuid
 from typing import Any
 
 from django.db import connection
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 
-from taskhub.core.actions import wildcard_regex
 from taskhub.core.codes import RELAYED_KINDS, EventKind
 from taskhub.core.errors import UnknownTask
 from taskhub.core.messages import LoggedEvent, TaskSnapshot, event_message
@@ -44,26 +43,15 @@ def visible_task(credential: Credential, task_id: str, *, lock: bool = False) ->
 
 
 def listed(credential: Credential, *, status: str | None, action: str | None, limit: int) -> list[dict[str, Any]]:
-    """The tasks the credential published or may subscribe to, newest first (``tasks``)."""
-    tasks = TaskRecord.objects.filter(Q(publisher=credential) | _granted(credential.sub_permissions))
+    """The tasks the credential published or was offered, newest first (``tasks``): those
+    :func:`visible_task` shows it, and no other."""
+    offered = Assignment.objects.filter(task=OuterRef("pk"), service=credential.name)
+    tasks = TaskRecord.objects.filter(Q(publisher=credential) | Exists(offered))
     if status is not None:
         tasks = tasks.filter(status=status)
     if action is not None:
         tasks = tasks.filter(action=action)
     return [task_snapshot(record) for record in tasks.defer("payload").order_by("-created_at")[:limit]]
-
-
-def _granted(patterns: list[str]) -> Q:
-    """The actions the permission patterns grant, as a filter (see :mod:`taskhub.core.actions`)."""
-    granted = Q(pk__in=[])
-    for pattern in patterns:
-        if "*" in pattern:
-            granted |= Q(action__regex=wildcard_regex(pattern))
-        elif ":" in pattern:
-            granted |= Q(action=pattern)
-        else:
-            granted |= Q(action__startswith=f"{pattern}:") | Q(action__startswith=f"{pattern}/")
-    return granted
 
 
 def events_since(record: TaskRecord, since: int) -> list[dict[str, Any]]:
@@ -109,9 +97,14 @@ def offered_to(process: str) -> list[tuple[uuid.UUID, uuid.UUID, int]]:
     )
 
 
-def offer_of(task_id: uuid.UUID, attempt: int) -> dict[str, Any] | None:
-    """The offer message of the task's attempt, while the task runs that attempt."""
-    record = TaskRecord.objects.filter(pk=task_id, status=TaskStatus.STARTED, attempt=attempt).first()
+def offer_of(task_id: uuid.UUID, attempt: int, instance: uuid.UUID | None = None) -> dict[str, Any] | None:
+    """The offer message of the task's attempt, while the task runs that attempt and its
+    part is still offered to ``instance`` (to some instance, if ``None``): not picked up,
+    finished or handed to another instance since :func:`offered_to` read it."""
+    offered = Assignment.objects.filter(task=OuterRef("pk"), attempt=attempt, state=AssignmentState.OFFERED)
+    if instance is not None:
+        offered = offered.filter(instance=instance)
+    record = TaskRecord.objects.filter(Exists(offered), pk=task_id, status=TaskStatus.STARTED, attempt=attempt).first()
     return None if record is None else offer_message(record, attempt)
 
 
@@ -127,11 +120,11 @@ def versions(task_ids: list[str]) -> dict[str, int]:
 def relayed_since(task_id: str, seq: int, instance: uuid.UUID | None) -> list[dict[str, Any]]:
     """The live messages of the task's relayed events after ``seq``, but the updates of
     ``instance`` (which knows its own)."""
-    events = TaskEvent.objects.filter(task_id=uuid.UUID(task_id), id__gt=seq, kind__in=RELAYED_KINDS).order_by("id")
+    events = TaskEvent.objects.filter(task_id=uuid.UUID(task_id), id__gt=seq, kind__in=RELAYED_KINDS)
+    if instance is not None:  # in the query: a long task's own updates would all be read
+        events = events.exclude(kind=EventKind.UPDATE, instance=instance)
     messages = []
-    for e in events:
-        if e.kind == EventKind.UPDATE and instance is not None and e.instance == instance:
-            continue
+    for e in events.order_by("id"):
         message = event_message(str(task_id), e.id, e.kind, e.service, e.attempt, e.data)
         if message is not None:
             messages.append(message.to_dict())

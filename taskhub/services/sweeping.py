@@ -2,12 +2,23 @@
 
 Any process may sweep and they race safely: deadlines are columns every process reads,
 and expiring a task is a transition like any other.
+
+A pass is made of steps, each done in batches until nothing is left, so that a deadline
+holds within about a sweep interval whatever the backlog (20,000 tasks timing out
+together are all expired in the pass that finds them). The sweeper
+(:mod:`taskhub.sweeper`) runs each batch as its own database call, so connections'
+commands interleave with a long pass; :func:`sweep` runs a whole pass at once, for tests
+and scripts.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Collection
 from datetime import datetime
+
+from django.db.models import Q
 
 from taskhub.core import machine
 from taskhub.core.states import TaskStatus
@@ -20,25 +31,89 @@ from .transitions import transition
 
 log = logging.getLogger("taskhub.services")
 
+#: Tasks expired, or instances released, per database call: small enough that a call
+#: holds up other connections' commands for a few milliseconds only.
+SWEEP_BATCH = 50
 
-def sweep(process: str, now: datetime) -> tuple[list[Notice], list[str]]:
-    """One pass of a hub process's sweeper.
 
-    Renews the leases of ``process``'s instances, releases instances that are gone (their
-    lease lapsed, or their resume grace passed: their tasks go to other instances),
-    expires overdue tasks, and offers what waits for a subscriber or an instance.
+def release_lapsed(now: datetime, limit: int = SWEEP_BATCH) -> tuple[list[Notice], bool]:
+    """Release up to ``limit`` instances that are gone: detached, or their lease lapsed
+    (their process died), longer than the resume grace ago; their tasks go to other
+    instances.
+
+    Returns:
+        ``(notices, whether more may be left)``.
+    """
+    notices: list[Notice] = []
+    gone = lapsed(now, limit)
+    for instance_id in gone:
+        log.info("instance %s is gone (resume grace over); releasing its tasks", instance_id)
+        notices += release(instance_id, now, only_if_gone=True)
+    return notices, len(gone) == limit
+
+
+#: Where a pass's walk through overdue tasks stands: the last ``(deadline, id)`` read.
+Cursor = tuple[datetime, uuid.UUID]
+
+
+def overdue(now: datetime, limit: int, after: Cursor | None = None) -> list[Cursor]:
+    """Up to ``limit`` unfinished tasks whose deadline has passed, as ``(deadline, id)``
+    in that order, from just after ``after``: a pass walks through them once, so a task
+    that cannot be expired is not read again and again."""
+    tasks = TaskRecord.objects.filter(deadline__lte=now, status__in=[TaskStatus.PENDING, TaskStatus.STARTED])
+    if after is not None:
+        deadline, task_id = after
+        tasks = tasks.filter(Q(deadline__gt=deadline) | Q(deadline=deadline, id__gt=task_id))
+    rows = tasks.order_by("deadline", "id").values_list("deadline", "id")[:limit]
+    return [(deadline, task_id) for deadline, task_id in rows if deadline is not None]
+
+
+def expire(task_ids: Collection[uuid.UUID], now: datetime) -> list[Notice]:
+    """Apply the deadlines of these tasks (a timeout, a retry, a heartbeat missed); a
+    task that moved on meanwhile is left as it is, and one whose transition fails is
+    logged and skipped (it stays overdue: the next pass tries again)."""
+    notices: list[Notice] = []
+    for task_id in task_ids:
+        try:
+            notices += transition(task_id, lambda task: machine.expire(task, now), now)
+        except Exception:
+            # One task's trouble (a bug) must not stop every other deadline.
+            log.exception("could not expire task %s", task_id)
+    return notices
+
+
+def offer_waiting(now: datetime) -> tuple[list[Notice], bool]:
+    """Offer a batch of what waits for a subscriber or an instance
+    (:func:`~.dispatch.dispatch_waiting`).
+
+    Returns:
+        ``(notices, whether more may be left)``.
+    """
+    started, notices = dispatch_waiting(now)
+    return notices, started >= DISPATCH_BATCH
+
+
+def sweep(process: str, now: datetime, channels: Collection[str] | None = None) -> tuple[list[Notice], list[str]]:
+    """A whole pass at once: renew ``process``'s leases (of its instances on one of
+    ``channels``, or all), release instances that are gone, expire overdue tasks, offer what
+    waits.
 
     Returns:
         ``(notices, channel names of this process's instances to close)``; those are
         instances of credentials an operator disabled.
     """
-    to_close = renew_leases(process, now)
+    to_close = renew_leases(process, now, channels)
     notices: list[Notice] = []
-    for instance_id in lapsed(now, DISPATCH_BATCH):
-        log.warning("instance %s is gone (lease or resume grace over); releasing its tasks", instance_id)
-        notices += release(instance_id, now)
-    overdue = TaskRecord.objects.filter(deadline__lte=now, status__in=[TaskStatus.PENDING, TaskStatus.STARTED])
-    for task_id in list(overdue.order_by("deadline").values_list("id", flat=True)[:DISPATCH_BATCH]):
-        notices += transition(task_id, lambda task: machine.expire(task, now), now)
-    notices += dispatch_waiting(now)[1]
+    more = True
+    while more:
+        batch, more = release_lapsed(now)
+        notices += batch
+    cursor = None
+    while due := overdue(now, SWEEP_BATCH, cursor):
+        notices += expire([task_id for _, task_id in due], now)
+        cursor = due[-1]
+    more = True
+    while more:
+        batch, more = offer_waiting(now)
+        notices += batch
     return notices, to_close

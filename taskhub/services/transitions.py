@@ -91,7 +91,10 @@ def changed_columns(
     fields["deadline"] = machine.next_deadline(task)
     if record.started_at is None and task.status is not TaskStatus.PENDING:
         fields["started_at"] = now
-    if task.finished and record.finished_at is None:
+    # When the task last finished: a task retried on request runs again, unfinished.
+    if not task.finished:
+        fields["finished_at"] = None
+    elif record.finished_at is None or record.status not in TERMINAL_TASK_STATUSES:
         fields["finished_at"] = now
     fields = {name: value for name, value in fields.items() if getattr(record, name) != value}
     relays = any(e.kind in RELAYED_KINDS for e in events)
@@ -180,6 +183,7 @@ def transition(
     sender: str | None = None,
     service: str | None = None,
     ref: str = "",
+    lock: bool = False,
 ) -> list[Notice]:
     """Apply one decision of the core to a task, once, whatever other processes do.
 
@@ -190,7 +194,10 @@ def transition(
     the channel of the connection whose command this is (see
     :func:`~taskhub.services.routing.listeners`), ``service`` the service that sent it
     (on a finished task, ``decide`` then sees that service's assignments only), and
-    ``ref`` the command's ref, recorded with its events.
+    ``ref`` the command's ref, recorded with its events. With ``lock``, ``decide`` runs
+    inside a transaction that holds the task's lock, whatever the store: for a decision
+    that reads other rows under their locks (an instance's room, see
+    :func:`~taskhub.services.dispatch.full`).
 
     Returns:
         What to tell whom once it is written.
@@ -203,10 +210,10 @@ def transition(
     for attempt in range(MAX_TRANSITION_RETRIES):
         # Without a lock on read, a busy task can keep moving on: after a few fences that
         # did not hold, wait for it under the lock instead.
-        lock = not store.optimistic or attempt >= OPTIMISTIC_ATTEMPTS
+        locked = lock or not store.optimistic or attempt >= OPTIMISTIC_ATTEMPTS
         try:
-            with unit_of_work(store, lock=lock):
-                loaded = store.load_task(task_id, with_payload=with_payload, service=service, lock=lock)
+            with unit_of_work(store, lock=locked):
+                loaded = store.load_task(task_id, with_payload=with_payload, service=service, lock=locked)
                 if loaded is None:
                     raise UnknownTask(f"no task {task_id}")
                 record, rows, publisher_channel = loaded

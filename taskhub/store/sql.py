@@ -39,6 +39,7 @@ _ASSIGNMENT_COLUMNS = ("id", "service", "instance", "attempt", "state", "detail"
 #: The states in which an instance holds an assignment (what its concurrency counts).
 HELD = sorted(state.value for state in HELD_ASSIGNMENT_STATES)
 
+
 class Step(NamedTuple):
     """One statement of a write: its text, its parameters, and for an insert its model."""
 

@@ -20,7 +20,7 @@ from taskhub.client.protocol import (
     TaskEventIn,
     Welcomed,
 )
-from taskhub.core.commands import Bye, GetPayload, Ping, Pub, Update, Watch
+from taskhub.core.commands import Bye, Cancel, GetPayload, Ping, Pub, Retry, Update, Watch
 from taskhub.core.errors import AuthenticationFailed, InvalidMessage, UnknownTask
 from taskhub.core.messages import TaskSuccess, TaskUpdate
 
@@ -118,6 +118,23 @@ def test_after_a_lost_connection_safe_commands_are_sent_again_and_the_others_fai
         ("update", update, True),
     ]
     assert frames[1]["task_id"] == TASK
+
+
+def test_a_cancel_or_a_retry_whose_answer_was_lost_fails_and_is_not_sent_again():
+    """The hub cannot tell a cancel or a retry sent again from a new one: a second cancel
+    is refused although the first happened, a second retry starts another attempt."""
+    protocol = opened()
+    cancel = protocol.send(Cancel.build(task=TASK))
+    retry = protocol.send(Retry.build(task=TASK))
+    sent(protocol)
+    events: list[Any] = protocol.connection_lost()
+    assert [(type(e), e.ref) for e in events] == [(Failed, cancel), (Failed, retry)]
+    assert all(isinstance(e.error, ConnectionLost) for e in events)
+    # Submitted while disconnected, one was never sent: it goes once the session opens.
+    held = protocol.send(Cancel.build(task=TASK))
+    protocol.connection_made()
+    receive(protocol, {**WELCOME, "resumed": True})
+    assert [(f["type"], f["ref"]) for f in sent(protocol)] == [("cancel", held)]
 
 
 def test_a_reconnect_that_does_not_get_the_instance_back_says_so():

@@ -26,6 +26,34 @@ def test_decode_frame_rejects_bad_json(text):
     assert code_of(decode_frame, text, 100) == "invalid_json"
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type": "ping", "ref": "\\ud800"}',  # a lone surrogate, anywhere
+        '{"type": "pub", "action": "a:b", "payload": {"k\\udfff": 1}}',
+        '{"type": "pub", "action": "a:b", "payload": "a\\u0000b"}',  # U+0000: no database stores it
+        '{"type": "pub", "action": "a:b", "payload": 1e400}',
+        '{"type": "pub", "action": "a:b", "payload": -1e999}',
+        '{"type": "pub", "action": "a:b", "timeout": ' + "9" * 400 + "}",
+        '{"type": "pub", "action": "a:b", "payload": 9007199254740993}',
+        '{"type": "pub", "action": "a:b", "payload": ' + "[" * 33 + "]" * 33 + "}",
+        '{"type": "pub", "action": "a:b", "payload": ' + "[" * 1000 + "]" * 1000 + "}",
+        '{"a": ' * 40 + "1" + "}" * 40,
+    ],
+)
+def test_values_the_hub_cannot_carry_are_refused(text):
+    assert code_of(decode_frame, text, 100_000) == "invalid_value"
+
+
+def test_values_within_the_limits_pass():
+    assert decode_frame('{"a": "\\u00e9\\ud83d\\ude00", "n": 9007199254740992, "f": 1e308}', 1000) == {
+        "a": "é😀",
+        "n": 2**53,
+        "f": 1e308,
+    }
+    assert decode_frame("[" * 31 + "]" * 31, 1000) is not None
+
+
 def test_decode_frame_counts_bytes_not_characters():
     assert code_of(decode_frame, '"' + "é" * 30 + '"', 60) == "message_too_large"
     assert decode_frame('"' + "e" * 30 + '"', 60) == "e" * 30
@@ -50,7 +78,7 @@ def test_pub_with_defaults_and_with_every_field():
             "type": "pub",
             "action": "mail:send",
             "payload": [1],
-            "task_id": TASK.upper(),
+            "task_id": TASK,
             "timeout": 30,
             "pickup_timeout": None,
             "heartbeat_timeout": 5,
@@ -70,6 +98,11 @@ def test_pub_with_defaults_and_with_every_field():
         ({"type": "sub", "action": ["a:b"]}, "invalid_field"),
         ({"type": "pub", "action": "a:b", "task_id": "nope"}, "invalid_field"),
         ({"type": "pub", "action": "a:b", "task_id": 12}, "invalid_field"),
+        ({"type": "pub", "action": "a:b", "task_id": TASK.upper()}, "invalid_field"),  # not canonical
+        ({"type": "pub", "action": "a:b", "task_id": TASK.replace("-", "")}, "invalid_field"),
+        ({"type": "pub", "action": "a:b", "task_id": "{" + TASK + "}"}, "invalid_field"),
+        ({"type": "pub", "action": "a:b", "timeout": 1e12}, "invalid_field"),  # over 10**9 s
+        ({"type": "pub", "action": "a:b", "pickup_timeout": 3e11}, "invalid_field"),
         ({"type": "pub", "action": "a:b", "timeout": 0}, "invalid_field"),
         ({"type": "pub", "action": "a:b", "timeout": -1}, "invalid_field"),
         ({"type": "pub", "action": "a:b", "timeout": "5"}, "invalid_field"),
@@ -95,6 +128,8 @@ def test_pub_with_defaults_and_with_every_field():
         ({"type": "cancel", "task": "nope"}, "invalid_field"),
         ({"type": "retry", "task": 7}, "invalid_field"),
         ({"type": "tasks", "status": "done"}, "invalid_field"),
+        ({"type": "tasks", "status": []}, "invalid_field"),
+        ({"type": "tasks", "status": {"a": 1}}, "invalid_field"),
         ({"type": "tasks", "limit": 0}, "invalid_field"),
         ({"type": "tasks", "limit": 1001}, "invalid_field"),
         ({"type": "tasks", "action": "Bad"}, "invalid_action"),

@@ -171,9 +171,56 @@ def test_a_service_whose_instances_are_all_busy_waits_for_one():
     task, _ = machine.new_task("t1", T0, pickup_timeout=10, complete_timeout=None)
     events = machine.start(task, [("a", None), ("b", "b-1")], T0)
     assert [(e.service, e.instance) for e in events] == [("b", "b-1")]
-    assert {a.service: a.state for a in task.current()} == {"a": AssignmentState.WAITING, "b": AssignmentState.OFFERED}
+    assert {a.service: a.state for a in task.current()} == {"a": AssignmentState.QUEUED, "b": AssignmentState.OFFERED}
     machine.drop(task, "b", 1, at(1))
     assert task.status is TaskStatus.STARTED  # a is still on it
+    # An instance of a gets room: it has the whole pickup timeout from the offer.
+    assert kinds(machine.offer_waiting(task, "a", "a-1", at(8))) == ["start"]
+    assert task.current()[0].state is AssignmentState.OFFERED
+    assert machine.next_deadline(task) == at(18)
+    assert machine.expire(task, at(17.9)) == []
+
+
+def test_a_part_queued_for_a_busy_service_fails_the_task_with_pickup_timeout_and_is_not_retried():
+    task, _ = machine.new_task("t1", T0, pickup_timeout=10, complete_timeout=None, retries=5)
+    assert machine.start(task, [("a", None)], T0) == []
+    assert task.status is TaskStatus.STARTED and machine.next_deadline(task) == at(10)
+    assert machine.expire(task, at(9.9)) == []
+    events = machine.expire(task, at(10))
+    assert kinds(events) == ["fail", "end"]  # not a retry: a pickup timeout is never retried
+    assert (task.status, task.failure_reason) == (TaskStatus.FAILED, "pickup_timeout")
+    assert task.failure_detail == "no instance of a had room within the pickup timeout"
+    assert task.current()[0].state is AssignmentState.EXPIRED
+
+
+def test_a_queued_part_that_expires_beside_a_working_service_fails_the_attempt_only_if_none_returns():
+    task, _ = machine.new_task("t1", T0, pickup_timeout=10, complete_timeout=None)
+    machine.start(task, [("a", None), ("b", "b-1")], T0)
+    machine.pickup(task, "b", 1, at(1))
+    assert machine.expire(task, at(10)) == []  # b still works on it
+    assert task.current()[0].state is AssignmentState.EXPIRED
+    assert kinds(machine.return_result(task, "b", 1, "r", at(11))) == ["success", "end"]
+
+
+def test_a_part_handed_over_after_the_pickup_timeout_has_a_pickup_timeout_of_its_own():
+    task = started("a", pickup=10, complete=100)
+    machine.pickup(task, "a", 1, at(1))
+    # It runs past its pickup timeout; then its instance is lost and another takes over.
+    events = machine.release_instance(task, "a-1", {"a": "a-2"}, at(30))
+    assert [(e.kind, e.instance) for e in events] == [("lost", "a-1"), ("start", "a-2")]
+    assert machine.next_deadline(task) == at(40)
+    assert machine.expire(task, at(31)) == []  # offered to a-2, not seen
+    assert task.current()[0].state is AssignmentState.OFFERED
+    assert kinds(machine.pickup(task, "a", 1, at(35), instance="a-2")) == ["pickup"]
+    assert kinds(machine.return_result(task, "a", 1, "r", at(36), instance="a-2")) == ["success", "end"]
+
+
+def test_a_waiting_part_offered_late_has_a_pickup_timeout_of_its_own():
+    task = started("a", pickup=10)
+    machine.release_instance(task, "a-1", {}, at(1))  # waits until 11
+    machine.offer_waiting(task, "a", "a-2", at(10))
+    assert machine.next_deadline(task) == at(20)
+    assert machine.expire(task, at(11)) == []
 
 
 def failing(retries=2, backoff=1.0, **options):
@@ -218,6 +265,18 @@ def test_the_backoff_is_capped_and_jittered_into_its_upper_half():
     assert machine.retry_delay(task) == 7.5
     task.attempt, task.jitter = 1, 0.5
     assert machine.retry_delay(task) == 7.5
+
+
+def test_the_backoff_of_a_task_retried_for_ever_stays_finite():
+    task = failing(retries=-1, backoff=10**9)
+    task.retry_cap = 60
+    for attempt in (1025, 1026, 10**6):
+        task.attempt = attempt
+        assert machine.retry_delay(task) == 60
+    # An attempt that far on fails and is retried like the first.
+    task.assignments.append(machine.Assignment("a", "a-1", 10**6, AssignmentState.PICKED_UP))
+    events = machine.fail(task, "a", 10**6, "again", at(2))
+    assert kinds(events) == ["error", "retry"] and task.retry_at == at(62)
 
 
 def test_retries_for_ever():

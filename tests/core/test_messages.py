@@ -140,7 +140,7 @@ def test_every_error_code_has_its_exception_and_auth_codes_their_close_codes():
 
 
 def test_commands_are_built_with_the_hubs_checks_and_written_as_frames():
-    pub = Pub.build(action="a:b", payload=None, task_id=TASK.upper())
+    pub = Pub.build(action="a:b", payload=None, task_id=TASK)
     assert pub.to_dict() == {"type": "pub", "action": "a:b", "payload": None, "task_id": TASK}
     assert Pub.build(ref=1, action="a:b").to_dict() == {"type": "pub", "action": "a:b", "ref": 1}
     assert Pub.build(action="a:b", timeout=MISSING).timeout is MISSING

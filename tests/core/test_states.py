@@ -52,6 +52,10 @@ ASSIGNMENT_MOVES = [
     ("picked_up", "update", "picked_up"),
     ("picked_up", "touch", "picked_up"),
     *(("picked_up", trigger, target) for trigger, target in FINISHING + RELEASING),
+    ("queued", "hand_over", "offered"),  # an instance of the busy service has room
+    ("queued", "pickup_timeout", "expired"),  # none had room in time
+    ("queued", "tell", "told"),
+    ("queued", "abort", "aborted"),
     ("waiting", "hand_over", "offered"),
     ("waiting", "lose", "lost"),  # nobody took it over within the pickup timeout
     ("waiting", "tell", "told"),

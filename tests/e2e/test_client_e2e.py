@@ -144,22 +144,28 @@ async def test_fan_out_first_return_wins_and_the_other_is_told(hub, credential, 
     action = parties.action
     slow_name, slow_key = credential(sub=[action.split(":")[0]])
     fast, slow = parties.worker(hub.url), Client(hub.url, name=slow_name, key=slow_key)
-    slow_saw = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    slow_started, slow_saw, slow_cancelled = loop.create_future(), loop.create_future(), loop.create_future()
 
     @fast.sub(action)
     async def fast_handler(task):
+        await slow_started  # both work on it: the slow one is told when the fast one returns
         return "fast"
 
     @slow.sub(action)
     async def slow_handler(task):
-        # Registered after the offer: the success may already have arrived, and is still told.
         task.on("success", lambda t, result: slow_saw.set_result(result))
-        await slow_saw
-        return "slow"
+        slow_started.set_result(None)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            slow_cancelled.set_result(True)  # its part is over: the hub told it
+            raise
 
     async with fast, slow, parties.caller(hub.url) as caller:
         assert await asyncio.wait_for(caller.pub(action).get_result(), TIMEOUT) == "fast"
         assert await asyncio.wait_for(slow_saw, TIMEOUT) == "fast"
+        assert await asyncio.wait_for(slow_cancelled, TIMEOUT)
 
 
 async def test_max_instances_distributes_one_instance_per_task(hub, credential):

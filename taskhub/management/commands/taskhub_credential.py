@@ -1,4 +1,4 @@
-"""``manage.py taskhub_credential create|list|disable|rotate-key``: manage service credentials."""
+"""``manage.py taskhub_credential create|update|list|disable|enable|rotate-key``: manage service credentials."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from taskhub.models import Credential
 
 
 class Command(BaseCommand):
-    help = "Create, list, disable credentials and rotate their keys. New keys are printed alone on the last line."
+    help = (
+        "Create, update, list, disable credentials and rotate their keys. New keys are printed alone on the last line."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="verb", required=True)
@@ -23,6 +25,18 @@ class Command(BaseCommand):
         create.add_argument("--max-instances", type=int, default=1, help="live connections allowed (default 1)")
         create.add_argument("--key", help="use this key (at least 16 characters) instead of a generated one")
         create.add_argument("--description", default="")
+        update = sub.add_parser(
+            "update",
+            help="change a credential's permissions, instance limit or description (connections made after use them)",
+        )
+        update.add_argument("name")
+        # Each list given replaces the credential's; "--sub" alone empties it.
+        for option, text in (("--sub", "may subscribe to"), ("--pub", "may publish")):
+            update.add_argument(
+                option, action="extend", nargs="*", metavar="PATTERN", help=f"{text}: replaces the list (repeat)"
+            )
+        update.add_argument("--max-instances", type=int, help="live connections allowed")
+        update.add_argument("--description")
         sub.add_parser("list", help="list credentials")
         for verb, text in (
             ("disable", "disable a credential (its instances are disconnected)"),
@@ -60,7 +74,9 @@ class Command(BaseCommand):
             credential = Credential.objects.get(name=options["name"])
         except Credential.DoesNotExist:
             raise CommandError(f"no credential named {options['name']!r}") from None
-        if verb in ("disable", "enable"):
+        if verb == "update":
+            self._update(credential, options)
+        elif verb in ("disable", "enable"):
             credential.is_active = verb == "enable"
             credential.save(update_fields=["is_active", "updated_at"])
             self.stdout.write(f"{verb.capitalize()}d {credential.name}.")
@@ -69,6 +85,33 @@ class Command(BaseCommand):
             self._save(credential, key, exclude_unique=True)
             self.stdout.write(f"New key of {credential.name} (shown once):")
             self.stdout.write(key)
+
+    def _update(self, credential: Credential, options: dict[str, Any]) -> None:
+        """Set what ``options`` gives; the rest of the credential stays as it is.
+
+        Raises:
+            CommandError: nothing to change, or a pattern or the limit is invalid.
+        """
+        changes = {
+            "sub_permissions": options["sub"],
+            "pub_permissions": options["pub"],
+            "max_instances": options["max_instances"],
+            "description": options["description"],
+        }
+        changes = {field: value for field, value in changes.items() if value is not None}
+        if not changes:
+            raise CommandError("nothing to update: give --sub, --pub, --max-instances or --description")
+        for field, value in changes.items():
+            setattr(credential, field, value)
+        try:
+            credential.full_clean(validate_unique=False)
+        except ValidationError as exc:
+            raise CommandError("; ".join(exc.messages)) from None
+        credential.save(update_fields=[*changes, "updated_at"])
+        self.stdout.write(
+            f"Updated {credential.name}: max_instances={credential.max_instances}\t"
+            f"sub={','.join(credential.sub_permissions) or '-'}\tpub={','.join(credential.pub_permissions) or '-'}"
+        )
 
     def _save(self, credential: Credential, key: str, *, exclude_unique: bool) -> None:
         try:

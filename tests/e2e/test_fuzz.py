@@ -1,0 +1,231 @@
+"""Mutated frames against a live hub (hypothesis).
+
+Every frame gets an answer with a code of the protocol, or the connection closes with a
+documented close code; never 1011, never ``internal_error``. Afterwards no instance
+outlives its connection and a normal round trip works.
+
+The budget is fixed for CI (``TASKHUB_FUZZ_EXAMPLES``, 150 by default, derandomised so
+that CI runs are repeatable); set ``TASKHUB_FUZZ_EXAMPLES=5000 TASKHUB_FUZZ_RANDOM=1``
+to explore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import json
+import os
+import uuid
+from typing import Any
+
+import pytest
+import websockets
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from taskhub.client import Client
+from taskhub.core.codes import CloseCode, ErrorCode
+from tests.conftest import TIMEOUT
+from tests.processes import add_credential
+
+pytestmark = pytest.mark.timeout(120 * TIMEOUT)
+
+EXAMPLES = int(os.environ.get("TASKHUB_FUZZ_EXAMPLES", "150"))
+RANDOM = os.environ.get("TASKHUB_FUZZ_RANDOM", "") == "1"
+CODES = {code.value for code in ErrorCode} - {ErrorCode.INTERNAL_ERROR.value}
+CLOSES = {1000} | {code.value for code in CloseCode if code.value != 1011}
+ACTION = f"fz{uuid.uuid4().hex[:6]}:run"
+
+# -- strategies ------------------------------------------------------------------------------
+
+# What databases, UTF-8 and JSON numbers trip on.
+nasty_text = st.sampled_from(["\x00", "a\x00b", "\ud800", "x\udfff", "\U0001f600", "é", "", " ", "%s", "' OR 1=1"])
+text = st.text(max_size=30) | nasty_text
+numbers = (
+    st.integers(-(10**20), 10**20)
+    | st.integers(min_value=1, max_value=3000).map(lambda n: 10**n)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([0, -1, 1e308, 3e11, 1e12, 2**53, 2**53 + 1, -(2**63), 0.0, -0.0, 1e-320])
+)
+json_values = st.recursive(
+    st.none() | st.booleans() | numbers | text,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(text, children, max_size=4),
+    max_leaves=12,
+)
+task_ids = st.sampled_from(["00000000-0000-0000-0000-000000000000", "ABC", "", "8D7F6A0E-3B7C-4F4E-8D4A-2A6A3E6B9C11"])
+fields = {
+    "action": st.sampled_from([ACTION, "fz:other", "Bad Action", "a" * 300, "x:"]) | text,
+    "payload": json_values,
+    "task": task_ids,
+    "attempt": st.integers(-2, 3) | json_values,
+    "data": json_values,
+    "result": json_values,
+    "text": text,
+    "progress": st.floats(-1, 2) | json_values,
+    "timeout": numbers | st.none(),
+    "pickup_timeout": numbers | st.none(),
+    "heartbeat_timeout": numbers | st.none(),
+    "retries": st.integers(-3, 5) | json_values,
+    "retry_backoff": numbers,
+    "since": st.integers(-1, 5) | json_values,
+    "follow": st.booleans() | json_values,
+    "limit": st.integers(-1, 500) | json_values,
+    "status": st.sampled_from(["failed", "success", "nope"]) | json_values,
+    "name": text,
+    "key": text,
+    "ref": st.integers(-5, 5) | text | json_values,
+    "again": st.booleans() | json_values,
+    "task_id": task_ids | st.uuids().map(str),
+}
+TYPES = {
+    "ping": [],
+    "sub": ["action"],
+    "unsub": ["action"],
+    "pub": [
+        "action",
+        "payload",
+        "timeout",
+        "pickup_timeout",
+        "heartbeat_timeout",
+        "retries",
+        "retry_backoff",
+        "task_id",
+    ],
+    "pickup": ["task", "attempt"],
+    "update": ["task", "attempt", "data", "progress", "again"],
+    "touch": ["task", "attempt"],
+    "return": ["task", "attempt", "result"],
+    "drop": ["task", "attempt"],
+    "fail": ["task", "attempt", "text"],
+    "cancel": ["task"],
+    "retry": ["task"],
+    "tasks": ["status", "action", "limit"],
+    "get_payload": ["task"],
+    "watch": ["task", "since", "follow"],
+    "hello": ["name", "key"],
+}
+
+
+@st.composite
+def commands(draw: st.DrawFn) -> str:
+    """A command, mutated: some fields missing, some of the wrong kind, some unknown."""
+    kind = draw(st.sampled_from(sorted(TYPES)) | text)
+    frame: dict[str, Any] = {"type": kind}
+    for name in TYPES.get(kind, []):
+        if draw(st.integers(0, 5)):  # mostly present
+            frame[name] = draw(fields[name] if draw(st.booleans()) else json_values)
+    if draw(st.booleans()):
+        frame["ref"] = draw(fields["ref"])
+    if draw(st.integers(0, 4)) == 0:
+        frame[draw(text)] = draw(json_values)
+    try:
+        encoded = json.dumps(frame)  # lone surrogates become \ud800 escapes: valid JSON text
+    except ValueError:  # an integer too long for Python's own str()
+        encoded = json.dumps({"type": kind})
+    return encoded
+
+
+def deep(n: int, field: str) -> str:
+    return json.dumps({"type": "ping", field: 0}).replace("0}", "[" * n + "]" * n + "}")
+
+
+raw = (
+    st.sampled_from(
+        [
+            '{"type":"ping","ref":"\\ud800"}',
+            f'{{"type":"pub","action":"{ACTION}","payload":1e400}}',
+            f'{{"type":"pub","action":"{ACTION}","payload":1e999}}',
+            f'{{"type":"pub","action":"{ACTION}","payload":null,"timeout":1e12}}',
+            f'{{"type":"pub","action":"{ACTION}","payload":null,"pickup_timeout":{"9" * 400}}}',
+            f'{{"type":"pub","action":"{ACTION}","payload":"a\\u0000b"}}',
+            '{"type":"sub","action":5}',
+            '{"type":"hello","name":"\\u0000","key":"k"}',
+            '{"type":"ping",',
+            "NaN",
+            "[]",
+            '"ping"',
+            "",
+        ]
+    )
+    | st.integers(1, 3000).map(lambda n: deep(n, "ref"))
+    | st.integers(1, 3000).map(lambda n: deep(n, "pad"))
+)
+frames = commands() | raw | commands().flatmap(lambda f: st.integers(0, max(0, len(f) - 1)).map(lambda i: f[:i]))
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def basic(name: str, key: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{name}:{key}".encode()).decode()}
+
+
+async def exchange(url: str, headers: dict[str, str], sent: list[str]) -> None:
+    """Send the frames, then a ping; check every answer until the pong (or a documented close)."""
+    async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:
+        if headers:
+            assert json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))["type"] == "welcome"
+        probe = f"probe-{uuid.uuid4().hex[:8]}"
+        try:
+            for frame in sent:
+                await ws.send(frame)
+            await ws.send(json.dumps({"type": "ping", "ref": probe}))
+            while True:
+                message = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+                if message["type"] == "error":
+                    assert message["code"] in CODES, message
+                    if message.get("ref") == probe:  # not authenticated: the probe is refused too
+                        return
+                if message["type"] == "pong" and message.get("ref") == probe:
+                    return
+        except websockets.ConnectionClosed as closed:
+            assert closed.rcvd is not None and closed.rcvd.code in CLOSES, f"closed with {closed.rcvd}"
+
+
+@pytest.fixture(scope="module")
+def fuzzer(hub: Any, database_url: str, django_db_blocker: Any) -> tuple[str, str, str]:
+    """``(url, name, key)``: the session's hub and a credential that may do anything here."""
+    with django_db_blocker.unblock(), concurrent.futures.ThreadPoolExecutor(1) as thread:
+        name, key = thread.submit(add_credential, database_url, sub=["fz*"], pub=["fz*"], max_instances=1000).result()
+    return hub.url, name, key
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=not RANDOM,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
+@given(sent=st.lists(frames, min_size=1, max_size=4), authenticated=st.integers(0, 4))
+def test_every_frame_gets_a_coded_answer(fuzzer, sent, authenticated):
+    url, name, key = fuzzer
+    headers = basic(name, key) if authenticated else {}
+    asyncio.run(exchange(url, headers, sent))
+
+
+def test_afterwards_no_instance_is_left_and_a_round_trip_works(fuzzer, hub_db):
+    url, name, key = fuzzer
+
+    def attached(alias: str) -> int:
+        from taskhub.models import Instance
+
+        return Instance.objects.using(alias).filter(credential__name=name, detached_at__isnull=True).count()
+
+    async def settle() -> None:
+        while await asyncio.to_thread(hub_db, attached):
+            await asyncio.sleep(0.05)  # the hub's database is polled: nothing else to wait on
+
+    async def round_trip() -> Any:
+        await asyncio.wait_for(settle(), 4 * TIMEOUT)
+        worker = Client(url, name=name, key=key)
+
+        async def echo(task: Any) -> Any:
+            return {"echo": await task.get_payload()}
+
+        worker.sub(ACTION, echo)
+        async with worker, Client(url, name=name, key=key) as caller:
+            return await asyncio.wait_for(caller.pub(ACTION, [1, "two"]).get_result(), TIMEOUT)
+
+    assert asyncio.run(round_trip()) == {"echo": [1, "two"]}

@@ -1,0 +1,350 @@
+"""Hardening (issue 14) through WebsocketCommunicator and the services: values no database
+stores, crashes that must not leave an instance behind, the authentication timer, the
+failed-authentication throttle, the database's two lanes and sweeps under backlog."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from channels.db import database_sync_to_async
+from django.test import override_settings
+from django.utils import timezone
+
+from taskhub import auth, consumers, db, notify, services, sweeper, throttle
+from taskhub.core import machine
+from taskhub.models import Instance, TaskRecord
+
+from .conftest import TIMEOUT, make_credential, open_peer, pub_command
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+credential = database_sync_to_async(make_credential)
+TASK = "8d7f6a0e-3b7c-4f4e-9a51-2d6f0f1f6b2a"
+
+
+@pytest.fixture(autouse=True)
+def no_throttle_left_over():
+    throttle.reset()
+    yield
+    throttle.reset()
+
+
+@database_sync_to_async
+def table_sizes() -> tuple[int, int]:
+    return TaskRecord.objects.count(), Instance.objects.filter(detached_at__isnull=True).count()
+
+
+async def app_peer():
+    _, key = await credential("app", pub=["mail"], sub=["mail"])
+    return await open_peer("app", key)
+
+
+# -- values the hub cannot carry: a coded error, nothing changed, the connection serves on ---
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ('{"type":"ping","ref":"\\ud800"}', "invalid_value"),
+        ('{"type":"ping","ref":1,"pad":' + "[" * 1000 + "]" * 1000 + "}", "invalid_value"),
+        ('{"type":"pub","action":"mail:send","timeout":' + "9" * 400 + "}", "invalid_value"),
+        ('{"type":"pub","action":"mail:send","pickup_timeout":3e11}', "invalid_field"),
+        ('{"type":"pub","action":"mail:send","pickup_timeout":1e308}', "invalid_field"),
+        ('{"type":"pub","action":"mail:send","timeout":1e12}', "invalid_field"),
+        ('{"type":"pub","action":"mail:send","payload":1e400}', "invalid_value"),
+        ('{"type":"pub","action":"mail:send","payload":1e999}', "invalid_value"),
+        ('{"type":"pub","action":"mail:send","payload":{"a":"\\udc00"}}', "invalid_value"),
+        ('{"type":"pub","action":"mail:send","payload":"a\\u0000b"}', "invalid_value"),
+        ('{"type":"pub","action":"mail:send","payload":{"a\\u0000":1}}', "invalid_value"),
+        ('{"type":"sub","action":5}', "invalid_field"),
+        ('{"type":"watch","task":"8D7F6A0E-3B7C-4F4E-9A51-2D6F0F1F6B2A"}', "invalid_field"),
+        ('{"type":"watch","task":"8d7f6a0e3b7c4f4e9a512d6f0f1f6b2a"}', "invalid_field"),
+    ],
+)
+async def test_values_no_database_stores_are_refused_and_change_nothing(frame, code):
+    peer = await app_peer()
+    await peer.send(frame)
+    error = await peer.recv()
+    assert (error["type"], error["code"]) == ("error", code), error
+    assert await table_sizes() == (0, 1)
+    assert (await peer.call({"type": "ping"}))["type"] == "pong"
+    await peer.close()
+
+
+async def test_update_data_and_results_with_bad_strings_are_refused_and_the_task_goes_on():
+    peer = await app_peer()
+    assert (await peer.call({"type": "sub", "action": "mail:send"}))["type"] == "ack"
+    task_id = (await peer.call({"type": "pub", "action": "mail:send"}))["task"]
+    offer = await peer.recv()
+    assert offer["type"] == "task"
+    for frame in (
+        {"type": "update", "task": task_id, "attempt": 1, "data": "\x00"},
+        {"type": "return", "task": task_id, "attempt": 1, "result": ["\ud800"]},
+        {"type": "fail", "task": task_id, "attempt": 1, "error": "bad \x00 text"},
+    ):
+        assert (await peer.call(frame))["code"] == "invalid_value"
+    assert (await peer.call({"type": "return", "task": task_id, "attempt": 1, "result": "fine"}))["type"] == "ack"
+    assert (await database_sync_to_async(TaskRecord.objects.get)(pk=task_id)).status == "success"
+    await peer.close()
+
+
+# -- the authentication timer ---------------------------------------------------------------
+
+
+@override_settings(TASKHUB_AUTH_TIMEOUT=0.3)
+@pytest.mark.parametrize("name", ["\\u0000", "\\ud800", "nobody"])
+async def test_a_failed_hello_never_leaves_the_connection_open_unauthenticated(name):
+    peer = await open_peer(expect_welcome=False)
+    await peer.send('{"type":"hello","name":"' + name + '","key":"k"}')
+    error = await peer.recv()
+    assert error["code"] in {"invalid_value", "authentication_failed"}
+    if error["code"] == "invalid_value":  # refused before authentication: the timer runs on
+        assert (await peer.recv())["code"] == "authentication_timeout"
+    assert (await peer.comm.receive_output(timeout=TIMEOUT))["code"] in {4000, 4001}
+
+
+@override_settings(TASKHUB_AUTH_TIMEOUT=0.3)
+async def test_a_hello_that_fails_inside_the_hub_is_refused_with_1011(monkeypatch):
+    _, key = await credential("svc")
+
+    def broken(name: str, key: str) -> Any:
+        raise RuntimeError("the database is down")
+
+    monkeypatch.setattr(services, "authenticate", broken)
+    peer = await open_peer(expect_welcome=False)
+    answer = await peer.call({"type": "hello", "name": "svc", "key": key})
+    assert answer["code"] == "internal_error"
+    assert (await peer.comm.receive_output(timeout=TIMEOUT))["code"] == 1011
+    assert await table_sizes() == (0, 0)
+
+
+# -- no instance outlives its connection ----------------------------------------------------
+
+
+async def test_a_consumer_that_fails_closes_with_1011_and_its_instance_is_detached():
+    peer = await app_peer()
+    channel = await database_sync_to_async(lambda: Instance.objects.get().channel_name)()
+    # A layer message the consumer cannot handle (a bug, as far as it knows).
+    await notify.send_notices(None, [services.Notice("channel", channel, {"type": "taskhub.relay"})])
+    assert (await peer.comm.receive_output(timeout=TIMEOUT))["code"] == 1011
+    await peer.close()
+    assert await table_sizes() == (0, 0)
+
+
+async def test_a_consumer_that_ends_without_a_disconnect_detaches_its_instance():
+    peer = await app_peer()
+    peer.comm.future.cancel()  # what a server does to an application that would not stop
+    with pytest.raises(asyncio.CancelledError):
+        await peer.comm.future
+    await asyncio.wait_for(asyncio.gather(*consumers._cleanups), TIMEOUT)
+    assert await table_sizes() == (0, 0)
+
+
+def test_the_sweeper_detaches_instances_whose_connection_this_process_no_longer_has():
+    app, _ = make_credential("app")
+    now = timezone.now()
+    for channel in ("alive", "crashed"):
+        services.connect(app if channel == "alive" else make_credential("b")[0], channel, "p", "", now)
+    later = now + timedelta(seconds=5)
+    services.renew_leases("p", later, frozenset({"alive"}))
+    alive, crashed = (Instance.objects.get(credential__name=n) for n in ("app", "b"))
+    assert alive.detached_at is None and alive.lease_expires_at > later
+    assert crashed.detached_at == later and crashed.channel_name == ""
+
+
+# -- the failed-authentication throttle -----------------------------------------------------
+
+
+def test_the_throttle_counts_per_address_and_per_name_within_the_window(settings):
+    settings.TASKHUB_AUTH_FAILURES, settings.TASKHUB_AUTH_FAILURE_WINDOW = 3, 60.0
+    for i in range(3):
+        throttle.check("10.0.0.1", f"n{i}", 100.0)
+        throttle.failed("10.0.0.1", f"n{i}", 100.0)
+    with pytest.raises(Exception, match="from this address: try again in 60 s") as info:
+        throttle.check("10.0.0.1", "other", 100.0)
+    assert info.value.code == "too_many_attempts"  # type: ignore[attr-defined]
+    throttle.check("10.0.0.2", "other", 100.0)  # another address may still try
+    throttle.check("10.0.0.1", "other", 160.0)  # and this one once the window has passed
+    for address in ("a", "b", "c"):
+        throttle.failed(address, "target", 200.0)
+    with pytest.raises(Exception, match="for 'target'"):
+        throttle.check("d", "target", 200.0)
+
+
+def test_the_throttle_forgets_the_oldest_beyond_its_bound(monkeypatch):
+    monkeypatch.setattr(throttle, "MAX_KEYS", 10)
+    for i in range(20):
+        throttle.failed(f"10.0.0.{i}", "x", 1.0)
+    assert len(throttle._failures) <= 10
+
+
+@override_settings(TASKHUB_AUTH_FAILURES=3)
+async def test_too_many_failed_hellos_refuse_even_the_right_key_with_4029():
+    _, key = await credential("svc")
+    for _ in range(3):
+        peer = await open_peer("svc", "wrong-key-wrong-key", expect_welcome=False)
+        assert (await peer.recv())["code"] == "authentication_failed"
+    peer = await open_peer("svc", key, expect_welcome=False)
+    error = await peer.recv()
+    assert error["code"] == "too_many_attempts" and "try again in" in error["detail"]
+    assert (await peer.comm.receive_output(timeout=TIMEOUT))["code"] == 4029
+    assert await table_sizes() == (0, 0)
+
+
+def test_unknown_names_and_wrong_keys_take_the_same_path(monkeypatch):
+    make_credential("svc")
+    verified: list[str] = []
+    real = auth.verify_key
+
+    def verify(key: str, stored: str) -> bool:
+        verified.append(key)
+        return real(key, stored)
+
+    monkeypatch.setattr(services.instances, "verify_key", verify)
+    for name in ("svc", "nobody"):
+        with pytest.raises(Exception, match="invalid name or key"):
+            services.authenticate(name, "wrong-key-wrong-key")
+    assert verified == ["wrong-key-wrong-key"] * 2
+
+
+# -- the database's two lanes ---------------------------------------------------------------
+
+
+@override_settings(TASKHUB_SQLITE_INLINE=False, TASKHUB_DB_THREADS=1)
+async def test_deferred_calls_wait_behind_every_urgent_call():
+    entered, gate = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def block() -> None:
+        entered.set()
+        gate.wait(TIMEOUT)
+
+    blocker = asyncio.ensure_future(db.run(block))
+    await asyncio.to_thread(entered.wait, TIMEOUT)  # the database thread is busy
+    # Connects queue first, then commands of established connections.
+    deferred = [asyncio.ensure_future(db.run_deferred(order.append, f"connect{i}")) for i in range(20)]
+    urgent = [asyncio.ensure_future(db.run(order.append, f"command{i}")) for i in range(3)]
+    while db._get_pool().pending < 24:  # every call is queued (each task's first step)
+        await asyncio.sleep(0)
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, *deferred, *urgent), TIMEOUT)
+    assert order[:3] == ["command0", "command1", "command2"]
+    assert sorted(order[3:]) == sorted(f"connect{i}" for i in range(20))
+
+
+# -- sweeps under backlog -------------------------------------------------------------------
+
+
+def test_a_sweep_expires_a_backlog_far_larger_than_a_batch():
+    app, _ = make_credential("app", pub=["mail"])
+    now = timezone.now()
+    count = 5 * services.SWEEP_BATCH + 7
+    for _ in range(count):
+        services.publish(app, pub_command({"type": "pub", "action": "mail:send", "pickup_timeout": 1}), now)
+    services.sweep("p", now + timedelta(seconds=2))
+    assert TaskRecord.objects.filter(status="failed").count() == count
+
+
+async def test_the_sweeper_expires_a_backlog_in_one_pass_and_skips_a_task_it_cannot_expire(monkeypatch):
+    app, _ = await credential("app", pub=["mail"])
+    now = timezone.now()
+
+    def publish_many() -> list[str]:
+        command = pub_command({"type": "pub", "action": "mail:send", "pickup_timeout": 1})
+        return [services.publish(app, command, now)[0] for _ in range(3 * services.SWEEP_BATCH)]
+
+    ids = await database_sync_to_async(publish_many)()
+    broken = ids[0]
+    real = machine.expire
+
+    def expire(task: Any, when: Any) -> Any:
+        if str(task.id) == broken:
+            raise RuntimeError("a bug")
+        return real(task, when)
+
+    monkeypatch.setattr(machine, "expire", expire)
+    await asyncio.wait_for(sweeper.sweep_once(now + timedelta(seconds=2)), TIMEOUT)
+    statuses = await database_sync_to_async(lambda: dict(TaskRecord.objects.values_list("id", "status")))()
+    assert statuses.pop(uuid.UUID(broken)) == "pending"
+    assert set(statuses.values()) == {"failed"}
+
+
+# -- nothing of a task reaches a connection that may not see it -----------------------------
+
+
+@pytest.mark.parametrize("command", ["watch", "retry"])
+async def test_a_refused_watch_or_retry_hears_nothing_of_the_task_even_from_the_sweeper(command):
+    _, wkey = await credential("w", sub=["mail"])
+    w = await open_peer("w", wkey)
+    await w.call({"type": "sub", "action": "mail:send"})
+    app = await app_peer()
+    _, skey = await credential("stranger", pub=["mail"])
+    stranger = await open_peer("stranger", skey)
+    task_id = (await app.call({"type": "pub", "action": "mail:send"}))["task"]
+    assert (await w.recv())["type"] == "task"
+    assert (await stranger.call({"type": command, "task": task_id}))["code"] == "unknown_task"
+    await w.call({"type": "update", "task": task_id, "attempt": 1, "data": "secret progress"})
+    await w.call({"type": "return", "task": task_id, "attempt": 1, "result": "SECRET"})
+    await sweeper.sweep_once()  # recovery: sends each connection what it missed of its tasks
+    assert await stranger.nothing()
+    for peer in (w, app, stranger):
+        await peer.close()
+
+
+# -- release and resume race safely ---------------------------------------------------------
+
+
+@override_settings(TASKHUB_RESUME_GRACE=10.0)
+def test_an_instance_resumed_after_the_sweeper_listed_it_is_not_released():
+    a, _ = make_credential("a", sub=["mail"])
+    now = timezone.now()
+    session = services.connect(a, "chan-1", "p", "", now)
+    services.detach(session.instance.pk, "chan-1", now)
+    later = now + timedelta(seconds=11)
+    assert services.instances.lapsed(later, 10) == [session.instance.pk]  # the sweeper reads...
+    resumed = services.connect(a, "chan-2", "q", "", later, resume=session.token)  # ...the client is back
+    assert resumed.resumed
+    assert services.release(session.instance.pk, later, only_if_gone=True) == []  # ...nothing happens
+    assert Instance.objects.get(pk=session.instance.pk).channel_name == "chan-2"
+
+
+@override_settings(TASKHUB_INSTANCE_LEASE=10.0, TASKHUB_RESUME_GRACE=10.0)
+def test_instances_of_a_dead_process_get_the_resume_grace_after_their_lease():
+    a, _ = make_credential("a")
+    now = timezone.now()
+    session = services.connect(a, "chan-1", "dead", "", now)
+    assert services.instances.lapsed(now + timedelta(seconds=15), 10) == []  # lapsed, still resumable
+    assert services.connect(a, "chan-2", "q", "", now + timedelta(seconds=15), resume=session.token).resumed
+    services.detach(session.instance.pk, "chan-2", now + timedelta(seconds=15))
+    assert services.instances.lapsed(now + timedelta(seconds=26), 10) == [session.instance.pk]
+
+
+# -- browser origins ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("debug", "hosts", "origin", "accepted"),
+    [
+        (True, [], "http://localhost:3000", True),
+        (True, [], "http://127.0.0.1", True),
+        (True, [], "http://evil.example", False),
+        (False, [], "http://localhost", False),
+        (False, ["hub.example.org"], "https://hub.example.org", True),
+        (False, ["hub.example.org"], "https://evil.example", False),
+    ],
+)
+async def test_browser_origins_are_checked_against_allowed_hosts(settings, debug, hosts, origin, accepted):
+    from channels.testing import WebsocketCommunicator
+
+    from hubproject.asgi import application
+
+    settings.DEBUG, settings.ALLOWED_HOSTS = debug, hosts
+    communicator = WebsocketCommunicator(application, "/ws/taskhub/", headers=[(b"origin", origin.encode())])
+    connected, _ = await communicator.connect(timeout=TIMEOUT)
+    assert connected is accepted
+    await communicator.disconnect()
