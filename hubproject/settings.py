@@ -41,9 +41,8 @@ ALLOWED_HOSTS = [
     h.strip() for h in os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()
 ]
 if DEBUG and not ALLOWED_HOSTS:
-    # Django's host check takes these under DEBUG when ALLOWED_HOSTS is empty; say so here,
-    # because taskhub.security.BrowserOriginValidator lets any browser Origin through when
-    # DEBUG finds ALLOWED_HOSTS empty.
+    # What Django's host check (and taskhub.security's Origin check) take under DEBUG when
+    # ALLOWED_HOSTS is empty, spelled out.
     ALLOWED_HOSTS = [".localhost", "127.0.0.1", "[::1]"]
 
 INSTALLED_APPS = [

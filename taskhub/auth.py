@@ -47,5 +47,6 @@ def verify_key(key: str, stored: str) -> bool:
         return False
     if algorithm != "sha256":
         return False
-    candidate = hashlib.sha256(f"{salt}${key}".encode()).hexdigest()
+    # surrogatepass: a key that is no valid text is wrong, not an error.
+    candidate = hashlib.sha256(f"{salt}${key}".encode("utf-8", "surrogatepass")).hexdigest()
     return hmac.compare_digest(candidate, digest)

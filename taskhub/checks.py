@@ -15,7 +15,7 @@ taskhub.E008   DB_THREADS is a positive integer or None
 taskhub.E009   PREPARED_STATEMENTS and SQLITE_INLINE are True or False
 taskhub.E010   STORE is "auto" or the name of a backend that fits the database
 taskhub.E011   AUTH_FAILURES and MAX_QUEUED_FRAMES are positive integers
-taskhub.E012   MAX_BUFFERED_BYTES is an integer number of bytes, at least MAX_MESSAGE_SIZE
+taskhub.E012   MAX_BUFFERED_BYTES is an integer number of bytes, at least twice MAX_MESSAGE_SIZE
 taskhub.W001   MAX_MESSAGE_SIZE is below daphne's default frame limit (1 MiB)
 =============  ===========================================================
 """
@@ -116,12 +116,12 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         if not _positive(value, integer=True):
             errors.append(Error(f"TASKHUB_{name} must be a positive integer, not {value!r}.", id="taskhub.E011"))
     buffered = conf.MAX_BUFFERED_BYTES
-    if not _positive(buffered, integer=True) or (sizes_ok and buffered < conf.MAX_MESSAGE_SIZE):
+    if not _positive(buffered, integer=True) or (sizes_ok and buffered < 2 * conf.MAX_MESSAGE_SIZE):
         errors.append(
             Error(
-                f"TASKHUB_MAX_BUFFERED_BYTES must be an integer number of bytes, at least TASKHUB_MAX_MESSAGE_SIZE, "
-                f"not {buffered!r}.",
-                hint="A client must be able to have one whole message pending.",
+                f"TASKHUB_MAX_BUFFERED_BYTES must be an integer number of bytes, at least twice "
+                f"TASKHUB_MAX_MESSAGE_SIZE, not {buffered!r}.",
+                hint="A client that reads, slowly, must be able to have a large answer or two pending.",
                 id="taskhub.E012",
             )
         )

@@ -33,6 +33,7 @@ from . import db, layers, notify, services, sweeper, throttle
 from .conf import conf
 from .core.codes import CloseCode, ErrorCode
 from .core.commands import (
+    MAX_CONCURRENCY,
     Bye,
     Cancel,
     Command,
@@ -98,15 +99,19 @@ def session_options(scope: Mapping[str, Any]) -> tuple[str | None, int | None]:
     ``TaskHub-Concurrency`` handshake headers (what ``hello`` carries otherwise).
 
     Raises:
-        InvalidMessage: ``invalid_field`` for a concurrency that is not a positive integer.
+        InvalidMessage: ``invalid_field`` for a concurrency that is not an integer from 1
+            to :data:`~taskhub.core.commands.MAX_CONCURRENCY`.
     """
     resume = _header(scope, b"taskhub-resume")
     concurrency = _header(scope, b"taskhub-concurrency")
     value: int | None = None
     if concurrency is not None:
         text = concurrency.decode("latin-1").strip()
-        if not text.isdigit() or int(text) < 1:
-            raise InvalidMessage("header TaskHub-Concurrency must be a positive integer", ErrorCode.INVALID_FIELD)
+        # isascii: "¹" is a digit to str.isdigit, not to int().
+        if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_CONCURRENCY):
+            raise InvalidMessage(
+                f"header TaskHub-Concurrency must be an integer from 1 to {MAX_CONCURRENCY}", ErrorCode.INVALID_FIELD
+            )
         value = int(text)
     return (resume.decode("latin-1").strip() if resume else None), value
 
@@ -165,7 +170,7 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
         """Refuse the session: an error, then the close code that goes with it."""
         self.closing = True
         await self.reply(Error(code=code, detail=detail, ref=ref))
-        await self.close(CloseCode.for_error(code))
+        await self.close(int(CloseCode.for_error(code)))  # autobahn refuses an IntEnum
 
     async def login(
         self, name: str, key: str, ref: str | int | None, *, resume: str | None, concurrency: int | None
@@ -179,7 +184,15 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
         address = str((self.scope.get("client") or ("", 0))[0])
         try:
             throttle.check(address, name, time.monotonic())
-            credential = await db.run_deferred(services.authenticate, name, key)
+            try:
+                credential = await db.run_deferred(services.authenticate, name, key)
+            except AuthenticationFailed as exc:
+                throttle.settle(address, name, time.monotonic(), failed=exc.code == ErrorCode.AUTHENTICATION_FAILED)
+                raise
+            except BaseException:
+                throttle.settle(address, name, time.monotonic(), failed=False)
+                raise
+            throttle.settle(address, name, time.monotonic(), failed=False)
             session = await db.run_deferred(
                 services.connect,
                 credential,
@@ -191,8 +204,6 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
                 concurrency=concurrency,
             )
         except AuthenticationFailed as exc:
-            if exc.code == ErrorCode.AUTHENTICATION_FAILED:
-                throttle.failed(address, name, time.monotonic())
             await self.refuse(exc.code, exc.detail, ref)
             return
         except Exception:
@@ -264,7 +275,7 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
             if not self.closing:
                 self.closing = True
                 with contextlib.suppress(Exception):
-                    await self.close(CloseCode.INTERNAL_ERROR)
+                    await self.close(int(CloseCode.INTERNAL_ERROR))
 
     async def reply(self, message: Message | dict[str, Any]) -> None:
         """Send a message (or a message's dict, as relays carry them)."""
@@ -357,14 +368,14 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
                     raise
                 answer = Ack(ref=cmd.ref, task=task_id)
             case Tasks():
-                listed = await db.run(
+                listed, more = await db.run(
                     queries.listed,
                     credential,
                     status=None if cmd.status is MISSING else cmd.status,
                     action=None if cmd.action is MISSING else cmd.action,
                     limit=100 if cmd.limit is MISSING else cmd.limit,
                 )
-                answer = TaskList(ref=cmd.ref, tasks=listed)
+                answer = TaskList(ref=cmd.ref, tasks=listed, more=more or MISSING)
             case GetPayload(task=task_id):
                 payload = await db.run(services.get_payload, credential, task_id)
                 answer = Payload(ref=cmd.ref, task=task_id, payload=payload)
@@ -402,7 +413,7 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
             raise
         if follow and state["task"]["status"] in ("success", "failed", "ended"):
             await self.unfollow(cmd.task)
-        return State(ref=cmd.ref, **state)
+        return State(ref=cmd.ref, task=state["task"], events=state["events"], more=state["more"] or MISSING)
 
     async def follow(self, task_id: str) -> bool:
         """Watch the task: join its group. Returns whether the connection followed it

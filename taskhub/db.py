@@ -15,9 +15,11 @@ Here plain threads take calls from a queue:
   at a time and in order, because the consumer awaits each before it reads the next frame.
 
 Calls wait in two lanes: :func:`run_deferred`'s (authentication and registration of
-new connections) run only when no call of :func:`run` waits, and a group holds at most
-:data:`MAX_DEFERRED_GROUP` of them, so that a burst of connects delays established
-connections' commands by about one call, not by the whole burst.
+new connections) run on a database thread, never inline, and only when no call of
+:func:`run` waits (but for one in every :data:`DEFERRED_EVERY`, so that they cannot
+starve), and a group holds at most :data:`MAX_DEFERRED_GROUP` of them: a burst of
+connects delays established connections' commands by about one call, not by the whole
+burst.
 
 Like Channels, each thread closes connections that errored or outlived ``CONN_MAX_AGE``
 before and after its work.
@@ -73,6 +75,8 @@ DEFAULT_THREADS = 8
 MAX_GROUP = 64
 #: Most deferred calls (:func:`run_deferred`) in such a group.
 MAX_DEFERRED_GROUP = 8
+#: A deferred call runs after at most this many urgent ones taken while it waited.
+DEFERRED_EVERY = 16
 
 _lock = threading.Lock()
 _pool: _Pool | None = None
@@ -88,10 +92,10 @@ def thread_count() -> int:
 
 
 class _Call:
-    __slots__ = ("func", "loop", "future")
+    __slots__ = ("func", "loop", "future", "later")
 
-    def __init__(self, func: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
-        self.func, self.loop = func, loop
+    def __init__(self, func: Callable[[], Any], loop: asyncio.AbstractEventLoop, *, later: bool = False) -> None:
+        self.func, self.loop, self.later = func, loop, later
         self.future: asyncio.Future[Any] = loop.create_future()
 
     def answer(self, ok: bool, value: Any) -> None:
@@ -120,6 +124,9 @@ class _Pool:
         self.tokens: queue.SimpleQueue[bool | None] = queue.SimpleQueue()
         self.urgent: collections.deque[_Call] = collections.deque()
         self.later: collections.deque[_Call] = collections.deque()
+        self.lock = threading.Lock()
+        #: Urgent calls taken since a deferred one last ran, while deferred ones waited.
+        self.urgent_run = 0
         self.group = group
         #: Calls put and not yet answered; counted on the event loop's thread.
         self.pending = 0
@@ -129,8 +136,8 @@ class _Pool:
         for thread in self.threads:
             thread.start()
 
-    def put(self, call: _Call, *, later: bool = False) -> None:
-        (self.later if later else self.urgent).append(call)
+    def put(self, call: _Call) -> None:
+        (self.later if call.later else self.urgent).append(call)
         self.tokens.put(True)
 
     def stop(self) -> None:
@@ -140,14 +147,19 @@ class _Pool:
             thread.join()
 
     def _take(self, *, later_ok: bool = True) -> _Call | None:
-        """The next call for a token taken: an urgent one if any waits."""
-        try:
-            return self.urgent.popleft()
-        except IndexError:
-            pass
-        if not later_ok:
-            return None
-        return self.later.popleft()
+        """The next call for a token taken: an urgent one if any waits, but a deferred one
+        after every :data:`DEFERRED_EVERY` urgent ones taken while it waited."""
+        with self.lock:
+            if later_ok and self.later and self.urgent_run >= DEFERRED_EVERY:
+                self.urgent_run = 0
+                return self.later.popleft()
+            if self.urgent:
+                self.urgent_run += 1 if self.later else 0
+                return self.urgent.popleft()
+            if not later_ok:
+                return None
+            self.urgent_run = 0
+            return self.later.popleft()
 
     def _serve(self) -> None:
         _local.hub_thread = True
@@ -156,6 +168,7 @@ class _Pool:
                 first = self._take()
                 assert first is not None  # a token always has its call
                 calls = [first]
+                deferred = int(first.later)
                 while self.group and len(calls) < MAX_GROUP:
                     try:
                         token = self.tokens.get_nowait()
@@ -166,11 +179,12 @@ class _Pool:
                         break
                     # Few deferred calls per group: an urgent call that queues meanwhile
                     # waits for the whole group.
-                    call = self._take(later_ok=len(calls) < MAX_DEFERRED_GROUP)
+                    call = self._take(later_ok=deferred < MAX_DEFERRED_GROUP)
                     if call is None:
                         self.tokens.put(True)  # its call stays queued for the next group
                         break
                     calls.append(call)
+                    deferred += call.later
                 close_old_connections()
                 try:
                     outcomes = _run_one(calls[0]) if len(calls) == 1 else _run_group(calls)
@@ -241,17 +255,18 @@ async def run_deferred(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) 
 
 async def _run(partial: functools.partial[R], *, later: bool) -> R:
     pool = _get_pool()
-    # A pool that groups calls is SQLite's.
-    if pool.group and pool.pending == 0 and conf.SQLITE_INLINE and not getattr(_local, "inline", False):
+    # A pool that groups calls is SQLite's. Deferred calls never run inline: a burst of
+    # them would run back to back on the event loop's thread, everyone else waiting.
+    if not later and pool.group and pool.pending == 0 and conf.SQLITE_INLINE and not getattr(_local, "inline", False):
         try:
             return _run_inline(partial)
         except OperationalError as exc:
             if "locked" not in str(exc):
                 raise
             log.debug("SQLite is locked by another connection: %r goes to the database thread", partial.func)
-    call = _Call(partial, asyncio.get_running_loop())
+    call = _Call(partial, asyncio.get_running_loop(), later=later)
     pool.pending += 1
-    pool.put(call, later=later)
+    pool.put(call)
     try:
         result: R = await call.future
     finally:

@@ -25,7 +25,7 @@ class NoSuchEndpoint(AsyncWebsocketConsumer):
         await self.accept()
         detail = f"no TaskHub endpoint at {self.scope.get('path', '?')}: the hub serves /ws/taskhub/"
         await self.send(text_data=encode(Error(code=ErrorCode.NOT_FOUND, detail=detail).to_dict()))
-        await self.close(CloseCode.NOT_FOUND)
+        await self.close(int(CloseCode.NOT_FOUND))  # autobahn refuses an IntEnum
 
 
 # Typed loosely: Channels routes ASGI apps with Django's path(), which its stubs do not

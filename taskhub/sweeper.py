@@ -72,11 +72,13 @@ async def sweep_once(now: datetime | None = None) -> None:
         await send_notices(layer, [Notice("channel", name, close) for name in to_close])
 
     await renew_if_due()
-    more = True
-    while more:
-        notices, more = await db.run(services.release_lapsed, now)
+    after = None
+    while True:
+        notices, after = await db.run(services.release_lapsed, now, services.SWEEP_BATCH, after)
         await send_notices(layer, notices)
         await renew_if_due()
+        if after is None:
+            break
     # Several batches at once where the database has several threads (PostgreSQL).
     size, width = services.SWEEP_BATCH, db.thread_count()
     cursor = None

@@ -23,37 +23,53 @@ from .core.errors import AuthenticationFailed
 MAX_KEYS = 10_000
 
 _failures: dict[tuple[str, str], deque[float]] = {}
+# Attempts checked and not yet settled: concurrent hellos count before they fail.
+_pending: dict[tuple[str, str], int] = {}
+
+
+def _keys(address: str, name: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    return ("address", address), ("name", name)
 
 
 def check(address: str, name: str, now: float) -> None:
-    """Call before verifying a ``hello``; ``now`` is a monotonic clock's seconds.
+    """Call before verifying a ``hello``, and :func:`settle` once it is verified;
+    ``now`` is a monotonic clock's seconds.
 
     Raises:
         AuthenticationFailed: ``too_many_attempts``, with the seconds to wait.
     """
     window, limit = conf.AUTH_FAILURE_WINDOW, conf.AUTH_FAILURES
-    for key, what in ((("address", address), "from this address"), (("name", name), f"for {name!r}")):
+    for key, what in zip(_keys(address, name), ("from this address", f"for {name[:100]!r}"), strict=True):
         times = _failures.get(key)
-        if times is None:
-            continue
-        while times and times[0] <= now - window:
-            times.popleft()
-        if len(times) >= limit:
-            wait = times[0] + window - now
+        if times is not None:
+            while times and times[0] <= now - window:
+                times.popleft()
+            if not times:
+                del _failures[key]
+        failed = len(times) if times else 0
+        if failed + _pending.get(key, 0) >= limit:
+            wait = times[0] + window - now if times and failed >= limit else 1.0
             raise AuthenticationFailed(
-                f"too many failed authentications {what}: try again in {wait:.0f} s", ErrorCode.TOO_MANY_ATTEMPTS
+                f"too many failed authentications {what}: try again in {max(wait, 1.0):.0f} s",
+                ErrorCode.TOO_MANY_ATTEMPTS,
             )
-        if not times:
-            del _failures[key]
+    for key in _keys(address, name):
+        _pending[key] = _pending.get(key, 0) + 1
 
 
-def failed(address: str, name: str, now: float) -> None:
-    """Count a failed authentication (a wrong name or key)."""
+def settle(address: str, name: str, now: float, *, failed: bool) -> None:
+    """The attempt :func:`check` let through is over; ``failed``: a wrong name or key."""
     limit = conf.AUTH_FAILURES
-    for key in (("address", address), ("name", name)):
-        times = _failures.pop(key, None) or deque(maxlen=limit)
-        times.append(now)
-        _failures[key] = times  # re-inserted: the dict's order is the order of last failure
+    for key in _keys(address, name):
+        left = _pending.get(key, 1) - 1
+        if left > 0:
+            _pending[key] = left
+        else:
+            _pending.pop(key, None)
+        if failed:
+            times = _failures.pop(key, None) or deque(maxlen=limit)
+            times.append(now)
+            _failures[key] = times  # re-inserted: the dict's order is the order of last failure
     if len(_failures) > MAX_KEYS:
         for key in list(_failures)[: len(_failures) - MAX_KEYS]:
             del _failures[key]
@@ -62,3 +78,4 @@ def failed(address: str, name: str, now: float) -> None:
 def reset() -> None:
     """Forget every failure (tests)."""
     _failures.clear()
+    _pending.clear()

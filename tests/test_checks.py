@@ -86,14 +86,14 @@ def test_e011_counts(name, value):
     assert ids(**{f"TASKHUB_{name}": value}) == ["taskhub.E011"]
 
 
-@pytest.mark.parametrize("value", [0, 1.5e7, 1024, None])
+@pytest.mark.parametrize("value", [0, 1.5e7, 1024, 768 * 1024, None])
 def test_e012_buffered_bytes(value):
-    # 1024 bytes could not hold one whole message of the default limit.
+    # 768 KiB could not hold two whole messages of the default limit.
     assert ids(TASKHUB_MAX_BUFFERED_BYTES=value) == ["taskhub.E012"]
 
 
-def test_e012_accepts_the_message_size():
-    assert ids(TASKHUB_MAX_BUFFERED_BYTES=768 * 1024) == []
+def test_e012_accepts_twice_the_message_size():
+    assert ids(TASKHUB_MAX_BUFFERED_BYTES=2 * 768 * 1024) == []
 
 
 def test_settings_are_read_on_access_and_unknown_names_fail():

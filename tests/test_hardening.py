@@ -5,6 +5,7 @@ failed-authentication throttle, the database's two lanes and sweeps under backlo
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import uuid
 from datetime import timedelta
@@ -164,22 +165,37 @@ def test_the_throttle_counts_per_address_and_per_name_within_the_window(settings
     settings.TASKHUB_AUTH_FAILURES, settings.TASKHUB_AUTH_FAILURE_WINDOW = 3, 60.0
     for i in range(3):
         throttle.check("10.0.0.1", f"n{i}", 100.0)
-        throttle.failed("10.0.0.1", f"n{i}", 100.0)
+        throttle.settle("10.0.0.1", f"n{i}", 100.0, failed=True)
     with pytest.raises(Exception, match="from this address: try again in 60 s") as info:
         throttle.check("10.0.0.1", "other", 100.0)
     assert info.value.code == "too_many_attempts"  # type: ignore[attr-defined]
     throttle.check("10.0.0.2", "other", 100.0)  # another address may still try
     throttle.check("10.0.0.1", "other", 160.0)  # and this one once the window has passed
     for address in ("a", "b", "c"):
-        throttle.failed(address, "target", 200.0)
+        throttle.check(address, "target", 200.0)
+        throttle.settle(address, "target", 200.0, failed=True)
     with pytest.raises(Exception, match="for 'target'"):
         throttle.check("d", "target", 200.0)
 
 
-def test_the_throttle_forgets_the_oldest_beyond_its_bound(monkeypatch):
+def test_attempts_in_flight_count_against_the_limit(settings):
+    # Hellos sent at once must not all get through before the first one fails.
+    settings.TASKHUB_AUTH_FAILURES = 3
+    for _ in range(3):
+        throttle.check("10.0.0.1", "svc", 1.0)
+    with pytest.raises(Exception, match="too many failed authentications"):
+        throttle.check("10.0.0.1", "svc", 1.0)
+    for _ in range(3):  # they all succeed: nothing is held against the address
+        throttle.settle("10.0.0.1", "svc", 1.0, failed=False)
+    throttle.check("10.0.0.1", "svc", 1.0)
+
+
+def test_the_throttle_forgets_the_oldest_beyond_its_bound(monkeypatch, settings):
     monkeypatch.setattr(throttle, "MAX_KEYS", 10)
+    settings.TASKHUB_AUTH_FAILURES = 100
     for i in range(20):
-        throttle.failed(f"10.0.0.{i}", "x", 1.0)
+        throttle.check(f"10.0.0.{i}", f"name{i}", 1.0)
+        throttle.settle(f"10.0.0.{i}", f"name{i}", 1.0, failed=True)
     assert len(throttle._failures) <= 10
 
 
@@ -217,24 +233,52 @@ def test_unknown_names_and_wrong_keys_take_the_same_path(monkeypatch):
 
 @override_settings(TASKHUB_SQLITE_INLINE=False, TASKHUB_DB_THREADS=1)
 async def test_deferred_calls_wait_behind_every_urgent_call():
+    gate, blocker, order = await occupied()  # the database thread is busy
+    # Connects queue first, then commands of established connections.
+    deferred = [asyncio.ensure_future(db.run_deferred(order.append, f"connect{i}")) for i in range(20)]
+    urgent = [asyncio.ensure_future(db.run(order.append, f"command{i}")) for i in range(3)]
+    await asyncio.wait_for(queued(24), TIMEOUT)
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, *deferred, *urgent), TIMEOUT)
+    assert order[:3] == ["command0", "command1", "command2"]
+    assert sorted(order[3:]) == sorted(f"connect{i}" for i in range(20))
+
+
+async def occupied() -> tuple[threading.Event, asyncio.Future[None], list[str]]:
+    """The database thread busy until the returned gate is set; the blocking call; a list
+    that the calls under test append to, in the order they run."""
     entered, gate = threading.Event(), threading.Event()
-    order: list[str] = []
 
     def block() -> None:
         entered.set()
         gate.wait(TIMEOUT)
 
     blocker = asyncio.ensure_future(db.run(block))
-    await asyncio.to_thread(entered.wait, TIMEOUT)  # the database thread is busy
-    # Connects queue first, then commands of established connections.
-    deferred = [asyncio.ensure_future(db.run_deferred(order.append, f"connect{i}")) for i in range(20)]
-    urgent = [asyncio.ensure_future(db.run(order.append, f"command{i}")) for i in range(3)]
-    while db._get_pool().pending < 24:  # every call is queued (each task's first step)
+    await asyncio.to_thread(entered.wait, TIMEOUT)
+    return gate, blocker, []
+
+
+async def queued(calls: int) -> None:
+    """Until ``calls`` database calls wait (each task has taken its first step)."""
+    while db._get_pool().pending < calls:
         await asyncio.sleep(0)
+
+
+@override_settings(TASKHUB_SQLITE_INLINE=False, TASKHUB_DB_THREADS=1)
+async def test_a_deferred_call_is_not_starved_by_a_stream_of_urgent_ones():
+    gate, blocker, order = await occupied()
+    deferred = asyncio.ensure_future(db.run_deferred(order.append, "connect"))
+    urgent = [asyncio.ensure_future(db.run(order.append, f"command{i}")) for i in range(3 * db.DEFERRED_EVERY)]
+    await asyncio.wait_for(queued(2 + 3 * db.DEFERRED_EVERY), TIMEOUT)
     gate.set()
-    await asyncio.wait_for(asyncio.gather(blocker, *deferred, *urgent), TIMEOUT)
-    assert order[:3] == ["command0", "command1", "command2"]
-    assert sorted(order[3:]) == sorted(f"connect{i}" for i in range(20))
+    await asyncio.wait_for(asyncio.gather(blocker, deferred, *urgent), TIMEOUT)
+    assert order.index("connect") <= db.DEFERRED_EVERY
+
+
+async def test_deferred_calls_run_on_the_database_thread_even_when_it_is_idle():
+    # Inline, a burst of connects would run back to back on the event loop's thread.
+    name = await db.run_deferred(lambda: threading.current_thread().name)
+    assert name.startswith("taskhub-db")
 
 
 # -- sweeps under backlog -------------------------------------------------------------------
@@ -348,3 +392,107 @@ async def test_browser_origins_are_checked_against_allowed_hosts(settings, debug
     connected, _ = await communicator.connect(timeout=TIMEOUT)
     assert connected is accepted
     await communicator.disconnect()
+
+
+@override_settings(TASKHUB_RESUME_GRACE=1.0)
+async def test_an_instance_that_cannot_be_released_does_not_stop_the_sweep(monkeypatch):
+    from taskhub.services import sweeping
+
+    app, _ = await credential("app", pub=["mail"])
+    now = timezone.now()
+
+    def setup() -> tuple[Any, str]:
+        session = services.connect(make_credential("w", sub=["mail"])[0], "chan-w", "p", "", now)
+        services.detach(session.instance.pk, "chan-w", now)
+        command = pub_command({"type": "pub", "action": "mail:send", "pickup_timeout": 1})
+        return session.instance.pk, services.publish(app, command, now)[0]
+
+    stuck, task_id = await database_sync_to_async(setup)()
+    real = sweeping.release
+
+    def release(instance_id: Any, when: Any, **kwargs: Any) -> Any:
+        if instance_id == stuck:
+            raise RuntimeError("a bug")
+        return real(instance_id, when, **kwargs)
+
+    monkeypatch.setattr(sweeping, "release", release)
+    await asyncio.wait_for(sweeper.sweep_once(now + timedelta(seconds=5)), TIMEOUT)
+    assert (await database_sync_to_async(TaskRecord.objects.get)(pk=task_id)).status == "failed"
+
+
+# -- handshake headers ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["\u00b9".encode("latin-1"), b"9" * 23, b"0", b"-1", b"100001", b"two"])
+async def test_a_bad_concurrency_header_is_refused_with_a_coded_error(value):
+    _, key = await credential("svc")
+    headers = [(b"taskhub-concurrency", value)]
+    peer = await open_peer("svc", key, expect_welcome=False, headers=headers)
+    error = await peer.recv()
+    assert (error["code"], "TaskHub-Concurrency" in error["detail"]) == ("invalid_field", True)
+    assert (await peer.comm.receive_output(timeout=TIMEOUT))["code"] == 4001
+    assert await table_sizes() == (0, 0)
+
+
+@pytest.mark.parametrize("name", ["svc\x00", "x" * 5000, "\u00e9\x00"])
+async def test_a_basic_auth_name_no_database_holds_is_an_unknown_name(name):
+    await credential("svc")
+    peer = await open_peer(name, "wrong-key-wrong-key", expect_welcome=False)
+    assert (await peer.recv())["code"] == "authentication_failed"
+    assert (await peer.comm.receive_output(timeout=TIMEOUT))["code"] == 4001
+
+
+# -- answers stay within the message size ----------------------------------------------------
+
+
+async def answer_text(peer: Any, ref: str) -> str:
+    """The raw text of the answer with ``ref`` (task events that come first are skipped)."""
+    while True:
+        text = (await peer.comm.receive_output(timeout=TIMEOUT))["text"]
+        if json.loads(text).get("ref") == ref:
+            return str(text)
+
+
+@override_settings(TASKHUB_MAX_MESSAGE_SIZE=4000, TASKHUB_MAX_PAYLOAD_SIZE=1500, TASKHUB_INLINE_PAYLOAD_SIZE=500)
+async def test_a_long_history_comes_in_pages_each_within_the_message_size():
+    peer = await app_peer()
+    await peer.call({"type": "sub", "action": "mail:send"})
+    task_id = (await peer.call({"type": "pub", "action": "mail:send"}))["task"]
+    assert (await peer.recv())["type"] == "task"
+    for i in range(6):
+        await peer.call({"type": "update", "task": task_id, "attempt": 1, "data": str(i) * 1000})
+    await peer.call({"type": "return", "task": task_id, "attempt": 1, "result": "r" * 1400})
+    since, kinds, data, pages = 0, [], [], 0
+    while True:
+        await peer.send({"type": "watch", "task": task_id, "since": since, "follow": False, "ref": "w"})
+        text = await answer_text(peer, "w")
+        assert len(text.encode()) <= 4000
+        page = json.loads(text)
+        pages += 1
+        kinds += [e["kind"] for e in page["events"]]
+        data += [e["data"]["data"] for e in page["events"] if e["kind"] == "update"]
+        if not page.get("more"):
+            break
+        assert page["events"], "a page that says more holds an event"
+        since = page["events"][-1]["seq"]
+    assert pages > 2
+    assert kinds == ["init", "start", "pickup", *["update"] * 6, "success", "end"]
+    assert data == [str(i) * 1000 for i in range(6)]
+    assert page["task"]["result"] == "r" * 1400  # the last page has the result
+    await peer.close()
+
+
+@override_settings(TASKHUB_MAX_MESSAGE_SIZE=4000, TASKHUB_MAX_PAYLOAD_SIZE=1500, TASKHUB_INLINE_PAYLOAD_SIZE=500)
+async def test_a_task_list_is_cut_to_the_message_size_and_says_so():
+    peer = await app_peer()
+    await peer.call({"type": "sub", "action": "mail:send"})
+    for _ in range(6):
+        task_id = (await peer.call({"type": "pub", "action": "mail:send"}))["task"]
+        assert (await peer.recv())["type"] == "task"
+        await peer.call({"type": "return", "task": task_id, "attempt": 1, "result": "r" * 1400})
+    await peer.send({"type": "tasks", "ref": "t"})
+    text = await answer_text(peer, "t")
+    answer = json.loads(text)
+    assert len(text.encode()) <= 4000
+    assert answer["more"] is True and 0 < len(answer["tasks"]) < 6
+    await peer.close()

@@ -121,7 +121,10 @@ def test_listing_shows_what_was_published_or_offered_and_nothing_else(offered):
     wildcard, _ = make_credential("wild", sub=["mail:*"])
 
     def listed(credential: Any, **options: Any) -> list[str]:
-        found = queries.listed(credential, status=options.get("status"), action=None, limit=options.get("limit", 100))
+        found, more = queries.listed(
+            credential, status=options.get("status"), action=None, limit=options.get("limit", 100)
+        )
+        assert not more
         return [t["id"] for t in found]
 
     second = publish(app)

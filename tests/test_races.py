@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.db import connections
+from django.test import override_settings
 from django.utils import timezone
 
 from taskhub import services
@@ -171,3 +173,27 @@ def test_racing_offers_never_give_an_instance_more_tasks_than_its_concurrency(mo
     states = sorted(Assignment.objects.values_list("state", flat=True))
     assert states == ["offered", "queued"]
     assert sum(len([n for n in notices if n.kind == "channel"]) for _, _, notices in results) == 1
+
+
+@override_settings(TASKHUB_RESUME_GRACE=10.0)
+def test_a_resume_racing_the_sweepers_release_either_wins_or_finds_the_instance_gone():
+    a, _ = make_credential("a", sub=["mail"])
+    for _ in range(10):
+        now = timezone.now()
+        session = services.connect(a, "chan-1", "p", "", now)
+        services.subscribe(session.instance.pk, a, "mail:send", now)
+        services.detach(session.instance.pk, "chan-1", now)
+        later = now + timedelta(seconds=11)
+        resumed, _ = race(
+            [
+                lambda s=session, t=later: services.connect(a, "chan-2", "q", "", t, resume=s.token),
+                lambda s=session, t=later: services.release(s.instance.pk, t, only_if_gone=True),
+            ]
+        )
+        alive = Instance.objects.filter(pk=session.instance.pk).first()
+        if resumed.resumed:  # the resume won: the instance, its subscriptions are intact
+            assert alive is not None and alive.channel_name == "chan-2"
+            assert alive.subscriptions.count() == 1
+        else:  # the release won: the client got a new instance
+            assert alive is None and resumed.instance.pk != session.instance.pk
+        Instance.objects.all().delete()

@@ -274,7 +274,19 @@ class Client(Connection):
             UnknownTask: no such task, or not one of this credential's.
             InvalidMessage: ``task_id`` is not a UUID.
         """
-        answer = await self.request(Watch.build(task=_canonical(task_id), since=since, follow=False))
+        task_id = _canonical(task_id)
+        answer = await self.request(Watch.build(task=task_id, since=since, follow=False))
+        assert isinstance(answer, State)
+        events = list(answer.events)
+        while answer.more is True and answer.events:  # a long history comes in pages
+            answer = await self._next_page(task_id, answer)
+            events += answer.events
+        return State(ref=answer.ref, task=answer.task, events=events)
+
+    async def _next_page(self, task_id: str, page: State) -> State:
+        """The ``state`` page after ``page`` (which said ``more``)."""
+        since = max(event.get("seq", 0) for event in page.events)
+        answer = await self.request(Watch.build(task=task_id, since=since, follow=False))
         assert isinstance(answer, State)
         return answer
 
@@ -319,7 +331,7 @@ class Client(Connection):
         if not handle.published.done():
             handle.published.set_result(answer)
         if isinstance(answer, State):
-            handle._apply_snapshot(answer.task)
+            await self._apply_state(handle, answer)
         elif isinstance(answer, Ack) and answer.created is False:
             # The task existed (a caller restarted with its id, say): it may be over
             # already, and its events went to whoever published it. Read it now rather
@@ -336,6 +348,17 @@ class Client(Connection):
             log.debug("resync of %s failed: %s", task_id, exc)
             return
         assert isinstance(state, State)
+        await self._apply_state(handle, state)
+
+    async def _apply_state(self, handle: TaskHandle, state: State) -> None:
+        """Apply a ``state`` answer to its handle, reading the pages after it first (their
+        events reach the handle as replayed ones; the last page's task is complete)."""
+        try:
+            while state.more is True and state.events:
+                state = await self._next_page(handle.task_id, state)
+        except TaskHubError as exc:
+            log.debug("reading the rest of %s failed: %s", handle.task_id, exc)
+            return
         handle._apply_snapshot(state.task)
 
     def _forget(self, handle: TaskHandle) -> None:

@@ -316,7 +316,7 @@ class ClientProtocol:
         A frame this client cannot read (a newer hub's message) is logged and skipped.
         """
         try:
-            message = parse_message(decode_frame(text, MAX_FRAME))
+            message = parse_message(decode_frame(text, MAX_FRAME, strict=False))
         except InvalidMessage as exc:
             log.warning("taskhub: skipped a message from the hub: %s", exc.detail)
             return []

@@ -76,7 +76,9 @@ def sendable(value: Any, what: str, limit: int | None) -> int:
             f"{what} of {size} bytes is over the hub's limit of {limit} bytes", ErrorCode.PAYLOAD_TOO_LARGE
         )
     try:
-        decode_frame(text, 4 * len(text) + 1)  # the hub's own checks: depth, numbers, strings
+        # The hub's own checks (depth, numbers, strings), on the value as a command's
+        # field holds it: one level below the frame.
+        decode_frame(f"[{text}]", 4 * len(text) + 3)
     except InvalidMessage as exc:
         raise InvalidMessage(f"{what} could not be sent: {exc.detail}", ErrorCode.INVALID_VALUE) from None
     return size

@@ -118,7 +118,8 @@ class Worker:
             else:
                 sent = await self._finish(task, "return", result=result)
                 took = loop.time() - started
-                log.info("Task %s %s in %.3fs", name, "succeeded" if sent else "finished without a result", took)
+                outcome = "succeeded" if sent else "finished, its result not accepted or no longer wanted"
+                log.info("Task %s %s in %.3fs", name, outcome, took)
         finally:
             self._running.pop((task.id, task.attempt), None)
             self._finished[(task.id, task.attempt)] = None
@@ -134,7 +135,8 @@ class Worker:
         the hub refuses fails the task instead, so that it ends.
 
         Returns:
-            Whether it was sent: not if the part was over (dropped, or the task ended).
+            Whether it was sent and accepted: not if the part was over (dropped, or the
+            task ended), nor if the hub refused it.
         """
         try:
             await task._settle_updates()
@@ -149,8 +151,10 @@ class Worker:
             log.warning("taskhub: %s of %s not accepted: %s", type_, task.id, exc)
             if type_ == "return":
                 await self._send_fail(task, f"result could not be sent: {exc.detail}")
+            return False
         except TaskHubError as exc:
             log.warning("taskhub: %s of %s not accepted: %s", type_, task.id, exc)
+            return False
         return True
 
     async def _send_fail(self, task: Task, error: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from .codes import ErrorCode
@@ -21,10 +22,6 @@ PROTOCOL_VERSION = 1
 MAX_DEPTH = 32
 #: The largest integer a frame may carry (in absolute value): JavaScript's safe integers.
 MAX_INTEGER = 2**53
-
-
-class _Unsupported(ValueError):
-    """JSON the hub cannot carry (a value the check below refuses)."""
 
 
 class UnsupportedValue(InvalidMessage):
@@ -40,29 +37,37 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# What the raw text must hold for a value to break a rule: the walk over the decoded
+# frame runs only then, so that a common frame costs json.loads alone.
+_SUSPECT_STRING = re.compile(r"\\u(?:0000|[dD][89a-fA-F][0-9a-fA-F]{2})")  # U+0000, a surrogate
+# Digits as zeros: an integer beyond ±2**53 has 16 digits or more.
+_DIGITS = str.maketrans("123456789", "000000000")
+_LONG_RUN = "0" * 16
+
+
+class _OutOfRange(ValueError):
+    pass
+
+
 def _finite(text: str) -> float:
     value = float(text)
-    if not math.isfinite(value):
-        raise _Unsupported(f"the number {text[:40]} is out of range")
+    if not math.isfinite(value):  # 1e400
+        raise _OutOfRange(f"the number {text[:40]} is out of a double's range")
     return value
 
 
-def _integer(text: str) -> int:
-    # From 16 characters on, compare: Python would take 4,300-digit integers.
-    if len(text) > 15 and (len(text) > 20 or abs(int(text)) > MAX_INTEGER):
-        raise _Unsupported(f"the integer {text[:40]}… is beyond ±2**53")
-    return int(text)
+def decode_frame(text: str | bytes, max_size: int, *, strict: bool = True) -> Any:
+    """Decode one text frame of at most ``max_size`` bytes into a JSON value; with
+    ``strict`` (the hub, for what clients send) one the hub can carry and store.
 
-
-def decode_frame(text: str | bytes, max_size: int) -> Any:
-    """Decode one text frame of at most ``max_size`` bytes into a JSON value the hub can
-    carry and store.
+    A client decodes the hub's messages with ``strict=False``: they wrap values a few
+    levels deeper than the commands that carried them.
 
     Raises:
         InvalidMessage: ``message_too_large``; ``invalid_json`` for anything that is not
             strict JSON (``NaN`` and ``Infinity`` included); ``invalid_value`` for JSON
             nested deeper than :data:`MAX_DEPTH`, a number beyond ±2**53 or out of a
-            float's range, or a string with U+0000 or a lone surrogate (no database
+            double's range, or a string with U+0000 or a lone surrogate (no database
             stores those, nor UTF-8 carries the latter).
     """
     # A character is at most 4 bytes in UTF-8: most frames need no encoding to be measured.
@@ -71,42 +76,47 @@ def decode_frame(text: str | bytes, max_size: int) -> Any:
         raise InvalidMessage(
             f"message of {size} bytes is over the limit of {max_size} bytes", ErrorCode.MESSAGE_TOO_LARGE
         )
+    raw = text if isinstance(text, str) else text.decode("utf-8", "replace")
+    if not strict:
+        try:
+            return json.loads(raw, parse_constant=_reject_constant)
+        except ValueError as exc:
+            raise InvalidMessage(f"frame is not valid JSON: {exc}", ErrorCode.INVALID_JSON) from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite, parse_int=_integer)
-    except _Unsupported as exc:
-        raise UnsupportedValue(f"frame holds a value the hub cannot carry: {exc}") from None
+        # Floats are rare and each costs a call; integers are common, and checked below
+        # only when the text has a long run of digits.
+        obj = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite)
+    except _OutOfRange as exc:
+        # Read once more, infinities allowed, so that the error still answers the ref.
+        raise UnsupportedValue(f"frame holds a value the hub cannot carry: {exc}", json.loads(raw)) from None
     except RecursionError:
         raise UnsupportedValue(f"frame nests deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:
+        if "digits" in str(exc):  # Python refuses integers of more than 4,300 digits
+            raise UnsupportedValue("frame holds an integer of thousands of digits") from None
         raise InvalidMessage(f"frame is not valid JSON: {exc}", ErrorCode.INVALID_JSON) from None
-    # U+0000 and surrogates can only come as \u escapes (a frame is UTF-8 text).
-    raw = text if isinstance(text, str) else text.decode("utf-8", "replace")
-    try:
-        _check(obj, strings="\\u" in raw, nested=raw.count("[") + raw.count("{") > MAX_DEPTH)
-    except UnsupportedValue as exc:
-        exc.frame = obj
-        raise
+    strings = _SUSPECT_STRING.search(raw) is not None
+    numbers = _LONG_RUN in raw.translate(_DIGITS)  # a string of digits, too: then a walk for nothing
+    nested = raw.count("[") + raw.count("{") > MAX_DEPTH
+    if strings or numbers or nested:
+        try:
+            _check(obj, strings=strings, numbers=numbers)
+        except UnsupportedValue as exc:
+            exc.frame = obj
+            raise
     return obj
 
 
-def _check(obj: Any, *, strings: bool, nested: bool) -> None:
-    """Refuse what :func:`decode_frame` says it refuses; walk only when the raw text could
-    hold it."""
-    if not strings and not nested:
-        return
+def _check(obj: Any, *, strings: bool, numbers: bool) -> None:
+    """Refuse what :func:`decode_frame` says it refuses, walking the decoded frame."""
+    if not isinstance(obj, dict | list):
+        obj = [obj]  # a bare value: checked as an item
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         value, depth = stack.pop()
-        if isinstance(value, dict):
-            items: Any = value.items()
-        elif isinstance(value, list):
-            items = enumerate(value)
-        else:
-            if strings and isinstance(value, str):
-                _check_string(value)
-            continue
         if depth > MAX_DEPTH:
             raise UnsupportedValue(f"frame nests deeper than {MAX_DEPTH} levels")
+        items: Any = value.items() if isinstance(value, dict) else enumerate(value)
         for key, item in items:
             if strings and isinstance(key, str):
                 _check_string(key)
@@ -114,6 +124,8 @@ def _check(obj: Any, *, strings: bool, nested: bool) -> None:
                 stack.append((item, depth + 1))
             elif strings and isinstance(item, str):
                 _check_string(item)
+            elif numbers and isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_INTEGER:
+                raise UnsupportedValue(f"frame holds the integer {str(item)[:40]}…, beyond ±2**53")
 
 
 def _check_string(value: str) -> None:

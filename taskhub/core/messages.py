@@ -174,26 +174,37 @@ class Payload(Message):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class State(Message):
     r"""The answer to ``watch``: the task's state (a :class:`TaskSnapshot`'s dict) and the
-    events after ``since`` (:class:`LoggedEvent`\ s' dicts)."""
+    events after ``since`` (:class:`LoggedEvent`\ s' dicts).
+
+    ``more`` (``True``) says the events were cut to keep the answer within the hub's
+    message size: ``watch`` again from the last event's ``seq``. Such a page may leave the
+    task's ``result`` out (``None``, with ``has_result`` true); the last page has it.
+    """
 
     type = "state"
     required = ("task", "events")
-    types = {"task": dict, "events": list}
-    order = ("ref", "task", "events")
+    types = {"task": dict, "events": list, "more": bool}
+    order = ("ref", "task", "events", "more")
     task: dict[str, Any]
     events: list[dict[str, Any]]
+    more: Any = MISSING
     ref: Ref = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskList(Message):
-    """The answer to ``tasks``: the dicts of :class:`TaskSnapshot` objects, newest first."""
+    """The answer to ``tasks``: the dicts of :class:`TaskSnapshot` objects, newest first.
+
+    ``more`` (``True``) says the list was cut to keep the answer within the hub's message
+    size: ask again with a narrower ``status``, ``action`` or ``limit``.
+    """
 
     type = "tasks"
     required = ("tasks",)
-    types = {"tasks": list}
-    order = ("ref", "tasks")
+    types = {"tasks": list, "more": bool}
+    order = ("ref", "tasks", "more")
     tasks: list[dict[str, Any]]
+    more: Any = MISSING
     ref: Ref = None
 
 

@@ -251,7 +251,8 @@ def watch(credential: Credential, task_id: str, since: int, *, follow: bool = Tr
     "Notices").
 
     Returns:
-        ``{"task": snapshot, "events": [...]}``, the fields of a ``state`` message.
+        ``{"task": snapshot, "events": [...], "more": bool}``, the fields of a ``state``
+        message: one page of them (:func:`~taskhub.services.queries.state_page`).
 
     Raises:
         UnknownTask: as :func:`~taskhub.services.queries.visible_task`.
@@ -260,4 +261,4 @@ def watch(credential: Credential, task_id: str, since: int, *, follow: bool = Tr
         record = queries.visible_task(credential, task_id, lock=follow)
         if follow and not record.watched:
             TaskRecord.objects.filter(pk=record.pk).update(watched=True)
-        return {"task": queries.task_snapshot(record), "events": queries.events_since(record, since)}
+        return queries.state_page(record, since)

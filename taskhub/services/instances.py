@@ -36,6 +36,7 @@ from .routing import Notice
 log = logging.getLogger("taskhub.services")
 
 _STAND_IN_HASH = hash_key(secrets.token_urlsafe(32))
+NAME_LENGTH = Credential._meta.get_field("name").max_length or 0
 
 
 def authenticate(name: str, key: str) -> Credential:
@@ -45,14 +46,18 @@ def authenticate(name: str, key: str) -> Credential:
         AuthenticationFailed: ``authentication_failed`` for an unknown name or a wrong key
             (the same answer for both), ``credential_disabled`` for a disabled one.
     """
-    credential = Credential.objects.filter(name=name).first()
-    # An unknown name is checked against a stand-in hash: both failures take one path.
-    matches = verify_key(key, credential.key_hash if credential is not None else _STAND_IN_HASH)
-    if credential is None or not matches:
+    # One path for an unknown name and a wrong key: the same query, and a key checked
+    # against a stand-in hash when there is no credential. A name no database could
+    # hold (U+0000, too long) is unknown without a query.
+    row = None
+    if len(name) <= NAME_LENGTH and "\x00" not in name:
+        row = Credential.objects.filter(name=name).values_list("pk", "key_hash", "is_active").first()
+    pk, key_hash, active = row if row is not None else (None, _STAND_IN_HASH, False)
+    if not verify_key(key, key_hash) or pk is None:
         raise AuthenticationFailed("invalid name or key")
-    if not credential.is_active:
+    if not active:
         raise AuthenticationFailed(f"credential {name!r} is disabled", ErrorCode.CREDENTIAL_DISABLED)
-    return credential
+    return Credential.objects.get(pk=pk)
 
 
 class Session(NamedTuple):
@@ -195,12 +200,13 @@ def release(
         instances = instances.filter(_gone(now))
     notices: list[Notice] = []
     with transaction.atomic():
-        service = instances.values_list("credential__name", flat=True).first()
+        # Locked, and on PostgreSQL the conditions read again under the lock: a resume
+        # that committed first wins, one that comes after finds the instance gone.
+        locked = instances.select_for_update(of=("self",)).values_list("credential__name", flat=True)
+        service = locked.first()
         if service is None:
             return []
-        _, deleted = instances.delete()
-        if not deleted.get(Instance._meta.label):
-            return []  # taken (resumed) between the read and the delete
+        Instance.objects.filter(pk=instance_id).delete()
         held = Assignment.objects.filter(instance=instance_id, state__in=HELD_ASSIGNMENT_STATES)
         for task_id, action in list(held.values_list("task_id", "task__action").distinct()):
             notices += release_task(task_id, action, service, instance_id, now)
@@ -234,6 +240,10 @@ def _gone(now: datetime) -> Q:
     return Q(detached_at__lte=grace) | Q(detached_at__isnull=True, lease_expires_at__lte=grace)
 
 
-def lapsed(now: datetime, limit: int) -> list[uuid.UUID]:
-    """Instances to release, at most ``limit`` (see :func:`_gone`)."""
-    return list(Instance.objects.filter(_gone(now)).values_list("id", flat=True)[:limit])
+def lapsed(now: datetime, limit: int, after: uuid.UUID | None = None) -> list[uuid.UUID]:
+    """Instances to release, at most ``limit``, in id order from just after ``after``
+    (see :func:`_gone`)."""
+    gone = Instance.objects.filter(_gone(now))
+    if after is not None:
+        gone = gone.filter(id__gt=after)
+    return list(gone.order_by("id").values_list("id", flat=True)[:limit])

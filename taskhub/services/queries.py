@@ -13,8 +13,10 @@ from typing import Any
 from django.db import connection
 from django.db.models import Exists, OuterRef, Q
 
+from taskhub.conf import conf
 from taskhub.core.codes import RELAYED_KINDS, EventKind
 from taskhub.core.errors import UnknownTask
+from taskhub.core.frames import encoded_size
 from taskhub.core.messages import LoggedEvent, TaskSnapshot, event_message
 from taskhub.core.states import AssignmentState, TaskStatus
 from taskhub.models import Assignment, Credential, TaskEvent, TaskRecord
@@ -42,26 +44,71 @@ def visible_task(credential: Credential, task_id: str, *, lock: bool = False) ->
     return record
 
 
-def listed(credential: Credential, *, status: str | None, action: str | None, limit: int) -> list[dict[str, Any]]:
+def answer_budget() -> int:
+    """Bytes the items of one ``state`` or ``tasks`` answer may take: the hub's message
+    size (its peers' frame limit is at least that), less room for the envelope."""
+    return int(conf.MAX_MESSAGE_SIZE) - ENVELOPE
+
+
+#: Bytes kept for what surrounds a page's items in its message.
+ENVELOPE = 1024
+
+
+def listed(
+    credential: Credential, *, status: str | None, action: str | None, limit: int
+) -> tuple[list[dict[str, Any]], bool]:
     """The tasks the credential published or was offered, newest first (``tasks``): those
-    :func:`visible_task` shows it, and no other."""
+    :func:`visible_task` shows it, and no other.
+
+    Returns:
+        ``(snapshots, more)``: ``more`` when the list was cut to fit one message.
+    """
     offered = Assignment.objects.filter(task=OuterRef("pk"), service=credential.name)
     tasks = TaskRecord.objects.filter(Q(publisher=credential) | Exists(offered))
     if status is not None:
         tasks = tasks.filter(status=status)
     if action is not None:
         tasks = tasks.filter(action=action)
-    return [task_snapshot(record) for record in tasks.defer("payload").order_by("-created_at")[:limit]]
+    budget, used = answer_budget(), 0
+    page: list[dict[str, Any]] = []
+    for record in tasks.defer("payload").order_by("-created_at")[:limit].iterator(chunk_size=100):
+        snapshot = task_snapshot(record)
+        size = encoded_size(snapshot) + 1
+        if page and used + size > budget:
+            return page, True
+        page.append(snapshot)
+        used += size
+    return page, False
 
 
-def events_since(record: TaskRecord, since: int) -> list[dict[str, Any]]:
-    """The task's events with a ``seq`` above ``since``, oldest first, as ``watch`` shows them."""
-    return [
-        LoggedEvent(
+def state_page(record: TaskRecord, since: int) -> dict[str, Any]:
+    """The fields of a ``state`` message: the task's snapshot and its events with a ``seq``
+    above ``since``, oldest first, as many as one message holds.
+
+    A page that cannot hold the events and the task's result too leaves the result out
+    and says ``more``: the next page, from its last event, has it. Each page holds one
+    event at least, so that a reader that follows ``more`` gets to the end.
+    """
+    snapshot = task_snapshot(record)
+    slim = {**snapshot, "result": None}
+    budget, used = answer_budget(), 0
+    room = budget - encoded_size(slim)
+    events: list[dict[str, Any]] = []
+    more = False
+    rows = record.events.filter(id__gt=since).order_by("id").iterator(chunk_size=100)
+    for e in rows:
+        event = LoggedEvent(
             seq=e.id, kind=e.kind, service=e.service, attempt=e.attempt, data=e.data, at=e.created_at.isoformat()
         ).to_dict()
-        for e in record.events.filter(id__gt=since).order_by("id")
-    ]
+        size = encoded_size(event) + 1
+        if events and used + size > room:
+            more = True
+            break
+        events.append(event)
+        used += size
+    if used + encoded_size(snapshot) > budget:  # the result does not fit beside the events
+        return {"task": slim, "events": events, "more": True}
+    return {"task": snapshot, "events": events, "more": more}
 
 
 def task_snapshot(record: TaskRecord) -> dict[str, Any]:

@@ -36,20 +36,26 @@ log = logging.getLogger("taskhub.services")
 SWEEP_BATCH = 50
 
 
-def release_lapsed(now: datetime, limit: int = SWEEP_BATCH) -> tuple[list[Notice], bool]:
-    """Release up to ``limit`` instances that are gone: detached, or their lease lapsed
-    (their process died), longer than the resume grace ago; their tasks go to other
-    instances.
+def release_lapsed(
+    now: datetime, limit: int = SWEEP_BATCH, after: uuid.UUID | None = None
+) -> tuple[list[Notice], uuid.UUID | None]:
+    """Release up to ``limit`` instances that are gone, from just after ``after``:
+    detached, or their lease lapsed (their process died), longer than the resume grace
+    ago; their tasks go to other instances. One that cannot be released is logged and
+    skipped (the next pass tries again).
 
     Returns:
-        ``(notices, whether more may be left)``.
+        ``(notices, where the next batch starts)``; ``None`` once none is left.
     """
     notices: list[Notice] = []
-    gone = lapsed(now, limit)
+    gone = lapsed(now, limit, after)
     for instance_id in gone:
         log.info("instance %s is gone (resume grace over); releasing its tasks", instance_id)
-        notices += release(instance_id, now, only_if_gone=True)
-    return notices, len(gone) == limit
+        try:
+            notices += release(instance_id, now, only_if_gone=True)
+        except Exception:
+            log.exception("could not release instance %s", instance_id)
+    return notices, (gone[-1] if len(gone) == limit else None)
 
 
 #: Where a pass's walk through overdue tasks stands: the last ``(deadline, id)`` read.
@@ -104,10 +110,12 @@ def sweep(process: str, now: datetime, channels: Collection[str] | None = None) 
     """
     to_close = renew_leases(process, now, channels)
     notices: list[Notice] = []
-    more = True
-    while more:
-        batch, more = release_lapsed(now)
+    after = None
+    while True:
+        batch, after = release_lapsed(now, SWEEP_BATCH, after)
         notices += batch
+        if after is None:
+            break
     cursor = None
     while due := overdue(now, SWEEP_BATCH, cursor):
         notices += expire([task_id for _, task_id in due], now)

@@ -105,7 +105,7 @@ async def test_an_error_whose_text_cannot_be_read_still_fails_the_task(hub):
     [
         ({1}, "update data could not be sent: not JSON (Object of type set is not JSON serializable)"),
         ({"x": math.nan}, "update data could not be sent: not JSON (Out of range float"),
-        ({"big": 2**60}, "update data could not be sent: frame holds a value the hub cannot carry"),
+        ({"big": 2**60}, "update data could not be sent: frame holds the integer 1152921504606846976…, beyond ±2**53"),
         ("a\x00b", "update data could not be sent: frame holds a string with U+0000"),
     ],
 )

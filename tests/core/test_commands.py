@@ -39,6 +39,8 @@ def test_decode_frame_rejects_bad_json(text):
         '{"type": "pub", "action": "a:b", "payload": ' + "[" * 33 + "]" * 33 + "}",
         '{"type": "pub", "action": "a:b", "payload": ' + "[" * 1000 + "]" * 1000 + "}",
         '{"a": ' * 40 + "1" + "}" * 40,
+        '{"n": ' + "9" * 5000 + "}",  # beyond what Python reads
+        "-99999999999999999999",  # a bare value, too
     ],
 )
 def test_values_the_hub_cannot_carry_are_refused(text):
@@ -52,6 +54,16 @@ def test_values_within_the_limits_pass():
         "f": 1e308,
     }
     assert decode_frame("[" * 31 + "]" * 31, 1000) is not None
+    # Digits in strings are text, however many: "0" * 1000 is no number.
+    # And an escaped backslash before "u0000" is a backslash, not U+0000.
+    assert decode_frame('{"s": "' + "0" * 1000 + '", "t": "\\\\u0000"}', 10_000) == {"s": "0" * 1000, "t": "\\u0000"}
+
+
+def test_hub_messages_are_read_without_the_value_checks():
+    # The hub wraps values deeper than the commands that carried them.
+    deep = "[" * 40 + "]" * 40
+    assert code_of(decode_frame, deep, 1000) == "invalid_value"
+    assert decode_frame(deep, 1000, strict=False) is not None
 
 
 def test_decode_frame_counts_bytes_not_characters():

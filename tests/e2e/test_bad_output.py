@@ -33,7 +33,7 @@ class Huge(Exception):
         (lambda: {1, 2}, "result could not be sent: not JSON (Object of type set is not JSON serializable)"),
         (lambda: {"ratio": math.nan}, "result could not be sent: not JSON (Out of range float values"),
         (lambda: "x" * 600_000, "result of 600002 bytes is over the hub's limit of 524288 bytes"),
-        (lambda: 2**60, "result could not be sent: frame holds a value the hub cannot carry"),
+        (lambda: 2**60, "result could not be sent: frame holds the integer 1152921504606846976…, beyond ±2**53"),
         (Huge, "Huge: \\x00xxxx"),
     ],
 )

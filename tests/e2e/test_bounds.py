@@ -123,3 +123,27 @@ async def test_a_client_that_reads_slowly_loses_nothing(make_hub: Any, parties: 
     async with parties.caller(hub.url) as caller:
         results = await asyncio.wait_for(asyncio.gather(*(caller.ping() for _ in range(500))), 4 * TIMEOUT)
     assert len(results) == 500
+
+
+async def test_a_task_with_a_large_result_and_history_is_read_in_pages(hub, parties):
+    """Its ``state`` would be over the frame limit in one piece: the client reads it in pages."""
+    action = parties.action
+    big = "u" * (400 * 1024)
+
+    async def handler(task: Any) -> str:
+        for _ in range(3):
+            await task.update(big)
+        return "r" * (500 * 1024)
+
+    worker = parties.worker(hub.url)
+    worker.sub(action, handler)
+    async with worker, parties.caller(hub.url) as caller:
+        handle = caller.pub(action)
+        assert len(await asyncio.wait_for(handle.get_result(), 4 * TIMEOUT)) == 500 * 1024
+        state = await asyncio.wait_for(caller.get_task(handle.task_id), TIMEOUT)
+        assert [e["kind"] for e in state.events].count("update") == 3
+        assert state.task["result"] == "r" * (500 * 1024)
+    # A caller restarted with the finished task's id gets its result at once.
+    async with parties.caller(hub.url) as restarted:
+        again = restarted.pub(action, task_id=handle.task_id)
+        assert len(await asyncio.wait_for(again.get_result(), TIMEOUT)) == 500 * 1024

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import math
 from typing import cast
 
 import pytest
+import websockets
 
 from taskhub.client import (
     AuthenticationFailed,
@@ -242,3 +245,27 @@ async def test_a_worker_leaving_mid_task_fails_it_with_worker_lost(hub, parties)
         with pytest.raises(TaskFailed) as info:
             await asyncio.wait_for(handle.get_result(), TIMEOUT)
     assert info.value.reason == "worker_lost"
+
+
+async def test_every_refusal_closes_with_its_documented_code(make_hub, credential):
+    """Over daphne (autobahn takes only a plain int as a close code), each refusal is an
+    error with its code, then the close code docs/protocol.md gives for it."""
+    name, key = credential()
+    hub = make_hub(TASKHUB_AUTH_TIMEOUT="0.5")
+    base = hub.url.removesuffix("ws/taskhub/")
+
+    async def refused(url: str, headers: dict[str, str], frames: list[dict[str, str]] = ()) -> tuple[str, int]:
+        async with websockets.connect(url, additional_headers=headers) as ws:
+            for frame in frames:
+                await ws.send(json.dumps(frame))
+            error = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), TIMEOUT)
+        return error["code"], closed.value.rcvd.code
+
+    wrong_key = {"Authorization": "Basic " + base64.b64encode(f"{name}:wrong".encode()).decode()}
+    assert await refused(hub.url, wrong_key) == ("authentication_failed", 4001)
+    hello = {"type": "hello", "name": name, "key": "wrong", "ref": "h"}
+    assert await refused(hub.url, {}, [hello]) == ("authentication_failed", 4001)
+    assert await refused(hub.url, {}) == ("authentication_timeout", 4000)
+    assert await refused(base + "elsewhere/", {}) == ("not_found", 4404)

@@ -17,6 +17,7 @@ import concurrent.futures
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,7 +28,8 @@ from hypothesis import strategies as st
 from taskhub.client import Client
 from taskhub.core.codes import CloseCode, ErrorCode
 from tests.conftest import TIMEOUT
-from tests.processes import add_credential
+from tests.e2e.conftest import FAST
+from tests.processes import Hub, add_credential
 
 pytestmark = pytest.mark.timeout(120 * TIMEOUT)
 
@@ -161,34 +163,64 @@ def basic(name: str, key: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{name}:{key}".encode()).decode()}
 
 
+def tagged(frames: list[str]) -> tuple[list[str], set[str]]:
+    """The frames with a ref of ours in each one that is a JSON object, and those refs:
+    each must be answered."""
+    out, refs = [], set()
+    for i, frame in enumerate(frames):
+        try:
+            # A frame nested hundreds of levels deep does not parse in the hub: its error
+            # cannot carry a ref (docs/protocol.md, "Limits").
+            obj = json.loads(frame) if frame.count("[") + frame.count("{") < 500 else None
+        except (ValueError, RecursionError):
+            obj = None
+        if isinstance(obj, dict) and "ref" not in obj:
+            # Written into the text, not re-encoded: json.dumps would turn 1e400 into
+            # Infinity, which is not JSON.
+            refs.add(f"f{i}")
+            body = frame.lstrip()[1:]
+            frame = f'{{"ref":"f{i}"' + ("" if body.lstrip().startswith("}") else ",") + body
+        out.append(frame)
+    return out, refs
+
+
 async def exchange(url: str, headers: dict[str, str], sent: list[str]) -> None:
-    """Send the frames, then a ping; check every answer until the pong (or a documented close)."""
+    """Send the frames, then a ping; every frame with a ref of ours gets an answer with
+    it, every error a code of the protocol, until the pong (or a documented close)."""
+    frames, expected = tagged(sent)
     async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:
         if headers:
             assert json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))["type"] == "welcome"
         probe = f"probe-{uuid.uuid4().hex[:8]}"
+        answered: set[str] = set()
         try:
-            for frame in sent:
+            for frame in frames:
                 await ws.send(frame)
             await ws.send(json.dumps({"type": "ping", "ref": probe}))
             while True:
                 message = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+                answered.add(str(message.get("ref")))
                 if message["type"] == "error":
                     assert message["code"] in CODES, message
-                    if message.get("ref") == probe:  # not authenticated: the probe is refused too
-                        return
-                if message["type"] == "pong" and message.get("ref") == probe:
+                if message.get("ref") == probe:  # a pong, or not_authenticated
+                    assert expected <= answered, f"no answer to {expected - answered}"
                     return
         except websockets.ConnectionClosed as closed:
             assert closed.rcvd is not None and closed.rcvd.code in CLOSES, f"closed with {closed.rcvd}"
 
 
 @pytest.fixture(scope="module")
-def fuzzer(hub: Any, database_url: str, django_db_blocker: Any) -> tuple[str, str, str]:
-    """``(url, name, key)``: the session's hub and a credential that may do anything here."""
+def fuzzer(
+    database_url: str, redis_url: str, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str, str]]:
+    """``(url, name, key)``: a hub of this module's own, and a credential that may do
+    anything here. Its throttle lets wrong keys go on (the handshakes try many)."""
+    log = tmp_path_factory.mktemp("fuzz") / "hub.log"
+    hub = Hub(database_url, redis_url, log, None, **FAST, TASKHUB_AUTH_FAILURES="1000000")
     with django_db_blocker.unblock(), concurrent.futures.ThreadPoolExecutor(1) as thread:
         name, key = thread.submit(add_credential, database_url, sub=["fz*"], pub=["fz*"], max_instances=1000).result()
-    return hub.url, name, key
+    yield hub.url, name, key
+    hub.stop()
 
 
 @settings(
@@ -203,6 +235,48 @@ def test_every_frame_gets_a_coded_answer(fuzzer, sent, authenticated):
     url, name, key = fuzzer
     headers = basic(name, key) if authenticated else {}
     asyncio.run(exchange(url, headers, sent))
+
+
+header_values = st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=40) | st.sampled_from(
+    ["1", "0", "-1", "99999999999999999999999", "\u00b9", "1.5", "abc.def", "00000000000000000000000000000000.x"]
+)
+
+
+@settings(
+    max_examples=max(20, EXAMPLES // 3),
+    deadline=None,
+    derandomize=not RANDOM,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    name=st.sampled_from(["own", "other"]) | st.text(max_size=20),
+    key=st.sampled_from(["own", "bad"]) | st.text(max_size=20),
+    resume=st.none() | header_values,
+    concurrency=st.none() | header_values,
+    raw_auth=st.none() | header_values,
+)
+def test_every_handshake_gets_a_welcome_or_a_coded_refusal(fuzzer, name, key, resume, concurrency, raw_auth):
+    url, own_name, own_key = fuzzer
+    name, key = (own_name if name == "own" else name), (own_key if key == "own" else key)
+    headers = {"Authorization": raw_auth} if raw_auth is not None else basic(name, key)
+    if resume is not None:
+        headers["TaskHub-Resume"] = resume
+    if concurrency is not None:
+        headers["TaskHub-Concurrency"] = concurrency
+
+    async def handshake() -> None:
+        async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:
+            try:
+                first = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+                if first["type"] == "welcome":
+                    return
+                assert first["type"] == "error" and first["code"] in CODES, first
+                await asyncio.wait_for(ws.recv(), TIMEOUT)
+            except websockets.ConnectionClosed as closed:
+                assert closed.rcvd is not None and closed.rcvd.code in CLOSES, f"closed with {closed.rcvd}"
+
+    asyncio.run(handshake())
 
 
 def test_afterwards_no_instance_is_left_and_a_round_trip_works(fuzzer, hub_db):
