@@ -408,7 +408,7 @@ async def test_an_instance_that_cannot_be_released_does_not_stop_the_sweep(monke
         return session.instance.pk, services.publish(app, command, now)[0]
 
     stuck, task_id = await database_sync_to_async(setup)()
-    real = sweeping.release
+    real = services.release  # what the sweeper calls, patched below
 
     def release(instance_id: Any, when: Any, **kwargs: Any) -> Any:
         if instance_id == stuck:

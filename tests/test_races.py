@@ -7,6 +7,7 @@ queue for the write lock. Both must come out the same.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -186,8 +187,8 @@ def test_a_resume_racing_the_sweepers_release_either_wins_or_finds_the_instance_
         later = now + timedelta(seconds=11)
         resumed, _ = race(
             [
-                lambda s=session, t=later: services.connect(a, "chan-2", "q", "", t, resume=s.token),
-                lambda s=session, t=later: services.release(s.instance.pk, t, only_if_gone=True),
+                functools.partial(services.connect, a, "chan-2", "q", "", later, resume=session.token),
+                functools.partial(services.release, session.instance.pk, later, only_if_gone=True),
             ]
         )
         alive = Instance.objects.filter(pk=session.instance.pk).first()

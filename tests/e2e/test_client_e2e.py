@@ -254,18 +254,19 @@ async def test_every_refusal_closes_with_its_documented_code(make_hub, credentia
     hub = make_hub(TASKHUB_AUTH_TIMEOUT="0.5")
     base = hub.url.removesuffix("ws/taskhub/")
 
-    async def refused(url: str, headers: dict[str, str], frames: list[dict[str, str]] = ()) -> tuple[str, int]:
+    async def refused(url: str, headers: dict[str, str], frames: tuple[dict[str, str], ...] = ()) -> tuple[str, int]:
         async with websockets.connect(url, additional_headers=headers) as ws:
             for frame in frames:
                 await ws.send(json.dumps(frame))
             error = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), TIMEOUT)
+        assert closed.value.rcvd is not None, "closed without a close frame"
         return error["code"], closed.value.rcvd.code
 
     wrong_key = {"Authorization": "Basic " + base64.b64encode(f"{name}:wrong".encode()).decode()}
     assert await refused(hub.url, wrong_key) == ("authentication_failed", 4001)
     hello = {"type": "hello", "name": name, "key": "wrong", "ref": "h"}
-    assert await refused(hub.url, {}, [hello]) == ("authentication_failed", 4001)
+    assert await refused(hub.url, {}, (hello,)) == ("authentication_failed", 4001)
     assert await refused(hub.url, {}) == ("authentication_timeout", 4000)
     assert await refused(base + "elsewhere/", {}) == ("not_found", 4404)
