@@ -142,12 +142,14 @@ class _Followed:
     While a ``watch`` of the task is unanswered, its live events wait in ``early``: the
     hub joins the task's group before it reads the events it replays, so a live event
     can arrive before the replay of older ones, and delivering it first would make the
-    older ones look heard.
+    older ones look heard. They wait too while a long replay is read page by page
+    (``paging``: the last answer said ``more``).
     """
 
     seq: int = 0
     resume: bool = False
     watches: int = 0
+    paging: bool = False
     early: list[TaskEventMessage] = dataclasses.field(default_factory=list)
 
 
@@ -214,6 +216,8 @@ class ClientProtocol:
             else:  # subscriptions among them: each session sends them all again
                 failed.append(Failed(ref, command, ConnectionLost("the connection closed before the hub answered")))
         self._unanswered.clear()
+        for followed in self._followed.values():
+            followed.paging = False  # a page not asked again releases with the next watch
         # Sent before them, so sent again before them.
         self._held = {**again, **self._held}
         return failed
@@ -372,23 +376,29 @@ class ClientProtocol:
             # this client has not heard, with the live ones that came meanwhile, in
             # order, before the answer itself.
             replayed: list[TaskEventMessage] = []
+            more = False
             if isinstance(message, State):
                 logged = (LoggedEvent.from_dict(obj) for obj in message.events)
                 replayed = [m for e in logged if e is not None and (m := e.message(command.task)) is not None]
-            events += self._watch_answered(command.task, replayed)
+                more = message.more is True and bool(message.events)
+            events += self._watch_answered(command.task, replayed, more=more)
         if isinstance(message, Error):
             events.append(Refused(ref, command, error_for(message.code, str(message.detail))))
         else:
             events.append(Answered(ref, command, message))
         return events
 
-    def _watch_answered(self, task_id: str, replayed: list[TaskEventMessage]) -> list[Event]:
+    def _watch_answered(self, task_id: str, replayed: list[TaskEventMessage], *, more: bool) -> list[Event]:
+        """A watch's replay, and the live events held for it once no watch or page of it
+        is outstanding (``more``: the client asks for the next page)."""
         followed = self._followed.get(task_id)
         if followed is None:
             return []
         followed.watches = max(0, followed.watches - 1)
-        waiting = replayed + (followed.early if not followed.watches else [])
-        if not followed.watches:
+        followed.paging = more
+        release = not followed.watches and not more
+        waiting = replayed + (followed.early if release else [])
+        if release:
             followed.early = []
         return self._task_events(sorted(waiting, key=lambda m: m.seq))
 
@@ -398,7 +408,7 @@ class ClientProtocol:
             followed = self._followed.get(message.task)
             if followed is None or message.seq <= followed.seq:
                 continue  # not ours, or heard already (live and replayed, say)
-            if live and followed.watches:
+            if live and (followed.watches or followed.paging):
                 followed.early.append(message)  # after the replay it may precede
                 continue
             followed.seq = message.seq

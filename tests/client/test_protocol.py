@@ -228,6 +228,28 @@ def test_live_events_that_race_a_watchs_replay_are_delivered_after_it_in_order()
     assert receive(protocol, {**live, "seq": 13}) != []  # the watch answered: live again
 
 
+def test_live_events_wait_while_a_long_replay_is_read_page_by_page():
+    """A replay in pages (``more``): a live event that comes between two pages is newer
+    than the next page's events; delivered at once, it would make them look heard."""
+    protocol = opened()
+    protocol.follow(TASK, resume=True)
+    ref = protocol.send(Watch.build(task=TASK, since=0))
+    sent(protocol)
+
+    def logged(seq: int) -> dict[str, Any]:
+        return {"seq": seq, "kind": "update", "service": "w", "attempt": 1, "data": {"data": seq, "progress": None}}
+
+    first = {"type": "state", "ref": ref, "task": {"id": TASK}, "events": [logged(1), logged(2)], "more": True}
+    assert [getattr(e, "message", e).seq for e in receive(protocol, first)[:-1]] == [1, 2]
+    live = {"type": "update", "task": TASK, "seq": 5, "attempt": 1, "service": "w", "data": 5}
+    assert receive(protocol, live) == []  # held: pages 3 and 4 are still to come
+    ref = protocol.send(Watch.build(task=TASK, since=2))
+    sent(protocol)
+    last = {"type": "state", "ref": ref, "task": {"id": TASK}, "events": [logged(3), logged(4)]}
+    events = receive(protocol, last)
+    assert [getattr(getattr(e, "message", None), "seq", None) for e in events] == [3, 4, 5, None]
+
+
 def test_closing_fails_every_command_waiting_and_refuses_new_ones():
     protocol = ClientProtocol()
     held = protocol.send(Ping.build())
