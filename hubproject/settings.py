@@ -59,6 +59,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # daphne serves no static files: the admin's and the dashboard's are served by the
+    # application itself (WhiteNoise), with far-future caching once collected.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -138,6 +141,15 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
+# `STATIC_ROOT=DIR manage.py collectstatic` gathers the files there (optional: see
+# WHITENOISE_USE_FINDERS); unset, WhiteNoise serves them from the apps' folders.
+STATIC_ROOT = os.environ.get("STATIC_ROOT") or None
+# Serve the apps' static files straight from their folders too, so that a fresh
+# checkout is styled without a collectstatic step.
+WHITENOISE_USE_FINDERS = True
+# Under DEBUG, files edited while the hub runs are served as they are now (not cut to the
+# size they had at start).
+WHITENOISE_AUTOREFRESH = DEBUG
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 LOGGING = {

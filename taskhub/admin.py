@@ -1,13 +1,22 @@
-"""Django admin for operators: credentials, the task history, live instances."""
+"""Django admin for operators: credentials, the task history, live instances.
+
+The task and instance actions (retry, cancel, disconnect) go through the services layer,
+as a client's commands do, and tell the connections concerned over the channel layer:
+they work from any hub process, or from a separate admin-only process on the same
+database and channel layer.
+"""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC
 from typing import Any
 
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django import forms
-from django.contrib import admin
-from django.db.models import Count, Q, QuerySet
+from django.contrib import admin, messages
+from django.db.models import Count, F, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template import engines
 from django.template.backends.django import DjangoTemplates
@@ -17,8 +26,11 @@ from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
 from django.utils.html import format_html
 
+from . import services
 from .auth import MIN_KEY_LENGTH, generate_key, hash_key
+from .core.errors import ProtocolError
 from .models import Assignment, Credential, Instance, TaskEvent, TaskRecord, validate_patterns
+from .notify import send_notices
 
 #: The request attribute that holds a key generated while saving, until the response shows it.
 _GENERATED_KEY = "_taskhub_generated_key"
@@ -193,12 +205,41 @@ class ReadOnlyMixin:
         return False
 
 
+def _tell(notices: list[services.Notice]) -> None:
+    """Send what an operator's action changed to the connections concerned (the channel
+    layer; the database already has it, so a lost notice is recovered by the sweepers)."""
+    if notices:
+        async_to_sync(send_notices)(get_channel_layer(), notices)
+
+
+def _operator(request: HttpRequest) -> str:
+    return f"operator {request.user.get_username()}"
+
+
+def millis(delta: Any) -> str:
+    """A duration as milliseconds, to the microsecond: operators read 20 ms tasks."""
+    return f"{delta.total_seconds() * 1000:,.3f} ms"
+
+
 class TaskEventInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type-arg]
     model = TaskEvent
-    fields = readonly_fields = ("created_at", "kind", "service", "attempt", "event_data", "instance")
+    fields = readonly_fields = ("at", "offset", "kind", "service", "attempt", "event_data", "instance")
     extra = 0
     can_delete = False
     verbose_name_plural = "timeline"
+
+    @admin.display(description="time (UTC)")
+    def at(self, obj: TaskEvent) -> str:
+        return obj.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[TaskEvent]:
+        # The task's publication time for the offsets, without loading its payload per row.
+        events: QuerySet[TaskEvent] = super().get_queryset(request).annotate(task_created_at=F("task__created_at"))
+        return events
+
+    @admin.display(description="since init")
+    def offset(self, obj: TaskEvent) -> str:
+        return "+" + millis(obj.created_at - obj.task_created_at)  # type: ignore[attr-defined]  # annotated
 
     @admin.display(description="data")
     def event_data(self, obj: TaskEvent) -> str:
@@ -215,11 +256,23 @@ class AssignmentInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type
 
 @admin.register(TaskRecord)
 class TaskRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = ["id", "action", "status", "publisher_name", "progress_bar", "created_at", "finished_at"]
-    list_filter = ["status", "action", "publisher_name", "failure_reason", "created_at"]
-    search_fields = ["id", "action"]
+    list_display = [
+        "id",
+        "action",
+        "status",
+        "services",
+        "publisher_name",
+        "progress_bar",
+        "failure_reason",
+        "run_time",
+        "created_at",
+    ]
+    list_filter = ["status", "action", "publisher_name", "failure_reason", "assignments__service", "created_at"]
+    search_fields = ["id", "action", "publisher_name", "assignments__service", "failure_detail"]
+    search_help_text = "A task id, or text in the action, the publisher, a service or the failure detail."
     date_hierarchy = "created_at"
     inlines = [AssignmentInline, TaskEventInline]
+    actions = ["retry_tasks", "cancel_tasks"]
     readonly_fields = [
         "id",
         "action",
@@ -233,16 +286,19 @@ class TaskRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg
         "payload_size",
         "result_pretty",
         "has_result",
+        "retries",
         "pickup_timeout",
         "complete_timeout",
+        "heartbeat_timeout",
         "pickup_deadline",
         "complete_deadline",
         "created_at",
         "started_at",
         "finished_at",
+        "run_time",
     ]
     fieldsets = [
-        (None, {"fields": ["id", "action", "status", "publisher_name", "attempt", "progress"]}),
+        (None, {"fields": ["id", "action", "status", "publisher_name", "attempt", "retries", "progress"]}),
         ("Outcome", {"fields": ["result_pretty", "has_result", "failure_reason", "failure_detail"]}),
         ("Payload", {"fields": ["payload_pretty", "payload_size"]}),
         (
@@ -252,14 +308,35 @@ class TaskRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg
                     "created_at",
                     "started_at",
                     "finished_at",
+                    "run_time",
                     "pickup_timeout",
                     "complete_timeout",
+                    "heartbeat_timeout",
                     "pickup_deadline",
                     "complete_deadline",
                 ]
             },
         ),
     ]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[TaskRecord]:
+        return super().get_queryset(request).prefetch_related("assignments")
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # A task being worked on is cancelled, not deleted; finished ones go by retention
+        # (taskhub_purge), or here one by one.
+        return obj is None or obj.finished_at is not None
+
+    @admin.display(description="services")
+    def services(self, obj: TaskRecord) -> str:
+        return ", ".join(sorted({a.service for a in obj.assignments.all()})) or "-"
+
+    @admin.display(description="run time", ordering="finished_at")
+    def run_time(self, obj: TaskRecord) -> str:
+        """From the first offer (or publication) to the end, or until now if it runs."""
+        start = obj.started_at or obj.created_at
+        end = obj.finished_at or timezone.now()
+        return millis(end - start) + ("" if obj.finished_at else " (running)")
 
     @admin.display(description="payload")
     def payload_pretty(self, obj: TaskRecord) -> str:
@@ -275,11 +352,50 @@ class TaskRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg
             return "-"
         return format_html("<progress max='1' value='{}'></progress> {}%", obj.progress, round(obj.progress * 100))
 
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        """Retry and cancel: for operators who may change tasks (the model's change permission)."""
+        return request.user.has_perm("taskhub.change_taskrecord")
+
+    @admin.action(description="Retry selected failed tasks", permissions=["operate"])
+    def retry_tasks(self, request: HttpRequest, queryset: QuerySet[TaskRecord]) -> None:
+        self._each(request, queryset, services.retry, "Retried")
+
+    @admin.action(description="Cancel selected pending or running tasks", permissions=["operate"])
+    def cancel_tasks(self, request: HttpRequest, queryset: QuerySet[TaskRecord]) -> None:
+        self._each(request, queryset, services.cancel, "Cancelled")
+
+    def _each(self, request: HttpRequest, queryset: QuerySet[TaskRecord], act: Any, done: str) -> None:
+        """Apply ``act`` (an operator's command) to each task; say what was done and why
+        the others were skipped (each task on its own: one that cannot does not stop the rest)."""
+        notices: list[services.Notice] = []
+        applied, skipped = 0, []
+        for task_id, status in queryset.values_list("pk", "status"):
+            try:
+                notices += act(None, str(task_id), timezone.now(), _operator(request))
+                applied += 1
+            except ProtocolError as exc:
+                skipped.append(f"{task_id} ({status}: {exc.detail})")
+        _tell(notices)
+        if applied:
+            self.message_user(request, f"{done} {applied} task(s).", messages.SUCCESS)
+        if skipped:
+            self.message_user(request, f"Skipped {len(skipped)}: " + "; ".join(skipped[:10]), messages.WARNING)
+
 
 @admin.register(Instance)
 class InstanceAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = ["id", "credential", "process", "remote_addr", "connected_at", "lease_expires_at", "subscribed_to"]
+    list_display = [
+        "id",
+        "credential",
+        "process",
+        "remote_addr",
+        "connected_at",
+        "detached_at",
+        "lease_expires_at",
+        "subscribed_to",
+    ]
     list_filter = ["credential"]
+    actions = ["disconnect"]
     readonly_fields = [
         "id",
         "credential",
@@ -287,6 +403,7 @@ class InstanceAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
         "process",
         "remote_addr",
         "connected_at",
+        "detached_at",
         "lease_expires_at",
         "last_assigned_at",
     ]
@@ -297,3 +414,26 @@ class InstanceAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     @admin.display(description="subscribed to")
     def subscribed_to(self, obj: Instance) -> str:
         return ", ".join(s.action for s in obj.subscriptions.all()) or "-"
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # a deleted row would leave its connection a zombie: disconnect instead
+
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("taskhub.change_instance")
+
+    @admin.action(
+        description="Disconnect selected instances (their tasks go to other instances)", permissions=["operate"]
+    )
+    def disconnect(self, request: HttpRequest, queryset: QuerySet[Instance]) -> None:
+        notices: list[services.Notice] = []
+        count = 0
+        for instance_id in queryset.values_list("pk", flat=True):
+            notices += services.disconnect(instance_id, timezone.now())
+            count += 1
+        _tell(notices)
+        self.message_user(
+            request,
+            f"Disconnected {count} instance(s): each connection is closed with code 4005 and its client "
+            "reconnects as a new instance; disable the credential to keep it out.",
+            messages.SUCCESS,
+        )

@@ -16,6 +16,9 @@ taskhub.E009   PREPARED_STATEMENTS and SQLITE_INLINE are True or False
 taskhub.E010   STORE is "auto" or the name of a backend that fits the database
 taskhub.E011   AUTH_FAILURES and MAX_QUEUED_FRAMES are positive integers
 taskhub.E012   MAX_BUFFERED_BYTES is an integer number of bytes, at least twice MAX_MESSAGE_SIZE
+taskhub.E013   KEEP_SUCCEEDED and KEEP_FAILED are positive numbers of seconds or None
+taskhub.E014   PURGE_BATCH is a positive integer
+taskhub.E015   METRICS_TOKEN is None or a string of at least 16 characters
 taskhub.W001   MAX_MESSAGE_SIZE is below daphne's default frame limit (1 MiB)
 =============  ===========================================================
 """
@@ -123,6 +126,29 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 f"TASKHUB_MAX_MESSAGE_SIZE, not {buffered!r}.",
                 hint="A client that reads, slowly, must be able to have a large answer or two pending.",
                 id="taskhub.E012",
+            )
+        )
+    for name in ("KEEP_SUCCEEDED", "KEEP_FAILED"):
+        value = getattr(conf, name)
+        if value is not None and not _positive(value):
+            errors.append(
+                Error(
+                    f"TASKHUB_{name} must be a positive number of seconds or None, not {value!r}.",
+                    hint="For example 7 * 24 * 3600 keeps a week; None keeps every task.",
+                    id="taskhub.E013",
+                )
+            )
+    if not _positive(conf.PURGE_BATCH, integer=True):
+        errors.append(
+            Error(f"TASKHUB_PURGE_BATCH must be a positive integer, not {conf.PURGE_BATCH!r}.", id="taskhub.E014")
+        )
+    token = conf.METRICS_TOKEN
+    if token is not None and not (isinstance(token, str) and len(token) >= 16):
+        errors.append(
+            Error(
+                "TASKHUB_METRICS_TOKEN must be None or a string of at least 16 characters.",
+                hint="A scraper sends it as 'Authorization: Bearer <token>'; make it long and random.",
+                id="taskhub.E015",
             )
         )
     errors += _check_store()

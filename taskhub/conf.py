@@ -62,6 +62,14 @@ DEFAULTS: dict[str, Any] = {
     # The hot path's database backend (taskhub/store): "auto" (SQLite's or PostgreSQL's
     # own, else the ORM's) or "orm" (the reference, on any database).
     "STORE": "auto",
+    # Seconds a succeeded or ended (KEEP_SUCCEEDED) or failed (KEEP_FAILED) task is kept
+    # after it ended, with its payload and events; the sweepers delete older ones. None: forever.
+    "KEEP_SUCCEEDED": None,
+    "KEEP_FAILED": None,
+    # Tasks deleted per statement by retention and taskhub_purge (short transactions).
+    "PURGE_BATCH": 100,
+    # A bearer token that may read /taskhub/metrics besides staff sessions; None: staff only.
+    "METRICS_TOKEN": None,
 }
 
 
@@ -97,6 +105,10 @@ class Settings:
     PREPARED_STATEMENTS: bool
     SQLITE_INLINE: bool
     STORE: str
+    KEEP_SUCCEEDED: float | None
+    KEEP_FAILED: float | None
+    PURGE_BATCH: int
+    METRICS_TOKEN: str | None
 
 
 conf = Settings()

@@ -155,6 +155,11 @@ class TaskRecord(models.Model):
         null=True, blank=True, help_text="When the heartbeat timeout passes, unless a service updates or touches."
     )
     retry_at = models.DateTimeField(null=True, blank=True, help_text="When the next attempt may be offered.")
+    autoremove = models.BooleanField(
+        default=False,
+        help_text="Whether the task is deleted, events and all, once it succeeded and its result "
+        "reached the publisher (wsq's autoremove).",
+    )
     deadline = models.DateTimeField(
         null=True, blank=True, help_text="The next moment a sweeper must look at this task."
     )
@@ -177,6 +182,12 @@ class TaskRecord(models.Model):
             models.Index(fields=["status", "-created_at"], name="taskhub_task_status_created"),
             models.Index(fields=["publisher_name", "-created_at"], name="taskhub_task_publisher"),
             models.Index(fields=["-created_at"], name="taskhub_task_created"),
+            # Retention: the oldest finished tasks of a status first.
+            models.Index(
+                fields=["status", "finished_at"],
+                name="taskhub_task_finished",
+                condition=models.Q(finished_at__isnull=False),
+            ),
         ]
 
     def __str__(self) -> str:
@@ -306,3 +317,28 @@ class Subscription(models.Model):
 
     def __str__(self) -> str:
         return self.action
+
+
+class Monitor(models.Model):
+    """A live monitor: a staff user's read-only connection (the dashboard).
+
+    While one is live anywhere, every hub process sends every task transition to the
+    monitors' channel-layer group; each process reads this table at most once a second
+    to know (:func:`taskhub.services.routing.monitored`). Its connection renews its lease;
+    a process that dies leaves rows that lapse on their own.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.CharField(max_length=150, help_text="The staff user's name.")
+    channel_name = models.CharField(max_length=200, help_text="The connection's channel-layer channel.")
+    process = models.CharField(max_length=100, help_text="The hub process serving the connection (host:pid:nonce).")
+    remote_addr = models.CharField(max_length=100, blank=True, help_text="The client's address.")
+    connected_at = models.DateTimeField(help_text="When the monitor was welcomed.")
+    lease_expires_at = models.DateTimeField(help_text="The monitor counts as live until then.")
+
+    class Meta:
+        ordering = ["connected_at"]
+        indexes = [models.Index(fields=["lease_expires_at"], name="taskhub_monitor_lease")]
+
+    def __str__(self) -> str:
+        return f"{self.user} {self.id}"

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer, InMemoryChannelLayer
 
+from . import metrics
 from .services.routing import Notice
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ async def send_notices(layer: BaseChannelLayer | None, notices: Iterable[Notice]
             elif layer is not None:
                 await layer.group_send(name, message)
         except Exception:  # the layer is a best-effort bus; callers recover from the database
+            metrics.send_failed("error")
             log.exception("could not send %s to %s", message.get("type"), name)
 
 
@@ -108,6 +110,8 @@ async def _send(layer: BaseChannelLayer | None, channel: str, message: dict[str,
     except ChannelFull:
         # A consumer that stopped reading, or one that is gone and whose messages wait
         # to expire; either way the database has what the message said.
+        metrics.send_failed("full")
         log.warning("channel %s is full: dropped %s", channel, message.get("type"))
     except Exception:
+        metrics.send_failed("error")
         log.exception("could not send %s to %s", message.get("type"), channel)

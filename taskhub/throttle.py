@@ -8,11 +8,18 @@ more. Keys are long and random, so this is about noise in the logs and the datab
 more than about guessing; the cost is that someone hammering a name also keeps its real
 services out for up to a window (their client reconnects with backoff).
 
+Attempts in flight count too: once failures and attempts not yet settled fill the limit,
+a new attempt waits for one of them to settle (:func:`admit`), so that a burst of wrong
+keys sent at once stops at the limit, while a burst of right ones (a service's instances
+reconnecting after a restart) only queues for a moment and is never refused.
+
 Each hub process counts its own attempts, in memory.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import deque
 
 from .conf import conf
@@ -25,20 +32,29 @@ MAX_KEYS = 10_000
 _failures: dict[tuple[str, str], deque[float]] = {}
 # Attempts checked and not yet settled: concurrent hellos count before they fail.
 _pending: dict[tuple[str, str], int] = {}
+# Attempts waiting for one in flight to settle (admit).
+_waiters: list[asyncio.Future[None]] = []
 
 
 def _keys(address: str, name: str) -> tuple[tuple[str, str], tuple[str, str]]:
     return ("address", address), ("name", name)
 
 
-def check(address: str, name: str, now: float) -> None:
-    """Call before verifying a ``hello``, and :func:`settle` once it is verified;
-    ``now`` is a monotonic clock's seconds.
+def check(address: str, name: str, now: float) -> bool:
+    """Call before verifying a ``hello`` (or use :func:`admit`), and :func:`settle` once
+    it is verified, if this returned True; ``now`` is a monotonic clock's seconds.
+
+    Returns:
+        True: the attempt may go on (it is counted in flight until settled). False:
+        attempts in flight fill what the failures leave of the limit; check again once
+        one settles.
 
     Raises:
-        AuthenticationFailed: ``too_many_attempts``, with the seconds to wait.
+        AuthenticationFailed: ``too_many_attempts``, with the seconds to wait: failures
+            alone fill the limit.
     """
     window, limit = conf.AUTH_FAILURE_WINDOW, conf.AUTH_FAILURES
+    room = True
     for key, what in zip(_keys(address, name), ("from this address", f"for {name[:100]!r}"), strict=True):
         times = _failures.get(key)
         if times is not None:
@@ -47,14 +63,34 @@ def check(address: str, name: str, now: float) -> None:
             if not times:
                 del _failures[key]
         failed = len(times) if times else 0
-        if failed + _pending.get(key, 0) >= limit:
-            wait = times[0] + window - now if times and failed >= limit else 1.0
+        if times and failed >= limit:
             raise AuthenticationFailed(
-                f"too many failed authentications {what}: try again in {max(wait, 1.0):.0f} s",
+                f"too many failed authentications {what}: try again in {max(times[0] + window - now, 1.0):.0f} s",
                 ErrorCode.TOO_MANY_ATTEMPTS,
             )
-    for key in _keys(address, name):
-        _pending[key] = _pending.get(key, 0) + 1
+        if failed + _pending.get(key, 0) >= limit:
+            room = False
+    if room:
+        for key in _keys(address, name):
+            _pending[key] = _pending.get(key, 0) + 1
+    return room
+
+
+async def admit(address: str, name: str) -> None:
+    """Wait until the attempt may go on (:func:`check` on the monotonic clock, again
+    after each settle); then it is in flight: :func:`settle` it.
+
+    Raises:
+        AuthenticationFailed: ``too_many_attempts``, at once or after waiting.
+    """
+    while not check(address, name, time.monotonic()):
+        waiter = asyncio.get_running_loop().create_future()
+        _waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in _waiters:
+                _waiters.remove(waiter)
 
 
 def settle(address: str, name: str, now: float, *, failed: bool) -> None:
@@ -73,9 +109,16 @@ def settle(address: str, name: str, now: float, *, failed: bool) -> None:
     if len(_failures) > MAX_KEYS:
         for key in list(_failures)[: len(_failures) - MAX_KEYS]:
             del _failures[key]
+    # Every waiting attempt checks again (few wait: only bursts at the limit).
+    waiters = _waiters[:]
+    _waiters.clear()
+    for waiter in waiters:
+        if not waiter.done() and not waiter.get_loop().is_closed():
+            waiter.set_result(None)
 
 
 def reset() -> None:
     """Forget every failure (tests)."""
     _failures.clear()
     _pending.clear()
+    _waiters.clear()

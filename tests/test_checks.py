@@ -96,6 +96,30 @@ def test_e012_accepts_twice_the_message_size():
     assert ids(TASKHUB_MAX_BUFFERED_BYTES=2 * 768 * 1024) == []
 
 
+@pytest.mark.parametrize("name", ["KEEP_SUCCEEDED", "KEEP_FAILED"])
+@pytest.mark.parametrize("value", [0, -1, "1 day", float("inf")])
+def test_e013_retention(name, value):
+    assert ids(**{f"TASKHUB_{name}": value}) == ["taskhub.E013"]
+
+
+def test_e013_accepts_seconds_and_none():
+    assert ids(TASKHUB_KEEP_SUCCEEDED=3600, TASKHUB_KEEP_FAILED=None) == []
+
+
+@pytest.mark.parametrize("value", [0, 2.5, None, "100"])
+def test_e014_purge_batch(value):
+    assert ids(TASKHUB_PURGE_BATCH=value) == ["taskhub.E014"]
+
+
+@pytest.mark.parametrize("value", ["", "short", 12345678901234567890])
+def test_e015_metrics_token(value):
+    assert ids(TASKHUB_METRICS_TOKEN=value) == ["taskhub.E015"]
+
+
+def test_e015_accepts_a_long_token():
+    assert ids(TASKHUB_METRICS_TOKEN="x" * 32) == []
+
+
 def test_settings_are_read_on_access_and_unknown_names_fail():
     assert conf.PICKUP_TIMEOUT == 30.0  # remembered from here on
     with override_settings(TASKHUB_PICKUP_TIMEOUT=7.0):

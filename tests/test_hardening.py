@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -181,13 +182,45 @@ def test_the_throttle_counts_per_address_and_per_name_within_the_window(settings
 def test_attempts_in_flight_count_against_the_limit(settings):
     # Hellos sent at once must not all get through before the first one fails.
     settings.TASKHUB_AUTH_FAILURES = 3
-    for _ in range(3):
-        throttle.check("10.0.0.1", "svc", 1.0)
-    with pytest.raises(Exception, match="too many failed authentications"):
-        throttle.check("10.0.0.1", "svc", 1.0)
+    assert all(throttle.check("10.0.0.1", "svc", 1.0) for _ in range(3))
+    assert throttle.check("10.0.0.1", "svc", 1.0) is False  # wait: three are in flight
     for _ in range(3):  # they all succeed: nothing is held against the address
         throttle.settle("10.0.0.1", "svc", 1.0, failed=False)
-    throttle.check("10.0.0.1", "svc", 1.0)
+    assert throttle.check("10.0.0.1", "svc", 1.0) is True
+
+
+async def test_a_burst_of_right_keys_queues_and_a_burst_of_wrong_ones_stops_at_the_limit(settings):
+    settings.TASKHUB_AUTH_FAILURES = 3
+    admitted: list[int] = []
+
+    async def attempt(i: int) -> None:
+        await throttle.admit("10.0.0.1", "svc")
+        admitted.append(i)
+
+    right = [asyncio.ensure_future(attempt(i)) for i in range(10)]
+    await asyncio.wait_for(until(lambda: len(admitted) == 3), TIMEOUT)
+    while len(admitted) < 10:  # each success lets one more in; none is refused
+        seen = len(admitted)
+        throttle.settle("10.0.0.1", "svc", 1.0, failed=False)
+        await asyncio.wait_for(until(lambda n=seen: len(admitted) > n), TIMEOUT)
+    for _ in range(3):
+        throttle.settle("10.0.0.1", "svc", 1.0, failed=False)
+    await asyncio.gather(*right)
+
+    admitted.clear()
+    wrong = [asyncio.ensure_future(attempt(i)) for i in range(10)]
+    await asyncio.wait_for(until(lambda: len(admitted) == 3), TIMEOUT)
+    for _ in range(3):  # the three in flight fail: the seven waiting are refused
+        throttle.settle("10.0.0.1", "svc", time.monotonic(), failed=True)
+    results = await asyncio.wait_for(asyncio.gather(*wrong, return_exceptions=True), TIMEOUT)
+    refused = [r for r in results if isinstance(r, Exception)]
+    assert len(refused) == 7 and all(e.code == "too_many_attempts" for e in refused)  # type: ignore[attr-defined]
+
+
+async def until(condition: Any) -> None:
+    """Until ``condition()`` holds, letting the event loop run the attempts."""
+    while not condition():
+        await asyncio.sleep(0)
 
 
 def test_the_throttle_forgets_the_oldest_beyond_its_bound(monkeypatch, settings):

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import typing
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,10 +75,12 @@ COVERED = {
     "jobs.py": "test_command_line",
     "cli-caller": "test_command_line",
     "credentials": "test_credentials",
+    "purge": "test_purge",
     "scaled-out": "test_scaled_out",
     "integrator-install": "test_integrator_project",
     "integrator-settings": "test_integrator_project",
     "integrator-asgi": "test_integrator_project",
+    "integrator-urls": "test_integrator_project",
     "integrator-run": "test_integrator_project",
 }
 
@@ -314,6 +317,38 @@ def test_credentials(readme_db, keys):
     assert out[-2] == "New key of geo (shown once):" and re.fullmatch(r"[\w-]{32,}", out[-1])
 
 
+OLD_TASKS = """
+import uuid
+from datetime import timedelta
+from django.utils import timezone
+from taskhub.models import TaskEvent, TaskRecord
+now = timezone.now()
+for status, age in (("success", 40), ("failed", 40), ("failed", 1)):
+    when = now - timedelta(days=age)
+    task = TaskRecord.objects.create(
+        id=uuid.uuid4(), action="readme:purge", publisher_name="app", status=status,
+        created_at=when, finished_at=when,
+    )
+    TaskEvent.objects.create(task=task, kind="init", service="app", created_at=when)
+"""
+
+
+def test_purge(readme_db):
+    env = user_env(DATABASE_URL=readme_db)
+    made = sh(f"python manage.py shell -c '{OLD_TASKS}'", ROOT, env)
+    assert made.returncode == 0, made.stdout + made.stderr
+    done = sh(block("purge"), ROOT, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout.splitlines()
+    # The dry run counts the two tasks over 30 days old; the second run deletes the failed one.
+    assert [line.split(" that ")[0] for line in out if "would delete" in line] == [
+        "success: would delete 1 tasks (1 events, 0 assignments)",
+        "failed: would delete 1 tasks (1 events, 0 assignments)",
+        "ended: would delete 0 tasks (0 events, 0 assignments)",
+    ]
+    assert any(line.startswith("failed: deleted 1 tasks (1 events, 0 assignments)") for line in out), out
+
+
 async def test_scaled_out(readme_db, readme_redis, keys, hub, tmp_path):
     export, migrate, serve = block("scaled-out").splitlines()
     written = dict(re.findall(r"(\w+)=(\S+)", export.removeprefix("export ")))
@@ -367,6 +402,7 @@ async def test_integrator_project(readme_redis, tmp_path):
     settings = project / "mysite" / "settings.py"
     settings.write_text(settings.read_text() + "\n" + block("integrator-settings"))
     project.joinpath("mysite", "asgi.py").write_text(block("integrator-asgi"))
+    project.joinpath("mysite", "urls.py").write_text(block("integrator-urls"))
     check = await run("python manage.py check", project)
     assert "System check identified no issues" in check.stdout
     assert (await run("python -c 'import mysite.asgi; print(mysite.asgi.application)'", project)).stdout
@@ -391,9 +427,26 @@ async def test_integrator_project(readme_redis, tmp_path):
             async with websockets.connect(url, origin=Origin("http://evil.example"), open_timeout=TIMEOUT):
                 pass
         assert refused.value.response.status_code == 403
+        # The app's pages are mounted: the dashboard sends an anonymous visitor to log in.
+        dashboard = await asyncio.to_thread(http_status, f"http://127.0.0.1:{port}/taskhub/")
+        assert dashboard == (302, "/admin/login/?next=/taskhub/")
     finally:
         stop(serve)
     assert "Traceback" not in (tmp_path / "daphne.log").read_text()
+
+
+def http_status(url: str) -> tuple[int, str]:
+    """The status of a GET, and where a redirect goes (not followed)."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    try:
+        with urllib.request.build_opener(NoRedirect).open(url, timeout=TIMEOUT) as response:
+            return response.status, ""
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Location", "")
 
 
 # -- the settings the README lists, from the environment ------------------------------------

@@ -160,6 +160,7 @@ class Client(Connection):
         retries: int = 0,
         retry_backoff: float | None = None,
         task_id: str | None = None,
+        autoremove: bool = False,
     ) -> TaskHandle:
         """Publish a task and return its handle at once.
 
@@ -177,6 +178,10 @@ class Client(Connection):
                 hub does, lowercase and hyphenated); by default one is generated. The
                 client re-sends the ``pub`` with this id after a reconnect, so the hub
                 creates the task once.
+            autoremove: the hub deletes the task, its payload and its events, once it
+                succeeded and its result reached this client (wsq's ``autoremove``).
+                A failed task is kept. ``get_task``, ``watch`` and ``retry`` of it then
+                raise ``UnknownTask``.
 
         Raises:
             InvalidMessage: ``action`` is not a valid action name, or an option is out of
@@ -195,6 +200,8 @@ class Client(Connection):
             fields["retries"] = retries
         if retry_backoff is not None:
             fields["retry_backoff"] = retry_backoff
+        if autoremove:
+            fields["autoremove"] = True
         command = Pub.build(action=action, payload=payload, **fields)
         return self._follow(command.task_id, command)
 

@@ -70,6 +70,7 @@ class ErrorCode(StrEnum):
     CREDENTIAL_DISABLED = "credential_disabled"
     TOO_MANY_INSTANCES = "too_many_instances"
     SUPERSEDED = "superseded"  # the instance was resumed on another connection
+    DISCONNECTED = "disconnected"  # an operator disconnected the instance
     NOT_FOUND = "not_found"  # no TaskHub endpoint at the handshake's path
     # What the command asks for.
     PERMISSION_DENIED = "permission_denied"
@@ -89,6 +90,7 @@ AUTHENTICATION_CODES = frozenset(
         ErrorCode.CREDENTIAL_DISABLED,
         ErrorCode.TOO_MANY_INSTANCES,
         ErrorCode.SUPERSEDED,
+        ErrorCode.DISCONNECTED,
     }
 )
 
@@ -101,6 +103,7 @@ class CloseCode(IntEnum):
     CREDENTIAL_DISABLED = 4002
     TOO_MANY_INSTANCES = 4003
     SUPERSEDED = 4004
+    DISCONNECTED = 4005  # an operator disconnected the instance (admin)
     NOT_READING = 4008  # the client let more than TASKHUB_MAX_BUFFERED_BYTES pile up unread
     TOO_MANY_ATTEMPTS = 4029
     NOT_FOUND = 4404
@@ -118,6 +121,7 @@ _CLOSE_FOR: dict[str, CloseCode] = {
     ErrorCode.CREDENTIAL_DISABLED: CloseCode.CREDENTIAL_DISABLED,
     ErrorCode.TOO_MANY_INSTANCES: CloseCode.TOO_MANY_INSTANCES,
     ErrorCode.SUPERSEDED: CloseCode.SUPERSEDED,
+    ErrorCode.DISCONNECTED: CloseCode.DISCONNECTED,
     ErrorCode.NOT_FOUND: CloseCode.NOT_FOUND,
     ErrorCode.TOO_MANY_ATTEMPTS: CloseCode.TOO_MANY_ATTEMPTS,
     ErrorCode.INTERNAL_ERROR: CloseCode.INTERNAL_ERROR,

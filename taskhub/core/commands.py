@@ -34,6 +34,8 @@ MAX_CONCURRENCY = 100_000
 MAX_LIST = 1000
 #: The values of ``tasks``'s ``status``.
 TASK_STATUSES = frozenset({"pending", "started", "success", "failed", "ended"})
+#: Longest service (credential) name, as ``Credential.name`` stores it.
+MAX_SERVICE_LENGTH = 100
 
 
 class _Missing:
@@ -141,6 +143,18 @@ def _limit(name: str, value: Any) -> int:
     return int(value)
 
 
+def _service(name: str, value: Any) -> str:
+    # A credential's name: letters, digits, ".", "_" and "-" (``Credential.name``).
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= MAX_SERVICE_LENGTH
+        or not value.isascii()
+        or not all(c.isalnum() or c in "._-" for c in value)
+    ):
+        raise _bad(name, f"a service name: at most {MAX_SERVICE_LENGTH} letters, digits, '.', '_' or '-'")
+    return value
+
+
 def _action(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise _bad(name, "an action name (a string)")
@@ -161,6 +175,7 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "concurrency": _concurrency,
     "status": _status,
     "limit": _limit,
+    "service": _service,
     "json": lambda name, value: value,
 }
 
@@ -209,6 +224,10 @@ class Hello(Command):
 
     ``resume``: the token of an instance this client had (from its ``welcome``), to take
     it back with its tasks. ``concurrency``: most unfinished tasks to be offered at once.
+
+    ``monitor`` (true) asks for read-only monitor rights instead (the dashboard): the hub
+    takes them from the connection's Django session, which must be a staff user's, and
+    reads neither ``name`` nor ``key`` (they may be left out).
     """
 
     type = "hello"
@@ -217,11 +236,20 @@ class Hello(Command):
         ("key", "text", True),
         ("resume", "text", False),
         ("concurrency", "concurrency", False),
+        ("monitor", "flag", False),
     )
     name: str
     key: str
     resume: str
     concurrency: int | None
+    monitor: bool = MISSING
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], ref: str | int | None) -> Command:
+        if _field(obj, "monitor", "flag", required=False) is not True:
+            return super(Hello, cls).from_dict(obj, ref)
+        # A monitor authenticates with its session: a name and a key, if sent, are not read.
+        return cls(ref, MISSING, MISSING, MISSING, MISSING, True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +277,7 @@ class Pub(Command):
     ``timeout`` / ``pickup_timeout`` / ``heartbeat_timeout``: seconds, ``null`` for none,
     absent for the hub's default. ``retries``: how many times a failed attempt is retried
     (-1: for ever), each after ``retry_backoff`` seconds doubled per attempt.
+    ``autoremove``: delete the task once it succeeded and its result reached the publisher.
     """
 
     type = "pub"
@@ -261,6 +290,7 @@ class Pub(Command):
         ("heartbeat_timeout", "timeout", False),
         ("retries", "retries", False),
         ("retry_backoff", "seconds", False),
+        ("autoremove", "flag", False),
     )
     action: str
     payload: Any
@@ -270,6 +300,7 @@ class Pub(Command):
     heartbeat_timeout: float | None
     retries: int
     retry_backoff: float
+    autoremove: bool
 
 
 # A worker's commands name the task and the attempt they concern; ``again`` says the
@@ -366,13 +397,20 @@ class Retry(Command):
 
 @dataclass(frozen=True, slots=True)
 class Tasks(Command):
-    """List the tasks this credential published or may subscribe to, newest first."""
+    """List the tasks this credential published or was offered (a monitor: every task),
+    newest first; ``service`` keeps those offered to that service."""
 
     type = "tasks"
-    fields = (("status", "status", False), ("action", "action", False), ("limit", "limit", False))
+    fields = (
+        ("status", "status", False),
+        ("action", "action", False),
+        ("limit", "limit", False),
+        ("service", "service", False),
+    )
     status: str
     action: str
     limit: int
+    service: str = MISSING
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +438,14 @@ class Ping(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class Stats(Command):
+    """For monitors: services and their live instances, per-action counts and rates, and
+    the tasks waiting for a subscriber, read from the database."""
+
+    type = "stats"
+
+
+@dataclass(frozen=True, slots=True)
 class Bye(Command):
     """Leave: the hub releases the instance (its slot and its tasks), answers, and closes."""
 
@@ -410,7 +456,7 @@ COMMANDS: dict[str, type[Command]] = {
     cls.type: cls
     for cls in (
         Hello, Sub, Unsub, Pub, Pickup, Update, Touch, Return, Drop, Fail, Cancel, Retry, Tasks, GetPayload, Watch,
-        Ping, Bye,
+        Stats, Ping, Bye,
     )
 }  # fmt: skip
 

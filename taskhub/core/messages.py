@@ -33,6 +33,7 @@ __all__ = [
     "Payload",
     "Pong",
     "State",
+    "Stats",
     "TaskEnd",
     "TaskEventMessage",
     "TaskFailure",
@@ -42,6 +43,7 @@ __all__ = [
     "TaskUpdate",
     "TaskSnapshot",
     "LoggedEvent",
+    "Transition",
     "Welcome",
     "event_message",
     "parse_message",
@@ -76,7 +78,7 @@ class Message:
         Raises:
             InvalidMessage: ``invalid_field`` when a field it must carry is missing.
         """
-        for name in cls.required:
+        for name in cls.required_of(obj):
             if name not in obj:
                 raise InvalidMessage(f"{cls.type} message without {name!r}", ErrorCode.INVALID_FIELD)
         for name, kind in cls.types.items():
@@ -85,17 +87,48 @@ class Message:
                 raise InvalidMessage(f"{cls.type} message with a wrong {name!r}: {value!r}", ErrorCode.INVALID_FIELD)
         return cls(**{name: obj[name] for name in cls.order if name in obj})
 
+    @classmethod
+    def required_of(cls, obj: dict[str, Any]) -> tuple[str, ...]:
+        """The fields ``obj`` must carry to be read as this class (:attr:`required`)."""
+        return cls.required
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Welcome(Message):
-    """Authenticated: the instance's id and the hub's limits (bytes)."""
+    """Authenticated: the instance's id and the hub's limits (bytes).
+
+    A monitor's welcome (``monitor`` true) names the session's ``user`` instead of a
+    service and an instance: a monitor has none.
+    """
 
     type = "welcome"
     required = ("service", "instance")
-    types = {"instance": str, "max_message_size": int, "max_payload_size": int, "resume": str, "resumed": bool}
-    order = ("v", "service", "instance", "resume", "resumed", "max_message_size", "max_payload_size", "ref")
-    service: str
-    instance: str
+    types = {
+        "instance": str,
+        "max_message_size": int,
+        "max_payload_size": int,
+        "resume": str,
+        "resumed": bool,
+        "monitor": bool,
+    }
+    order = (
+        "v",
+        "monitor",
+        "user",
+        "service",
+        "instance",
+        "resume",
+        "resumed",
+        "max_message_size",
+        "max_payload_size",
+        "ref",
+    )
+    service: Any = MISSING
+    instance: Any = MISSING
+    #: ``True`` for a monitor's session (read-only, no instance).
+    monitor: Any = MISSING
+    #: A monitor's Django user name.
+    user: Any = MISSING
     #: The token that takes this instance back after a reconnect (``hello``'s ``resume``).
     resume: Any = MISSING
     #: Whether this connection took back the instance its ``resume`` named.
@@ -104,6 +137,11 @@ class Welcome(Message):
     max_payload_size: Any = MISSING
     v: Any = PROTOCOL_VERSION
     ref: Ref = None
+
+    @classmethod
+    def required_of(cls, obj: dict[str, Any]) -> tuple[str, ...]:
+        """A service's welcome names its service and instance; a monitor's need not."""
+        return () if obj.get("monitor") is True else cls.required
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -268,6 +306,44 @@ class TaskEnd(TaskEventMessage):
     status: Any = "ended"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Transition(Message):
+    r"""For monitors: one transition of a task, as it was written.
+
+    ``task`` is the task after it (a :class:`TaskSnapshot`'s fields without ``result``,
+    plus ``version``, ``started_at`` and ``has_result``); ``events`` the events it wrote
+    (:class:`LoggedEvent`\ s' dicts, oldest first). A value of an event's data that was
+    too large to send live is ``null``, its key listed in the event's ``omitted``: ``watch``
+    the task for it.
+    """
+
+    type = "transition"
+    required = ("task", "events")
+    types = {"task": dict, "events": list}
+    order = ("task", "events")
+    task: dict[str, Any]
+    events: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stats(Message):
+    """The answer to ``stats`` (monitors): ``services`` with their live instances,
+    ``actions`` with their counts, ``waiting`` tasks and the ``monitors`` connected, as
+    the database has them ``at`` that moment (docs/dashboard.md describes the fields)."""
+
+    type = "stats"
+    required = ("services", "actions", "waiting")
+    types = {"services": list, "actions": list, "waiting": dict, "monitors": int}
+    order = ("ref", "at", "services", "actions", "waiting", "monitors", "more")
+    services: list[dict[str, Any]]
+    actions: list[dict[str, Any]]
+    waiting: dict[str, Any]
+    monitors: Any = 0
+    at: Any = ""
+    more: Any = MISSING
+    ref: Ref = None
+
+
 MESSAGES: dict[str, type[Message]] = {
     cls.type: cls
     for cls in (
@@ -284,6 +360,8 @@ MESSAGES: dict[str, type[Message]] = {
         TaskRetry,
         TaskFailure,
         TaskEnd,
+        Transition,
+        Stats,
     )  # fmt: skip
 }
 

@@ -15,6 +15,7 @@ instances     credentials checked, connections registered, slots and leases
 queries       the read side: visible tasks, snapshots, events
 commands      each client command, checked and applied
 sweeping      each process's periodic pass: leases, deadlines, waiting tasks
+retention     old finished tasks deleted in batches, events and all
 ============  ==========================================================
 
 Imports point up this table, never down: ``commands`` and ``sweeping`` use the modules
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 from .commands import act, cancel, check_size, get_payload, publish, retry, subscribe, unsubscribe, watch
 from .dispatch import dispatch_waiting
-from .instances import Session, authenticate, connect, detach, release, renew_leases
+from .instances import Session, authenticate, connect, detach, disconnect, release, renew_leases
+from .retention import Purged, expire_history, purge
 from .routing import Notice, task_group
 from .sweeping import SWEEP_BATCH, expire, offer_waiting, overdue, release_lapsed, sweep
 from .transitions import OPTIMISTIC_ATTEMPTS, transition
@@ -35,6 +37,7 @@ __all__ = [
     "OPTIMISTIC_ATTEMPTS",
     "SWEEP_BATCH",
     "Notice",
+    "Purged",
     "Session",
     "act",
     "authenticate",
@@ -42,12 +45,15 @@ __all__ = [
     "check_size",
     "connect",
     "detach",
+    "disconnect",
     "dispatch_waiting",
     "expire",
+    "expire_history",
     "get_payload",
     "offer_waiting",
     "overdue",
     "publish",
+    "purge",
     "release",
     "release_lapsed",
     "renew_leases",

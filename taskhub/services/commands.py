@@ -21,6 +21,7 @@ from taskhub.core.codes import ErrorCode, EventKind
 from taskhub.core.commands import MISSING, Drop, Fail, Pickup, Pub, Return, Touch, Update, WorkCommand
 from taskhub.core.errors import InvalidMessage, PermissionDenied, UnknownTask
 from taskhub.core.frames import encoded_size
+from taskhub.core.states import TaskStatus
 from taskhub.models import Credential, Subscription, TaskEvent, TaskRecord
 from taskhub.store import get_store
 
@@ -88,6 +89,7 @@ def publish(
         payload=payload,
         payload_size=size,
         created_at=now,
+        autoremove=cmd.autoremove is True,
     )
     store = get_store()
     offers, channels = choose_offers(store, action, now)
@@ -233,8 +235,9 @@ def _own(credential: Credential | None, task_id: str) -> str:
     return action
 
 
-def get_payload(credential: Credential, task_id: str) -> Any:
-    """The task's payload, for its publisher or a service it was offered to.
+def get_payload(credential: Credential | None, task_id: str) -> Any:
+    """The task's payload, for its publisher or a service it was offered to (``None``: a
+    monitor, for any task).
 
     Raises:
         UnknownTask: as :func:`~taskhub.services.queries.visible_task`.
@@ -242,7 +245,7 @@ def get_payload(credential: Credential, task_id: str) -> Any:
     return queries.visible_task(credential, task_id).payload
 
 
-def watch(credential: Credential, task_id: str, since: int, *, follow: bool = True) -> dict[str, Any]:
+def watch(credential: Credential | None, task_id: str, since: int, *, follow: bool = True) -> dict[str, Any]:
     """The task's current state and its events with a ``seq`` above ``since``.
 
     To ``follow`` the task, call after joining its group: the task is marked ``watched``
@@ -250,15 +253,27 @@ def watch(credential: Credential, task_id: str, since: int, *, follow: bool = Tr
     are in the answer) or sees the mark and sends to the group (docs/architecture.md,
     "Notices").
 
+    ``credential=None`` is a monitor's read, of any task: it changes nothing, whatever
+    ``follow`` says (a monitor hears every task's events through the monitors' group),
+    and the snapshot is a monitor's (:func:`~taskhub.services.queries.monitor_snapshot`).
+
     Returns:
         ``{"task": snapshot, "events": [...], "more": bool}``, the fields of a ``state``
-        message: one page of them (:func:`~taskhub.services.queries.state_page`).
+        message: one page of them (:func:`~taskhub.services.queries.state_page`); and
+        ``"remove": True`` when the answer gives the publisher the result of a task
+        published with ``autoremove`` (then call
+        :func:`~taskhub.services.retention.remove_delivered`).
 
     Raises:
         UnknownTask: as :func:`~taskhub.services.queries.visible_task`.
     """
+    if credential is None:
+        return queries.state_page(queries.visible_task(None, task_id), since, monitor=True)
     with transaction.atomic():
         record = queries.visible_task(credential, task_id, lock=follow)
         if follow and not record.watched:
             TaskRecord.objects.filter(pk=record.pk).update(watched=True)
-        return queries.state_page(record, since)
+        state = queries.state_page(record, since)
+    if record.autoremove and record.status == TaskStatus.SUCCESS and not state["more"]:
+        state["remove"] = record.publisher_id == credential.pk
+    return state

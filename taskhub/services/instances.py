@@ -213,6 +213,24 @@ def release(
     return notices
 
 
+def disconnect(instance_id: uuid.UUID, now: datetime) -> list[Notice]:
+    """An operator disconnects the instance: it is released at once (no resume grace: its
+    tasks go to other instances of its service by the lost-instance rules), and its
+    connection, if one is open on any process, is closed with ``disconnected`` (4005).
+    The client reconnects as a new instance; disable the credential to keep it out.
+
+    Returns:
+        The notices to send: the tasks' hand-over and the close. Empty if the instance
+        was gone already.
+    """
+    attached = Instance.objects.filter(pk=instance_id, detached_at__isnull=True)
+    open_on = attached.values_list("channel_name", flat=True).first()
+    notices = release(instance_id, now)
+    if open_on:
+        notices.append(Notice("channel", open_on, {"type": "taskhub.close", "code": ErrorCode.DISCONNECTED.value}))
+    return notices
+
+
 def renew_leases(process: str, now: datetime, channels: Collection[str] | None = None) -> list[str]:
     """Renew the leases of ``process``'s instances whose connection is open: those with
     one of ``channels``, the channels of the process's live consumers (all of them if

@@ -2,30 +2,35 @@
 
 What a credential may see is decided here once: the tasks it published, and the tasks
 offered to its service. Anything else answers ``unknown_task``, the same answer as for a
-task that does not exist.
+task that does not exist. A monitor (a staff session, passed as ``credential=None``) sees
+every task, and reads what the dashboard shows (:func:`stats`).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Count, Exists, OuterRef, Q
 
 from taskhub.conf import conf
 from taskhub.core.codes import RELAYED_KINDS, EventKind
 from taskhub.core.errors import UnknownTask
 from taskhub.core.frames import encoded_size
 from taskhub.core.messages import LoggedEvent, TaskSnapshot, event_message
-from taskhub.core.states import AssignmentState, TaskStatus
-from taskhub.models import Assignment, Credential, TaskEvent, TaskRecord
+from taskhub.core.states import HELD_ASSIGNMENT_STATES, AssignmentState, TaskStatus
+from taskhub.models import Assignment, Credential, Instance, Monitor, Subscription, TaskEvent, TaskRecord
 
 from .routing import offer_message
 
 
-def visible_task(credential: Credential, task_id: str, *, lock: bool = False) -> TaskRecord:
-    """The task, if the credential published it or works on it.
+def visible_task(credential: Credential | None, task_id: str, *, lock: bool = False) -> TaskRecord:
+    """The task, if the credential published it or works on it (``None``, a monitor:
+    any task).
 
     ``lock`` locks its row (``SELECT ... FOR UPDATE``, as transitions under the lock do)
     inside the caller's ``atomic()``.
@@ -38,7 +43,9 @@ def visible_task(credential: Credential, task_id: str, *, lock: bool = False) ->
         tasks = tasks.select_for_update(of=("self",) if connection.features.has_select_for_update_of else ())
     record = tasks.filter(pk=task_id).first()
     if record is None or not (
-        record.publisher_id == credential.pk or record.assignments.filter(service=credential.name).exists()
+        credential is None
+        or record.publisher_id == credential.pk
+        or record.assignments.filter(service=credential.name).exists()
     ):
         raise UnknownTask(f"no task {task_id} of yours")
     return record
@@ -55,24 +62,46 @@ ENVELOPE = 1024
 
 
 def listed(
-    credential: Credential, *, status: str | None, action: str | None, limit: int
+    credential: Credential | None,
+    *,
+    status: str | None,
+    action: str | None,
+    limit: int,
+    service: str | None = None,
 ) -> tuple[list[dict[str, Any]], bool]:
     """The tasks the credential published or was offered, newest first (``tasks``): those
-    :func:`visible_task` shows it, and no other.
+    :func:`visible_task` shows it, and no other; with ``service``, those offered to that
+    service among them.
+
+    For a monitor (``credential=None``): every task, each as :func:`monitor_snapshot`
+    shows it, without its result (``watch`` has it), so that a page holds more of them.
 
     Returns:
         ``(snapshots, more)``: ``more`` when the list was cut to fit one message.
     """
-    offered = Assignment.objects.filter(task=OuterRef("pk"), service=credential.name)
-    tasks = TaskRecord.objects.filter(Q(publisher=credential) | Exists(offered))
+    tasks = TaskRecord.objects.all()
+    if credential is not None:
+        offered = Assignment.objects.filter(task=OuterRef("pk"), service=credential.name)
+        tasks = tasks.filter(Q(publisher=credential) | Exists(offered))
+    if service is not None:
+        tasks = tasks.filter(Exists(Assignment.objects.filter(task=OuterRef("pk"), service=service)))
     if status is not None:
         tasks = tasks.filter(status=status)
     if action is not None:
         tasks = tasks.filter(action=action)
+    tasks = tasks.order_by("-created_at")
+    if credential is not None:
+        return _page(task_snapshot(record) for record in tasks.defer("payload")[:limit].iterator(chunk_size=100))
+    records = list(tasks.defer("payload", "result")[:limit])
+    parts = services_on(records)
+    return _page(monitor_snapshot(record, parts.get(record.pk, []), with_result=False) for record in records)
+
+
+def _page(snapshots: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+    """As many of ``snapshots`` as one answer holds, and whether some were left out."""
     budget, used = answer_budget(), 0
     page: list[dict[str, Any]] = []
-    for record in tasks.defer("payload").order_by("-created_at")[:limit].iterator(chunk_size=100):
-        snapshot = task_snapshot(record)
+    for snapshot in snapshots:
         size = encoded_size(snapshot) + 1
         if page and used + size > budget:
             return page, True
@@ -81,15 +110,49 @@ def listed(
     return page, False
 
 
-def state_page(record: TaskRecord, since: int) -> dict[str, Any]:
-    """The fields of a ``state`` message: the task's snapshot and its events with a ``seq``
-    above ``since``, oldest first, as many as one message holds.
+def services_on(records: list[TaskRecord]) -> dict[uuid.UUID, list[dict[str, str]]]:
+    """The services on each task's current attempt, and where each is with it
+    (``{"service": …, "state": …}``, in the order they were offered)."""
+    attempts = {record.pk: record.attempt for record in records}
+    found: dict[uuid.UUID, list[dict[str, str]]] = defaultdict(list)
+    ids = list(attempts)
+    for start in range(0, len(ids), 500):
+        rows = (
+            Assignment.objects.filter(task_id__in=ids[start : start + 500])
+            .order_by("id")
+            .values_list("task_id", "service", "attempt", "state")
+        )
+        for task_id, service, attempt, state in rows:
+            if attempt == attempts[task_id]:
+                found[task_id].append({"service": service, "state": state})
+    return found
+
+
+def monitor_snapshot(record: TaskRecord, services: list[dict[str, str]], *, with_result: bool = True) -> dict[str, Any]:
+    """A task as a monitor reads it: :func:`task_snapshot` with its ``version`` (what a
+    ``transition`` carries: a higher one is newer), when it was first offered
+    (``started_at``) and the ``services`` on its current attempt (:func:`services_on`).
+    ``with_result`` false leaves the result out (``null``; ``has_result`` still says)."""
+    snapshot = task_snapshot(record) if with_result else task_snapshot(record, result=None)
+    snapshot.update(
+        version=record.version,
+        started_at=record.started_at.isoformat() if record.started_at else None,
+        services=services,
+    )
+    return snapshot
+
+
+def state_page(record: TaskRecord, since: int, *, monitor: bool = False) -> dict[str, Any]:
+    """The fields of a ``state`` message: the task's snapshot (a monitor's:
+    :func:`monitor_snapshot`) and its events with a ``seq`` above ``since``, oldest first,
+    as many as one message holds.
 
     A page that cannot hold the events and the task's result too leaves the result out
     and says ``more``: the next page, from its last event, has it. Each page holds one
     event at least, so that a reader that follows ``more`` gets to the end.
     """
-    snapshot = task_snapshot(record)
+    parts = services_on([record]).get(record.pk, []) if monitor else None
+    snapshot = task_snapshot(record) if parts is None else monitor_snapshot(record, parts)
     slim = {**snapshot, "result": None}
     budget, used = answer_budget(), 0
     room = budget - encoded_size(slim)
@@ -111,8 +174,12 @@ def state_page(record: TaskRecord, since: int) -> dict[str, Any]:
     return {"task": snapshot, "events": events, "more": more}
 
 
-def task_snapshot(record: TaskRecord) -> dict[str, Any]:
-    """A task as the protocol shows it (the ``task`` of a ``state`` message)."""
+_RECORDED = object()
+
+
+def task_snapshot(record: TaskRecord, result: Any = _RECORDED) -> dict[str, Any]:
+    """A task as the protocol shows it (the ``task`` of a ``state`` message); ``result``
+    replaces its result (``None``: to leave a result that was not loaded out)."""
     return TaskSnapshot(
         id=str(record.id),
         action=record.action,
@@ -121,7 +188,7 @@ def task_snapshot(record: TaskRecord) -> dict[str, Any]:
         publisher=record.publisher_name,
         progress=record.progress,
         has_result=record.has_result,
-        result=record.result,
+        result=record.result if result is _RECORDED else result,
         failure_reason=record.failure_reason,
         failure_detail=record.failure_detail,
         retries=record.retries,
@@ -176,3 +243,135 @@ def relayed_since(task_id: str, seq: int, instance: uuid.UUID | None) -> list[di
         if message is not None:
             messages.append(message.to_dict())
     return messages
+
+
+# -- what monitors read (the dashboard) ----------------------------------------------------
+
+#: Most credentials, instances per credential, actions and waiting tasks one ``stats``
+#: answer lists.
+STATS_SERVICES = 200
+STATS_INSTANCES = 50
+STATS_ACTIONS = 200
+STATS_WAITING = 50
+#: The rates' windows: a minute and an hour.
+MINUTE, HOUR = timedelta(minutes=1), timedelta(hours=1)
+
+
+def stats(now: datetime) -> dict[str, Any]:
+    """What the dashboard shows beside the tasks, for monitors (``stats``), from the
+    database at ``now``:
+
+    - ``services``: the active credentials, and any with live instances, each with its
+      live instances (their subscriptions, and how many tasks each holds);
+    - ``actions``: per action, its tasks ``pending`` and ``started`` now, its subscribed
+      live instances, and per window (``minute``, ``hour``) the tasks ``published`` and
+      those that finished, by status (``success``, ``failed``, ``ended``);
+    - ``waiting``: the tasks waiting for a subscriber (pending, and not for a retry's
+      backoff), oldest first, and their ``count``;
+    - ``monitors``: how many monitors are live.
+
+    Each list is capped (:data:`STATS_SERVICES` and the others); ``more`` says one was.
+    """
+    services, subscribers, services_cut = _services(now)
+    actions = _actions(now, subscribers)
+    waiting = TaskRecord.objects.filter(Q(retry_at__isnull=True) | Q(retry_at__lte=now), status=TaskStatus.PENDING)
+    oldest = list(waiting.defer("payload", "result").order_by("created_at")[:STATS_WAITING])
+    return {
+        "at": now.isoformat(),
+        "services": services,
+        "actions": actions[:STATS_ACTIONS],
+        "waiting": {
+            "count": len(oldest) if len(oldest) < STATS_WAITING else waiting.count(),
+            "tasks": [task_snapshot(record, result=None) for record in oldest],
+        },
+        "monitors": Monitor.objects.filter(lease_expires_at__gt=now).count(),
+        "more": services_cut or len(actions) > STATS_ACTIONS,
+    }
+
+
+def _services(now: datetime) -> tuple[list[dict[str, Any]], dict[str, int], bool]:
+    """``(services, live subscribers by action, whether a list was cut)`` for :func:`stats`."""
+    cut = False
+    instances: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    by_id: dict[uuid.UUID, dict[str, Any]] = {}
+    for instance in Instance.objects.filter(lease_expires_at__gt=now).order_by("connected_at"):
+        if len(instances[instance.credential_id]) >= STATS_INSTANCES:
+            cut = True
+            continue
+        entry: dict[str, Any] = {
+            "id": str(instance.pk),
+            "process": instance.process,
+            "remote_addr": instance.remote_addr,
+            "connected_at": instance.connected_at.isoformat(),
+            "detached_at": instance.detached_at.isoformat() if instance.detached_at else None,
+            "concurrency": instance.concurrency,
+            "subscriptions": [],
+            "holding": 0,
+        }
+        instances[instance.credential_id].append(entry)
+        by_id[instance.pk] = entry
+    subscribers: dict[str, int] = defaultdict(int)
+    subscriptions = Subscription.objects.filter(instance__lease_expires_at__gt=now).order_by("action")
+    for instance_id, action in subscriptions.values_list("instance_id", "action"):
+        subscribers[action] += 1
+        if instance_id in by_id:
+            by_id[instance_id]["subscriptions"].append(action)
+    held = Assignment.objects.filter(instance_id__in=list(by_id), state__in=sorted(HELD_ASSIGNMENT_STATES))
+    for instance_id, n in held.values_list("instance_id").annotate(n=Count("id")).order_by():
+        by_id[instance_id]["holding"] = n
+    credentials = Credential.objects.filter(Q(is_active=True) | Q(pk__in=list(instances))).order_by("name")
+    services = [
+        {
+            "id": credential.pk,
+            "name": credential.name,
+            "active": credential.is_active,
+            "max_instances": credential.max_instances,
+            "instances": instances.get(credential.pk, []),
+        }
+        for credential in credentials[: STATS_SERVICES + 1]
+    ]
+    return services[:STATS_SERVICES], subscribers, cut or len(services) > STATS_SERVICES
+
+
+def _actions(now: datetime, subscribers: dict[str, int]) -> list[dict[str, Any]]:
+    """Every action with unfinished tasks, tasks in the last hour or live subscribers, and
+    its counts (for :func:`stats`), by name."""
+    actions: dict[str, dict[str, Any]] = {}
+
+    def of(name: str) -> dict[str, Any]:
+        if name not in actions:
+            empty = {"published": 0, "success": 0, "failed": 0, "ended": 0}
+            actions[name] = {
+                "action": name,
+                "pending": 0,
+                "started": 0,
+                "subscribers": 0,
+                "minute": dict(empty),
+                "hour": dict(empty),
+            }
+        return actions[name]
+
+    unfinished = TaskRecord.objects.filter(status__in=[TaskStatus.PENDING, TaskStatus.STARTED])
+    for name, status, n in unfinished.values_list("action", "status").annotate(n=Count("id")).order_by():
+        of(name)[status] = n
+    published = (
+        TaskRecord.objects.filter(created_at__gt=now - HOUR)
+        .values_list("action")
+        .annotate(minute=Count("id", filter=Q(created_at__gt=now - MINUTE)), hour=Count("id"))
+        .order_by()
+    )
+    for name, minute, hour in published:
+        of(name)["minute"]["published"], of(name)["hour"]["published"] = minute, hour
+    finished = (
+        TaskRecord.objects.filter(
+            status__in=[TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.ENDED], finished_at__gt=now - HOUR
+        )
+        .values_list("action", "status")
+        .annotate(minute=Count("id", filter=Q(finished_at__gt=now - MINUTE)), hour=Count("id"))
+        .order_by()
+    )
+    for name, status, minute, hour in finished:
+        of(name)["minute"][status], of(name)["hour"][status] = minute, hour
+    for name, n in subscribers.items():
+        of(name)["subscribers"] = n
+    return [actions[name] for name in sorted(actions)]

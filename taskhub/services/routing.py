@@ -4,27 +4,55 @@ The services layer returns :class:`Notice` lists; the consumer and the sweeper s
 after the write (:mod:`taskhub.notify`). The database names the channels: the publisher's
 connection while it is connected, the instances of the services on the task, and the
 task's group for its watchers. A lost notice is recovered from the database (``watch``).
+
+Monitors (staff dashboards) hear every transition of every task through one group,
+:data:`MONITOR_GROUP`, but only while one is live somewhere: each monitor keeps a row in
+the ``Monitor`` table, and each process reads that table at most once every
+:data:`MONITOR_REFRESH` seconds (:func:`monitored`), so that with no dashboard open a
+transition pays one clock reading and nothing is sent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
+import threading
+import time
 import uuid
 from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple
+
+from django.db import DatabaseError, transaction
+from django.utils import timezone
 
 from taskhub.conf import conf
 from taskhub.core import machine
 from taskhub.core.codes import RELAYED_KINDS, EventKind
 from taskhub.core.commands import MISSING
-from taskhub.core.messages import Offer, event_message
-from taskhub.core.states import ACTIVE_ASSIGNMENT_STATES, AssignmentState
-from taskhub.models import TaskRecord
+from taskhub.core.frames import encoded_size
+from taskhub.core.messages import LoggedEvent, Offer, Transition, event_message
+from taskhub.core.states import ACTIVE_ASSIGNMENT_STATES, AssignmentState, TaskStatus
+from taskhub.models import Monitor, TaskRecord
 from taskhub.store import AssignmentRow
+
+log = logging.getLogger(__name__)
 
 #: The channel-layer message types the consumer handles.
 OFFER = "taskhub.offer"
 RELAY = "taskhub.relay"
 CLOSE = "taskhub.close"
+MONITOR = "taskhub.monitor"
+
+#: The channel-layer group of every monitor connection, on every process.
+MONITOR_GROUP = "taskhub.monitors"
+#: Seconds a process trusts what it last read of the monitors' presence: a monitor that
+#: connects to another process is heard from within that.
+MONITOR_REFRESH = 1.0
+#: Bytes of one value of an event's data that a ``transition`` carries; a larger one
+#: (an update's data, a result) is left out, and read with ``watch``.
+MONITOR_VALUE_LIMIT = 4096
 
 
 class Notice(NamedTuple):
@@ -34,6 +62,82 @@ class Notice(NamedTuple):
     #: The channel's or the group's name.
     name: str
     message: dict[str, Any]
+
+
+class _Presence:
+    """This process's knowledge of whether any monitor is live, anywhere."""
+
+    def __init__(self) -> None:
+        self.live = False
+        #: ``time.monotonic()`` until which :attr:`live` is trusted.
+        self.until = -math.inf
+        self.lock = threading.Lock()
+
+
+_presence = _Presence()
+
+
+def monitored() -> bool:
+    """Whether any monitor is live on any hub process, as this process last read it.
+
+    Call from a database thread (it may read the ``Monitor`` table, at most once every
+    :data:`MONITOR_REFRESH` seconds per process). Never raises: a failed read keeps what
+    was known.
+    """
+    now = time.monotonic()
+    if now < _presence.until:  # the hot path: one clock reading
+        return _presence.live
+    if not _presence.lock.acquire(blocking=False):
+        return _presence.live  # another thread is reading it
+    try:
+        # A savepoint inside a caller's transaction, so that a failed read cannot spoil it.
+        with transaction.atomic() if transaction.get_connection().in_atomic_block else contextlib.nullcontext():
+            _presence.live = Monitor.objects.filter(lease_expires_at__gt=timezone.now()).exists()
+    except DatabaseError:
+        log.warning("could not read whether monitors are live; assuming %s", _presence.live, exc_info=True)
+    finally:
+        _presence.until = time.monotonic() + MONITOR_REFRESH
+        _presence.lock.release()
+    return _presence.live
+
+
+def forget_presence() -> None:
+    """Read the monitors' presence again on the next transition (tests)."""
+    _presence.until = -math.inf
+
+
+def monitor_lease(now: datetime) -> datetime:
+    """When a monitor renewed ``now`` lapses: as a process's instances do
+    (``TASKHUB_INSTANCE_LEASE``)."""
+    return now + timedelta(seconds=conf.INSTANCE_LEASE)
+
+
+def add_monitor(user: str, channel_name: str, process: str, remote_addr: str, now: datetime) -> uuid.UUID:
+    """Record a live monitor (and forget those that lapsed); this process hears of it at
+    once, the others within :data:`MONITOR_REFRESH` seconds. Returns its id, for
+    :func:`renew_monitor` and :func:`remove_monitor`."""
+    Monitor.objects.filter(lease_expires_at__lte=now).delete()
+    monitor = Monitor.objects.create(
+        user=user[:150],
+        channel_name=channel_name,
+        process=process,
+        remote_addr=remote_addr[:100],
+        connected_at=now,
+        lease_expires_at=monitor_lease(now),
+    )
+    _presence.live, _presence.until = True, time.monotonic() + MONITOR_REFRESH
+    return monitor.pk
+
+
+def renew_monitor(monitor_id: uuid.UUID, now: datetime) -> bool:
+    """Renew a monitor's lease; ``False`` if its row is gone (it lapsed and was removed)."""
+    return bool(Monitor.objects.filter(pk=monitor_id).update(lease_expires_at=monitor_lease(now)))
+
+
+def remove_monitor(monitor_id: uuid.UUID) -> None:
+    """The monitor left: other processes stop sending to the group within
+    :data:`MONITOR_REFRESH` seconds once no monitor is left."""
+    Monitor.objects.filter(pk=monitor_id).delete()
 
 
 def task_group(task_id: str | uuid.UUID) -> str:
@@ -119,7 +223,59 @@ def notices_for(
                 exclude = event.instance  # the sender knows its own update
     if relayed:
         relay = {"type": RELAY, "task": task_id, "version": record.version, "messages": relayed, "exclude": exclude}
+        if record.autoremove and record.status == TaskStatus.SUCCESS and record.publisher_instance_id:
+            # The publisher's connection deletes the task once it has forwarded the end.
+            relay["remove_by"] = str(record.publisher_instance_id)
         notices += [Notice("channel", channel, relay) for channel in listening]
         if record.watched:  # else the group is empty: on Redis, sending costs 2 commands
             notices.append(Notice("group", task_group(task_id), relay))
+    if events and monitored():
+        feed = {"type": MONITOR, "message": transition_message(record, events, seqs)}
+        notices.append(Notice("group", MONITOR_GROUP, feed))
     return notices
+
+
+def transition_message(record: TaskRecord, events: Sequence[machine.Event], seqs: Sequence[int]) -> dict[str, Any]:
+    """The ``transition`` message monitors hear: the task after it, the events it wrote.
+
+    Their ``at`` is now: the events were written a moment ago (``watch`` has the
+    database's times).
+    """
+    at = timezone.now().isoformat()
+    task = {
+        "id": str(record.id),
+        "action": record.action,
+        "status": record.status,
+        "attempt": record.attempt,
+        "publisher": record.publisher_name,
+        "progress": record.progress,
+        "has_result": record.has_result,
+        "failure_reason": record.failure_reason,
+        "failure_detail": record.failure_detail,
+        "retries": record.retries,
+        "version": record.version,
+        "created_at": record.created_at.isoformat(),
+        "started_at": record.started_at.isoformat() if record.started_at else None,
+        "finished_at": record.finished_at.isoformat() if record.finished_at else None,
+    }
+    logged = []
+    for event, seq in zip(events, seqs, strict=True):
+        data, omitted = _fitting(event.data)
+        entry = LoggedEvent(
+            seq=seq, kind=event.kind.value, service=event.service, attempt=event.attempt, data=data, at=at
+        ).to_dict()
+        if omitted:
+            entry["omitted"] = omitted
+        logged.append(entry)
+    return Transition(task=task, events=logged).to_dict()
+
+
+def _fitting(data: Any) -> tuple[Any, list[str]]:
+    """An event's data with each value over :data:`MONITOR_VALUE_LIMIT` bytes set to
+    ``None``, and the keys of those left out."""
+    if not isinstance(data, dict):
+        return data, []
+    omitted = [key for key, value in data.items() if encoded_size(value) > MONITOR_VALUE_LIMIT]
+    if not omitted:
+        return data, []
+    return {key: None if key in omitted else value for key, value in data.items()}, omitted

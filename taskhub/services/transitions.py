@@ -25,6 +25,7 @@ from typing import Any
 
 from django.db import transaction
 
+from taskhub import metrics
 from taskhub.conf import conf
 from taskhub.core import machine
 from taskhub.core.codes import RELAYED_KINDS, EventKind
@@ -170,6 +171,7 @@ def write_new(
         record.started_at = now
     written = store.write_transition(changes_of(record, task, events, now, [], None))
     assert written is not None, "an insert is its own fence"
+    metrics.observe(record, task, events, now)
     return written
 
 
@@ -227,6 +229,7 @@ def transition(
                     raise Conflict(record.pk)
         except Conflict:
             continue
+        metrics.observe(record, task, events, now)  # once per transition written, before record moves on
         for name, value in fields.items():
             setattr(record, name, value)
         if written.fresh:

@@ -84,7 +84,7 @@ def test_missing_and_unknown_type():
 
 def test_pub_with_defaults_and_with_every_field():
     cmd = parse_command({"type": "pub", "action": "mail:send", "ref": "r1"})
-    assert cmd == Pub("r1", "mail:send", MISSING, MISSING, MISSING, MISSING, MISSING, MISSING, MISSING)
+    assert cmd == Pub("r1", "mail:send", MISSING, MISSING, MISSING, MISSING, MISSING, MISSING, MISSING, MISSING)
     cmd = parse_command(
         {
             "type": "pub",
@@ -96,9 +96,10 @@ def test_pub_with_defaults_and_with_every_field():
             "heartbeat_timeout": 5,
             "retries": -1,
             "retry_backoff": 0.5,
+            "autoremove": True,
         }
     )
-    assert cmd == Pub(None, "mail:send", [1], TASK, 30.0, None, 5.0, -1, 0.5)
+    assert cmd == Pub(None, "mail:send", [1], TASK, 30.0, None, 5.0, -1, 0.5, True)
 
 
 @pytest.mark.parametrize(

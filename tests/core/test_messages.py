@@ -71,7 +71,7 @@ def test_what_the_hub_writes_the_client_reads_back(message):
 def test_every_message_type_is_known():
     assert set(MESSAGES) == {
         "welcome", "ack", "pong", "error", "task", "payload", "state", "tasks", "update", "success", "retry",
-        "fail", "end",
+        "fail", "end", "transition", "stats",
     }  # fmt: skip
 
 
