@@ -60,7 +60,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     # daphne serves no static files: the admin's and the dashboard's are served by the
-    # application itself (WhiteNoise), with far-future caching once collected.
+    # application itself (WhiteNoise).
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

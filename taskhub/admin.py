@@ -323,9 +323,9 @@ class TaskRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg
         return super().get_queryset(request).prefetch_related("assignments")
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        # A task being worked on is cancelled, not deleted; finished ones go by retention
-        # (taskhub_purge), or here one by one.
-        return obj is None or obj.finished_at is not None
+        # For those with the delete permission, and then finished tasks only: a task
+        # being worked on is cancelled, not deleted (retention, taskhub_purge, take the rest).
+        return bool(super().has_delete_permission(request, obj)) and (obj is None or obj.finished_at is not None)
 
     @admin.display(description="services")
     def services(self, obj: TaskRecord) -> str:

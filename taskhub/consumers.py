@@ -170,6 +170,8 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
 
     _cleaned_up = False
     closing = False
+    #: A task (autoremove) whose result the answer being sent gives its publisher.
+    _remove_after_reply: str | None = None
 
     async def connect(self) -> None:
         sweeper.ensure_started()
@@ -320,11 +322,19 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
             await asyncio.sleep(conf.INSTANCE_LEASE / 3)
             try:
                 if not await self._still_staff():
-                    await self._leave_monitoring()
-                    await self.refuse(
-                        ErrorCode.AUTHENTICATION_FAILED, "the session ended, or its user may no longer monitor", None
-                    )
+                    # Rights go first, and the connection: the clean-up may fail.
+                    self.monitor_user = None
+                    try:
+                        await self.refuse(
+                            ErrorCode.AUTHENTICATION_FAILED,
+                            "the session ended, or its user may no longer monitor",
+                            None,
+                        )
+                    finally:
+                        await self._leave_monitoring()
                     return
+                # channels-redis forgets a group's members after a day: join it again.
+                await notify.group_add(self.channel_layer, MONITOR_GROUP, self.channel_name)
                 monitor_id = self.monitor_id
                 if monitor_id is not None and not await db.run(routing.renew_monitor, monitor_id, timezone.now()):
                     # It lapsed (this loop was late) and another process removed it.
@@ -523,6 +533,9 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
                 raise PermissionDenied("stats is for monitors (a staff user's session, hello with monitor true)")
         await self.reply(answer)
         await send_notices(self.channel_layer, notices)
+        if self._remove_after_reply is not None:
+            task_id, self._remove_after_reply = self._remove_after_reply, None
+            await self.remove_delivered(task_id)
 
     async def list_tasks(self, cmd: Tasks, credential: Credential | None) -> TaskList:
         """``tasks``: the credential's tasks, or every task for a monitor (``None``), whose
@@ -635,7 +648,7 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
         if follow and state["task"]["status"] in ("success", "failed", "ended"):
             await self.unfollow(cmd.task)
         if state.pop("remove", False):  # the answer carries the result to its publisher
-            await self.remove_delivered(cmd.task)
+            self._remove_after_reply = cmd.task  # removed once the answer is sent
         return State(ref=cmd.ref, task=state["task"], events=state["events"], more=state["more"] or MISSING)
 
     async def follow(self, task_id: str) -> bool:
@@ -659,9 +672,12 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
             await notify.group_discard(self.channel_layer, group, self.channel_name)
 
     async def rejoin(self) -> None:
-        """The layer came back (a Redis restart): join this connection's groups again."""
+        """The layer came back (a Redis restart): join this connection's groups again, the
+        monitors' feed included."""
         for group in list(self.followed):
             await notify.group_add(self.channel_layer, group, self.channel_name)
+        if self.monitor_id is not None:
+            await notify.group_add(self.channel_layer, MONITOR_GROUP, self.channel_name)
 
     # -- channel-layer messages ------------------------------------------------------------
 
@@ -678,9 +694,16 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
         task_id = event["task"]
         for message in self.ledger.relay(task_id, event["version"], event["messages"]):
             await self.reply(message)
+            if message["type"] == "success":
+                self.ledger.get(task_id).succeeded = True
             if message["type"] == "end":
+                # Removed (autoremove) only once this connection forwarded the result
+                # itself: an end whose success the layer lost leaves the task for the
+                # client's resync, whose watch answer then carries the result.
+                removable = task_id in self.ledger.tasks and self.ledger.tasks[task_id].succeeded
                 await self.unfollow(task_id)
-                if self.instance_id is not None and event.get("remove_by") == str(self.instance_id):
+                mine = self.instance_id is not None and event.get("remove_by") == str(self.instance_id)
+                if removable and mine:
                     await self.remove_delivered(task_id)
 
     async def remove_delivered(self, task_id: str) -> None:
@@ -719,6 +742,8 @@ class TaskHubConsumer(layers.ResilientReceive, AsyncWebsocketConsumer):  # type:
     async def taskhub_close(self, event: dict[str, Any]) -> None:
         """An operator disabled this instance's credential or disconnected the instance, or
         another connection resumed its instance."""
+        if self.closing:
+            return  # told twice (the layer, then the sweeper): closing already
         code = event.get("code", ErrorCode.CREDENTIAL_DISABLED)
         if code in (ErrorCode.SUPERSEDED, ErrorCode.DISCONNECTED):
             self.instance_id = None  # the other connection's now, or released already

@@ -42,6 +42,7 @@ class Heard:
     version: int = 0
     seq: int = 0
     offered: int = 0  # the attempt it last forwarded an offer of
+    succeeded: bool = False  # it forwarded the task's success (its result)
 
 
 class Ledger:

@@ -89,6 +89,16 @@ async def sweep_once(now: datetime | None = None) -> None:
         to_close = await db.run(services.renew_leases, PROCESS, timezone.now(), notify.channels())
         close = {"type": CLOSE, "code": ErrorCode.CREDENTIAL_DISABLED.value}
         await send_notices(layer, [Notice("channel", name, close) for name in to_close])
+        # Connections whose instance an operator disconnected, or another connection
+        # resumed, and which the layer did not tell.
+        connections = {
+            c.instance_id: c.channel_name
+            for c in notify.consumers()
+            if getattr(c, "instance_id", None) is not None and not getattr(c, "closing", False)
+        }
+        gone, taken = await db.run(services.orphaned, connections)
+        for names, code in ((gone, ErrorCode.DISCONNECTED), (taken, ErrorCode.SUPERSEDED)):
+            await send_notices(layer, [Notice("channel", name, {"type": CLOSE, "code": code.value}) for name in names])
 
     await renew_if_due()
     after = None

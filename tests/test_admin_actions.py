@@ -4,6 +4,7 @@ millisecond timeline."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -14,7 +15,7 @@ from django.test import Client
 
 from taskhub.models import Instance, TaskRecord
 
-from .conftest import make_credential, open_peer
+from .conftest import TIMEOUT, make_credential, open_peer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -128,8 +129,15 @@ async def test_staff_without_change_permission_get_no_actions_and_no_one_deletes
     assert 'value="disconnect"' in instances and "delete_selected" not in instances
     pk = worker.welcome["instance"]
     assert (await database_sync_to_async(admin.get)(f"/admin/taskhub/instance/{pk}/delete/")).status_code == 403
-    # A running task cannot be deleted (it is cancelled); a finished one can.
+    # A running task cannot be deleted (it is cancelled); a finished one can, by those
+    # who have the delete permission only.
     assert (await database_sync_to_async(admin.get)(f"/admin/taskhub/taskrecord/{task_id}/delete/")).status_code == 403
+    await app.call({"type": "cancel", "task": task_id})
+    await app.expect(lambda m: m["type"] == "end")
+    delete = f"/admin/taskhub/taskrecord/{task_id}/delete/"
+    assert (await database_sync_to_async(viewer.get)(delete)).status_code == 403
+    assert "delete_selected" not in await page(viewer, "/admin/taskhub/taskrecord/")
+    assert (await database_sync_to_async(admin.get)(delete)).status_code == 200
     await worker.close()
     await app.close()
 
@@ -155,4 +163,21 @@ async def test_search_by_service_publisher_and_failure_detail_and_the_list_colum
     offsets = re.findall(r'class="field-offset">\s*<p>\+([\d,]+\.\d{3}) ms', detail)
     assert offsets[0] == "0.000" and len(offsets) >= 5, offsets
     await worker.close()
+    await app.close()
+
+
+async def test_a_disconnect_whose_close_the_layer_lost_is_closed_by_the_next_sweep():
+    from django.utils import timezone
+
+    from taskhub import services, sweeper
+
+    worker, app, _ = await parties()
+    # The instance is released, and nothing is sent: as if the layer lost the close.
+    await database_sync_to_async(services.disconnect)(worker.welcome["instance"], timezone.now())
+    assert await app.nothing() and await worker.nothing()
+    await asyncio.wait_for(sweeper.sweep_once(), TIMEOUT)
+    error = await worker.expect(lambda m: m["type"] == "error")
+    assert error["code"] == "disconnected"
+    assert (await worker.comm.receive_output(timeout=TIMEOUT))["code"] == 4005
+    assert (await app.call({"type": "ping"}))["type"] == "pong"  # the others stay
     await app.close()

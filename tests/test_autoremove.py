@@ -100,3 +100,34 @@ async def test_autoremove_must_be_a_boolean():
     assert await database_sync_to_async(TaskRecord.objects.count)() == 0
     await worker.close()
     await app.close()
+
+
+async def test_an_end_whose_success_the_layer_lost_does_not_remove_the_task():
+    """The result must have gone through this connection: an end alone (its success lost
+    on the layer) leaves the task for the client's resync."""
+    from channels.layers import get_channel_layer
+
+    from taskhub import notify
+    from taskhub.models import Instance
+    from taskhub.services import Notice
+    from taskhub.services.routing import RELAY
+
+    worker, app, _ = await parties()
+    task_id = (await app.call({"type": "pub", "action": "mail:unheard", "autoremove": True}))["task"]
+    await database_sync_to_async(TaskRecord.objects.filter(pk=task_id).update)(
+        status="success", has_result=True, result={"sent": 1}, version=5
+    )
+    instance = app.welcome["instance"]
+    channel = await database_sync_to_async(lambda: Instance.objects.get(pk=instance).channel_name)()
+    end = {"type": "end", "task": task_id, "seq": 10**6, "status": "success"}
+    relay = {"type": RELAY, "task": task_id, "version": 5, "messages": [end], "remove_by": instance}
+    await notify.send_notices(get_channel_layer(), [Notice("channel", channel, relay)])
+    assert (await app.expect(lambda m: m["type"] == "end"))["task"] == task_id
+    await app.call({"type": "ping"})  # the relay was handled before the ping
+    assert (await kept(task_id))[0]
+    # Its resync (a watch) gives it the result: then it goes.
+    state = await app.call({"type": "watch", "task": task_id})
+    assert state["task"]["result"] == {"sent": 1}
+    await asyncio.wait_for(gone(task_id), TIMEOUT)
+    await worker.close()
+    await app.close()

@@ -457,7 +457,22 @@ def test_a_failed_read_of_the_presence_keeps_what_was_known(monkeypatch):
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise DatabaseError("down")
 
+    # Known live: a failed read keeps it live (and known not live, not live).
+    now = timezone.now()
+    Monitor.objects.create(
+        user="op", channel_name="c0", process="p", connected_at=now, lease_expires_at=now + timedelta(1)
+    )
+    routing.forget_presence()
+    assert routing.monitored() is True
     monkeypatch.setattr(Monitor.objects, "filter", broken)
+    routing.forget_presence()
+    assert routing.monitored() is True
+    monkeypatch.undo()
+    Monitor.objects.all().delete()
+    routing.forget_presence()
+    assert routing.monitored() is False
+    monkeypatch.setattr(Monitor.objects, "filter", broken)
+    routing.forget_presence()
     assert routing.monitored() is False
     monkeypatch.undo()
     routing.forget_presence()

@@ -171,6 +171,9 @@ class ClientProtocol:
         self._again: set[int] = set()
         #: The token that resumes this client's instance (from the last ``welcome``).
         self.resume_token: str | None = None
+        #: Refs of the watches this protocol sends itself after a reconnect: it reads the
+        #: next pages of their answers itself too.
+        self._own_watches: set[int] = set()
 
     # -- the hub's limits ----------------------------------------------------------------
 
@@ -355,7 +358,7 @@ class ClientProtocol:
         watched = {command.task for command in self._held.values() if isinstance(command, Watch)}
         for task_id, followed in list(self._followed.items()):
             if followed.resume and task_id not in watched:
-                self.send(Watch.build(task=task_id, since=followed.seq))
+                self._own_watches.add(self.send(Watch.build(task=task_id, since=followed.seq)))
         # ...and what waited for the session, in the order it was submitted.
         events: list[Event] = [Welcomed(message, subscriptions, instance_lost)]
         held, self._held = self._held, {}
@@ -382,6 +385,12 @@ class ClientProtocol:
                 replayed = [m for e in logged if e is not None and (m := e.message(command.task)) is not None]
                 more = message.more is True and bool(message.events)
             events += self._watch_answered(command.task, replayed, more=more)
+            if ref in self._own_watches:
+                self._own_watches.discard(ref)
+                if more and isinstance(message, State) and command.task in self._followed:
+                    # Read the rest of the replay: live events wait for its last page.
+                    since = max(int(obj.get("seq", 0)) for obj in message.events)
+                    self._own_watches.add(self.send(Watch.build(task=command.task, since=since)))
         if isinstance(message, Error):
             events.append(Refused(ref, command, error_for(message.code, str(message.detail))))
         else:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from .commands import act, cancel, check_size, get_payload, publish, retry, subscribe, unsubscribe, watch
 from .dispatch import dispatch_waiting
-from .instances import Session, authenticate, connect, detach, disconnect, release, renew_leases
+from .instances import Session, authenticate, connect, detach, disconnect, orphaned, release, renew_leases
 from .retention import Purged, expire_history, purge
 from .routing import Notice, task_group
 from .sweeping import SWEEP_BATCH, expire, offer_waiting, overdue, release_lapsed, sweep
@@ -51,6 +51,7 @@ __all__ = [
     "expire_history",
     "get_payload",
     "offer_waiting",
+    "orphaned",
     "overdue",
     "publish",
     "purge",

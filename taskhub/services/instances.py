@@ -223,12 +223,33 @@ def disconnect(instance_id: uuid.UUID, now: datetime) -> list[Notice]:
         The notices to send: the tasks' hand-over and the close. Empty if the instance
         was gone already.
     """
-    attached = Instance.objects.filter(pk=instance_id, detached_at__isnull=True)
-    open_on = attached.values_list("channel_name", flat=True).first()
-    notices = release(instance_id, now)
+    with transaction.atomic():
+        # Read under the row's lock, in the release's transaction: a resume that commits
+        # first moves the instance to its new connection, which is then the one closed.
+        attached = Instance.objects.filter(pk=instance_id, detached_at__isnull=True).select_for_update(of=("self",))
+        open_on = attached.values_list("channel_name", flat=True).first()
+        notices = release(instance_id, now)
     if open_on:
         notices.append(Notice("channel", open_on, {"type": "taskhub.close", "code": ErrorCode.DISCONNECTED.value}))
     return notices
+
+
+def orphaned(connections: dict[uuid.UUID, str]) -> tuple[list[str], list[str]]:
+    """Of a process's open connections (instance id to channel name), those whose
+    instance is gone (an operator disconnected it) and those whose instance another
+    connection took (resumed it): each should have been told on the layer, which may have
+    lost the message. Call from the sweeper; close the first with ``disconnected``, the
+    second with ``superseded``.
+
+    Returns:
+        ``(channels of gone instances, channels of instances taken)``.
+    """
+    if not connections:
+        return [], []
+    now_on = dict(Instance.objects.filter(pk__in=list(connections)).values_list("pk", "channel_name"))
+    gone = [channel for pk, channel in connections.items() if pk not in now_on]
+    taken = [channel for pk, channel in connections.items() if pk in now_on and now_on[pk] != channel]
+    return gone, taken
 
 
 def renew_leases(process: str, now: datetime, channels: Collection[str] | None = None) -> list[str]:

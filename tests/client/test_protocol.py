@@ -193,6 +193,31 @@ def test_a_followed_task_is_watched_again_after_a_reconnect_from_the_last_seq():
     assert events[0].message == TaskSuccess(task=TASK, seq=9, attempt=1, service="w", result="r")
 
 
+def test_after_a_reconnect_the_protocol_reads_every_page_of_its_own_watch():
+    """Nobody else waits for the answer of the watch a reconnect sends: the protocol reads
+    the next pages itself, and live events flow again after the last one."""
+    protocol = opened()
+    protocol.follow(TASK, resume=True)
+    protocol.connection_lost()
+    protocol.connection_made()
+    receive(protocol, WELCOME)
+    (watch,) = sent(protocol)
+
+    def logged(seq: int) -> dict[str, Any]:
+        return {"seq": seq, "kind": "update", "service": "w", "attempt": 1, "data": {"data": seq, "progress": None}}
+
+    page = {"type": "state", "ref": watch["ref"], "task": {"id": TASK}, "events": [logged(1)], "more": True}
+    assert [type(e) for e in receive(protocol, page)] == [TaskEventIn, Answered]
+    (following,) = sent(protocol)
+    assert (following["type"], following["since"]) == ("watch", 1)
+    live = {"type": "fail", "task": TASK, "seq": 9, "attempt": 1, "service": "w", "reason": "error", "detail": "x"}
+    assert receive(protocol, live) == []  # held until the last page
+    last = {"type": "state", "ref": following["ref"], "task": {"id": TASK}, "events": [logged(2)]}
+    events = receive(protocol, last)
+    assert [getattr(getattr(e, "message", None), "seq", None) for e in events] == [2, 9, None]
+    assert sent(protocol) == []
+
+
 def test_a_frame_over_the_hubs_limit_is_refused_before_it_is_queued():
     protocol = opened()
     with pytest.raises(InvalidMessage) as info:

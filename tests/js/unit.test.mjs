@@ -182,6 +182,18 @@ describe('connecting', () => {
     assert.equal(FakeSocket.all.length, 1);
   });
 
+  test('a monitor refused after a session (a logout) stays refused: nothing reconnects', async () => {
+    const client = makeClient({ name: undefined, key: undefined, monitor: true });
+    const closes = [];
+    client.on('close', (event) => closes.push(event.code));
+    await Promise.all([client.connect(), welcome({ monitor: true, service: undefined, instance: undefined })]);
+    FakeSocket.last.receive({ type: 'error', code: 'authentication_failed', detail: 'the session ended' });
+    FakeSocket.last.drop(4001);
+    await settle();
+    assert.deepEqual(closes, [4001]);
+    assert.equal(FakeSocket.all.length, 1);
+  });
+
   test('after a session, a refusal is retried with backoff', async () => {
     const tries = [];
     const client = makeClient({ backoff: (n) => { tries.push(n); return 0; } });

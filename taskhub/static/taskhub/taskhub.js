@@ -722,7 +722,9 @@ export class Client {
       return;
     }
     const refusal = CLOSE_CODES.get(code);
-    if (refusal && FINAL.has(refusal) && !this._hadSession) {
+    // A monitor refused after a session (a logout) stays refused: retrying cannot help,
+    // and each try would count against this address's failed authentications.
+    if (refusal && FINAL.has(refusal) && (!this._hadSession || this.monitor)) {
       this._stop(new TaskHubError(refusal, `the hub closed the connection with ${code}${reason ? ` (${reason})` : ''}`));
       return;
     }
@@ -809,7 +811,7 @@ export class Client {
     }
     const error = hubError(message);
     this._socketError = `${error.code}: ${error.detail}`;
-    if (FINAL.has(error.code) && !this._hadSession) {
+    if (FINAL.has(error.code) && (!this._hadSession || this.monitor)) {
       this._stop(error); // the caller of connect() learns why, and nothing reconnects
     } else {
       this._log('error', `taskhub: the hub refused the session: ${error.code}: ${error.detail}; reconnecting`);
