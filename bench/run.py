@@ -2,11 +2,13 @@
 
 The hub is started as users start it (``daphne hubproject.asgi:application``, default
 settings, history persisted), on a private redis-server and a fresh database, and is
-driven with ``taskhub.client``. The peers run in the same invocation, on the same
-machine: Celery (Redis broker and result backend, ``--pool=solo``, an ``echo`` task), a
-raw ``websockets`` echo server (the transport floor) and a daphne + Channels echo. Systems
-that are compared take turns in blocks (:func:`interleaved`), so that they meet the same
-moments of the machine.
+driven with ``taskhub.client``; scenarios 1, 2, 3 and 5 run it under uvicorn too, with
+the options of docs/deployment.md (rows "TaskHub (uvicorn)", a database of its own). The
+peers run in the same invocation, on the same machine: Celery (Redis broker and result
+backend, ``--pool=solo``, an ``echo`` task), a raw ``websockets`` echo server (the
+transport floor) and a Channels echo under daphne and under uvicorn. Systems that are
+compared take turns in blocks (:func:`interleaved`), so that they meet the same moments
+of the machine.
 
 ``--quick`` runs every scenario with a handful of tasks, in seconds (CI runs it so the
 scripts keep working); the figures of a quick run mean nothing.
@@ -41,6 +43,7 @@ from tests.processes import (
     drop_database,
     free_port,
     is_postgres,
+    server_command,
     start_redis,
     wait_for_port,
 )
@@ -111,17 +114,31 @@ def machine_seconds() -> float:
     return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
 
 
+#: The label of TaskHub's rows, by server.
+SYSTEMS = {"daphne": "TaskHub", "uvicorn": "TaskHub (uvicorn)"}
+
+
 class Setup:
     """A database, credentials and one or two hub processes for one group of scenarios."""
 
-    def __init__(self, database_url: str, redis_url: str | None, logs: Path, processes: int = 1, **settings: str):
+    def __init__(
+        self,
+        database_url: str,
+        redis_url: str | None,
+        logs: Path,
+        processes: int = 1,
+        server: str = "daphne",
+        **settings: str,
+    ):
         self.database_url = database_url
+        self.system = SYSTEMS[server]
         self.hubs = [
             Hub(
                 database_url,
                 redis_url,
-                logs / f"hub-{os.getpid()}-{i}-{time.monotonic_ns()}.log",
+                logs / f"hub-{server}-{os.getpid()}-{i}-{time.monotonic_ns()}.log",
                 port=None,  # so that mypy does not match ``**settings`` to it
+                server=server,
                 **settings,
             )
             for i in range(processes)
@@ -208,6 +225,11 @@ async def settled(workers: list[Client], task_id: str) -> None:
 async def fanout(setup: Setup, n: int, services: int = 20, *, one_at_a_time: bool = False) -> tuple[Result, Result]:
     """One task to ``services`` services: time to the last ``start`` and to the result.
 
+    Each handler returns once every service has started: a handler that returned at once
+    could end the task (the first return wins) before the last service's handler ran, and
+    the client cancels a handler whose task ended before it started. So the result comes
+    after the last start.
+
     Back to back, each task also waits behind the previous task's late returns;
     ``one_at_a_time`` publishes the next task once the hub has recorded every return of the
     previous one.
@@ -218,10 +240,11 @@ async def fanout(setup: Setup, n: int, services: int = 20, *, one_at_a_time: boo
     started: list[float] = []
     everyone = asyncio.Event()
 
-    def handler(task: Any) -> Any:
+    async def handler(task: Any) -> Any:
         started.append(time.perf_counter())
         if len(started) == services:
             everyone.set()
+        await asyncio.wait_for(everyone.wait(), 10)
         return "ok"
 
     workers = [setup.client(c) for c in creds]
@@ -247,8 +270,8 @@ async def fanout(setup: Setup, n: int, services: int = 20, *, one_at_a_time: boo
         seconds = time.perf_counter() - begin
     how = f"{services} services, " + ("one task at a time" if one_at_a_time else "back to back")
     return (
-        Result("4 fan-out: last start", "TaskHub", n, seconds, to_last_start, how),
-        Result("4 fan-out: result", "TaskHub", n, seconds, to_result, how),
+        Result("4 fan-out: last start", setup.system, n, seconds, to_last_start, how),
+        Result("4 fan-out: result", setup.system, n, seconds, to_result, how),
     )
 
 
@@ -292,7 +315,7 @@ async def idle(setup: Setup, n: int) -> Result:
     per = (after - before) / n
     return Result(
         "5 idle connections",
-        "TaskHub",
+        setup.system,
         n,
         seconds,
         latencies,
@@ -364,22 +387,26 @@ def celery_burst(echo: Any, n: int) -> Result:
     return Result("2 burst", "Celery", n, time.perf_counter() - start, latencies, f"{n} sent, then all collected")
 
 
-ECHO_SERVERS = {
-    # system: (command after the interpreter, note)
-    "websockets echo": (["-m", "bench.echo_server"], "transport floor"),
+ECHO_SERVERS: dict[str, tuple[Callable[[int], list[str]], str]] = {
+    # system: (its command line for a port, note)
+    "websockets echo": (lambda port: [sys.executable, "-m", "bench.echo_server", str(port)], "transport floor"),
     "daphne echo": (
-        ["-m", "daphne", "-b", "127.0.0.1", "bench.daphne_echo:application", "-p"],
+        functools.partial(server_command, "daphne", app="bench.daphne_echo:application"),
         "daphne + Channels, no database",
+    ),
+    "uvicorn echo": (
+        functools.partial(server_command, "uvicorn", app="bench.daphne_echo:application"),
+        "uvicorn + Channels, no database",
     ),
 }
 
 
 async def ws_echo(n: int, concurrency: int, system: str = "websockets echo") -> Result:
     """Echo round trips of the payload against a peer server of :data:`ECHO_SERVERS`."""
-    args, note = ECHO_SERVERS[system]
+    command, note = ECHO_SERVERS[system]
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, *args, str(port)],
+        command(port),
         cwd=ROOT,
         env={**os.environ, "DJANGO_SETTINGS_MODULE": "hubproject.settings"},
         stdout=subprocess.DEVNULL,
@@ -451,7 +478,7 @@ def measure(setup: Setup, scenario: str, note: str, **options: Any) -> Measure:
 
     async def run(k: int) -> Result:
         seconds, latencies, received, hub_cpu, busy = await round_trips(setup, k, **options)
-        return Result(scenario, "TaskHub", k, seconds, latencies, note, received, hub_cpu, busy)
+        return Result(scenario, setup.system, k, seconds, latencies, note, received, hub_cpu, busy)
 
     return run
 
@@ -482,11 +509,12 @@ async def run(args: argparse.Namespace) -> list[Result]:
     redis_url, redis = start_redis()
     base = args.database_url
     try:
-        # The embedded default (SQLite, in-memory layer, one daphne process), in turns
-        # with the peers on the same machine and Redis.
-        database = create_database("", logs / "embedded")
-        (logs / "embedded").mkdir(exist_ok=True)
-        setup = Setup(database, None, logs)
+        # The embedded default (SQLite, in-memory layer, one process) under daphne and
+        # under uvicorn, each on a database of its own, in turns with each other and with
+        # the peers on the same machine and Redis.
+        for server in ("daphne", "uvicorn"):
+            (logs / f"embedded-{server}").mkdir(exist_ok=True)
+        setup, uv = (Setup(create_database("", logs / f"embedded-{s}"), None, logs, server=s) for s in SYSTEMS)
         try:
             with celery_worker(redis_url, logs) as echo:
 
@@ -496,25 +524,31 @@ async def run(args: argparse.Namespace) -> list[Result]:
                 async def celery_many(k: int) -> Result:
                     return celery_burst(echo, k)
 
-                sequential = measure(setup, "1 sequential", "SQLite, in-memory layer")
-                progress = measure(setup, "3 progress", "3 updates each", updates=3)
-                in_flight = measure(setup, "2 50 in flight", "4 worker instances", concurrency=50, instances=4)
+                def hubs(scenario: str, note: str, **options: Any) -> list[Measure]:
+                    return [measure(s, scenario, note, **options) for s in (setup, uv)]
+
+                sequential = hubs("1 sequential", "SQLite, in-memory layer")
+                progress = hubs("3 progress", "3 updates each", updates=3)
+                in_flight = hubs("2 50 in flight", "4 worker instances", concurrency=50, instances=4)
 
                 def echoes(concurrency: int) -> list[Measure]:
                     return [functools.partial(ws_echo, concurrency=concurrency, system=s) for s in ECHO_SERVERS]
 
-                one_at_a_time = await interleaved(n_seq, rounds, [celery_seq, *echoes(1), sequential, progress])
-                results += one_at_a_time[:-1]
-                many = await interleaved(n_burst, rounds, [celery_many, *echoes(50), in_flight])
+                one_at_a_time = await interleaved(n_seq, rounds, [celery_seq, *echoes(1), *sequential, *progress])
+                results += one_at_a_time[: -len(progress)]
+                many = await interleaved(n_burst, rounds, [celery_many, *echoes(50), *in_flight])
                 results += many
-                updated = one_at_a_time[-1]
-                updated.note += f"; {updated.received} received"
-                results.append(updated)
+                for updated in one_at_a_time[-len(progress) :]:
+                    updated.note += f"; {updated.received} received"
+                    results.append(updated)
             results.extend(await fanout(setup, n_fan))
             results.extend(await fanout(setup, n_fan, one_at_a_time=True))
             results.append(await idle(setup, n_idle))
+            setup.stop()  # uvicorn's idle connections alone on the machine, as daphne's were
+            results.append(await idle(uv, n_idle))
         finally:
             setup.stop()
+            uv.stop()
 
         # Scaled out: Redis layers, PostgreSQL (when reachable), one process and two, in
         # turns (the worker on one, the caller on the other).
@@ -589,6 +623,7 @@ def ratios(results: list[Result]) -> list[str]:
     idle_ = find("5 idle connections", "TaskHub")
     if idle_:
         lines.append(f"- idle: {idle_.note} (target <= 40 KiB); {idle_.rate:,.0f} connects/s")
+    lines += uvicorn_ratios(find)
     for layer in ("core", "pubsub"):
         one = find("6 50 in flight", "TaskHub", f"{layer} layer")
         two = next(
@@ -605,6 +640,36 @@ def ratios(results: list[Result]) -> list[str]:
                 f"machine busy {one.machine_load:.2f} → {two.machine_load:.2f} of {os.cpu_count()} cores, hub CPU "
                 f"{one.hub_ms_per_task:.2f} → {two.hub_ms_per_task:.2f} ms per task"
             )
+    return lines
+
+
+def uvicorn_ratios(find: Callable[..., Result | None]) -> list[str]:
+    """The lines that compare TaskHub under uvicorn with daphne and the peers."""
+    lines = []
+    uv = SYSTEMS["uvicorn"]
+    seq, uv_seq, celery_seq = find("1 sequential", "TaskHub"), find("1 sequential", uv), find("1 sequential", "Celery")
+    echo = find("1 sequential", "uvicorn echo")
+    if seq and uv_seq and celery_seq and echo:
+        lines.append(
+            f"- uvicorn, sequential: {uv_seq.rate / celery_seq.rate:.2f}x Celery, {uv_seq.rate / seq.rate:.2f}x "
+            f"daphne's rate, p99 {uv_seq.ms(0.99):.2f} ms; hub CPU {seq.hub_ms_per_task:.2f} → "
+            f"{uv_seq.hub_ms_per_task:.2f} ms per round trip; one round trip costs {echo.rate / uv_seq.rate:.1f} "
+            "uvicorn echoes"
+        )
+    burst, uv_burst = find("2 50 in flight", "TaskHub"), find("2 50 in flight", uv)
+    celery_burst_ = find("2 burst", "Celery")
+    if burst and uv_burst and celery_burst_:
+        lines.append(
+            f"- uvicorn, 50 in flight: {uv_burst.rate / celery_burst_.rate:.2f}x Celery's burst, "
+            f"{uv_burst.rate / burst.rate:.2f}x daphne's rate; hub CPU {burst.hub_ms_per_task:.2f} → "
+            f"{uv_burst.hub_ms_per_task:.2f} ms per task"
+        )
+    progress = find("3 progress", uv)
+    if progress and uv_seq:
+        lines.append(f"- uvicorn, progress: {progress.rate / uv_seq.rate:.2f}x its sequential")
+    idle_ = find("5 idle connections", uv)
+    if idle_:
+        lines.append(f"- uvicorn, idle: {idle_.note}; {idle_.rate:,.0f} connects/s")
     return lines
 
 

@@ -271,6 +271,8 @@ class TaskRecordAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg
     search_fields = ["id", "action", "publisher_name", "assignments__service", "failure_detail"]
     search_help_text = "A task id, or text in the action, the publisher, a service or the failure detail."
     date_hierarchy = "created_at"
+    # A count of the whole table on every page is a full scan on a big history.
+    show_full_result_count = False
     inlines = [AssignmentInline, TaskEventInline]
     actions = ["retry_tasks", "cancel_tasks"]
     readonly_fields = [

@@ -11,7 +11,10 @@ one that never gets a connection (another process's tasks still time out there).
 
 The first WebSocket connection of an event loop starts it too, whatever the server.
 
-Under daphne, it also bounds each connection's memory (:mod:`taskhub.flow`).
+It also bounds each connection's memory, and keeps a client that does not read from
+holding up the others, under any server (:mod:`taskhub.flow`): each WebSocket
+connection's ``send`` goes through a :class:`~taskhub.flow.Outbox`, and daphne's own
+protocol is bounded when daphne is loaded.
 """
 
 from __future__ import annotations
@@ -32,11 +35,16 @@ class HubApplication:
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        # daphne is imported wherever it is an installed app, also under another server:
+        # the hooks below then do nothing.
         if flow.install():
-            log.debug("daphne's connections are bounded (taskhub.flow)")
+            log.debug("daphne's WebSocket protocol is bounded (taskhub.flow)")
         self._on_daphne_loop()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, flow.Outbox(send, flow.peer_of(scope)).send)
+            return
         if scope["type"] != "lifespan":
             await self.app(scope, receive, send)
             return
@@ -44,6 +52,7 @@ class HubApplication:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 sweeper.ensure_started()
+                log.debug("the sweeper started with the server (ASGI lifespan)")
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await sweeper.stop()
@@ -56,7 +65,7 @@ class HubApplication:
         loop = getattr(server, "twisted_loop", None)
         if loop is not None:
             loop.call_soon(sweeper.ensure_started)
-            log.debug("the sweeper starts with daphne's event loop")
+            log.debug("the sweeper starts with daphne's event loop, if daphne runs it")
 
 
 def hub_application(app: Any) -> HubApplication:

@@ -1,5 +1,6 @@
 """Processes for end-to-end tests and benchmarks: a private redis-server, fresh
-databases, and daphne serving the project, as users start it.
+databases, and daphne or uvicorn serving the project, as users start it
+(docs/deployment.md).
 
 Used by ``tests/e2e/conftest.py`` and by ``bench/``, so both run the hub the same way.
 """
@@ -116,18 +117,75 @@ def manage(*args: str, database_url: str) -> str:
     return done.stdout
 
 
+#: The servers a :class:`Hub` can run: daphne, the default, and uvicorn.
+SERVERS = ("daphne", "uvicorn")
+
+#: uvicorn's options for the hub, as docs/deployment.md gives them: the fast stack
+#: (uvloop, httptools, websockets' sans-I/O protocol), the sweeper started by the ASGI
+#: lifespan, daphne's limits (1 MiB frames, a ping every 20 s, 30 s for its pong),
+#: without per-message compression (the hub's clients do not use it), and a stop that
+#: waits at most 5 s for clients.
+UVICORN_OPTIONS = (
+    "--loop",
+    "uvloop",
+    "--http",
+    "httptools",
+    "--ws",
+    "websockets-sansio",
+    "--lifespan",
+    "on",
+    "--ws-max-size",
+    str(1024 * 1024),
+    "--ws-ping-interval",
+    "20",
+    "--ws-ping-timeout",
+    "30",
+    "--ws-per-message-deflate",
+    "false",
+    "--timeout-graceful-shutdown",
+    "5",
+)
+
+
+def server_command(server: str, port: int, app: str = "hubproject.asgi:application") -> list[str]:
+    """The command line that serves ``app`` on 127.0.0.1:``port`` with ``server``. An
+    ``app`` other than the hub's runs without the ASGI lifespan under uvicorn (a bare
+    Channels consumer refuses it).
+
+    Raises:
+        ValueError: ``server`` is not one of :data:`SERVERS`.
+    """
+    if server == "daphne":
+        return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app]
+    if server == "uvicorn":
+        options = list(UVICORN_OPTIONS)
+        if app != "hubproject.asgi:application":
+            options[options.index("--lifespan") + 1] = "off"
+        return [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), *options, app]
+    raise ValueError(f"unknown server {server!r}: one of {', '.join(SERVERS)}")
+
+
 class Hub:
-    """One daphne process serving the project."""
+    """One hub process serving the project: ``server`` is ``"daphne"`` (the default) or
+    ``"uvicorn"`` (:func:`server_command`)."""
 
     def __init__(
-        self, database_url: str, redis_url: str | None, log_path: Path, port: int | None = None, **settings: str
+        self,
+        database_url: str,
+        redis_url: str | None,
+        log_path: Path,
+        port: int | None = None,
+        *,
+        server: str = "daphne",
+        **settings: str,
     ) -> None:
+        self.server = server
         self.port = port or free_port()
         self.url = f"ws://127.0.0.1:{self.port}/ws/taskhub/"
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "hubproject.asgi:application"],
+            server_command(server, self.port),
             cwd=ROOT,
             env=hub_env(database_url, redis_url, **settings),
             stdout=self._log,

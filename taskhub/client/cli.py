@@ -229,12 +229,15 @@ async def _pub(client: Client, args: argparse.Namespace) -> int:
     bar = ProgressBar(sys.stderr)
     async with client:
         handle = client.pub(args.action, payload, args.timeout, pickup_timeout=args.pickup_timeout, task_id=task_id)
-        handle.on("update", bar).on("retry", _retrying(bar))
+        # An update read with the ack (one read, a fast server) waits for the task's line.
+        held = _Replayed(bar)
+        handle.on("update", held).on("retry", held)
         await handle.published  # raises the hub's refusal
         if args.no_wait:
             print(handle.task_id)
             return OK
         bar.say(f"task {handle.task_id}")
+        held.release(State(task={}, events=[]))
         notice = asyncio.create_task(_say_if_waiting(client, handle, args.action, bar))
         try:
             return await _outcome(handle, bar)

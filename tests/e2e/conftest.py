@@ -1,8 +1,19 @@
-"""End-to-end fixtures: a redis-server and daphne processes the suite starts itself.
+"""End-to-end fixtures: a redis-server and hub processes the suite starts itself.
 
-The hub runs as users run it (``daphne hubproject.asgi:application``) on its own
-database: a fresh SQLite file, or a fresh PostgreSQL database when ``DATABASE_URL``
-points at PostgreSQL. Credentials are written to it from the test process.
+The hub runs as users run it (``daphne hubproject.asgi:application``, or uvicorn with the
+options of docs/deployment.md) on its own database: a fresh SQLite file, or a fresh
+PostgreSQL database when ``DATABASE_URL`` points at PostgreSQL. Credentials are written
+to it from the test process.
+
+Servers: ``TASKHUB_TEST_SERVER`` is ``daphne`` (the default), ``uvicorn`` or ``both``
+(each test that starts hubs runs once per server, its id ending in ``[daphne]`` or
+``[uvicorn]``). Two markers go with it:
+
+- ``@pytest.mark.core``: the core subset, which CI also runs on uvicorn
+  (``TASKHUB_TEST_SERVER=uvicorn pytest -m core tests/e2e``): round trips, limits and
+  close codes, restarts and the sweeper, scale-out; what depends on the server.
+- ``@pytest.mark.daphne_only("why")``: a test of something only daphne has (what
+  ``TASKHUB_MAX_QUEUED_FRAMES`` does, say); skipped on another server, with its reason.
 """
 
 from __future__ import annotations
@@ -18,9 +29,70 @@ import pytest
 
 from taskhub.client import Client
 from tests.conftest import TIMEOUT
-from tests.processes import ROOT, Hub, add_credential, create_database, drop_database, hub_database, start_redis
+from tests.processes import (
+    ROOT,
+    SERVERS,
+    Hub,
+    add_credential,
+    create_database,
+    drop_database,
+    hub_database,
+    start_redis,
+)
 
 __all__ = ["ROOT", "Hub"]
+
+#: The environment variable that chooses the servers the end-to-end tests run against.
+SERVER_VARIABLE = "TASKHUB_TEST_SERVER"
+
+
+def selected_servers() -> tuple[str, ...]:
+    """The servers ``TASKHUB_TEST_SERVER`` chooses (daphne when unset).
+
+    Raises:
+        pytest.UsageError: it names no server.
+    """
+    value = os.environ.get(SERVER_VARIABLE, "").strip().lower() or "daphne"
+    if value == "both":
+        return SERVERS
+    if value not in SERVERS:
+        raise pytest.UsageError(f"{SERVER_VARIABLE}={value!r}: expected one of {', '.join(SERVERS)} or both")
+    return (value,)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"core: the end-to-end subset CI also runs on uvicorn ({SERVER_VARIABLE}=uvicorn pytest -m core)"
+    )
+    config.addinivalue_line("markers", "daphne_only(reason): skipped unless the hub runs on daphne, for that reason")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """With two servers chosen, run each test that starts hubs once per server; with one,
+    its id stays as it is."""
+    servers = selected_servers()
+    if "server" in metafunc.fixturenames and len(servers) > 1:
+        metafunc.parametrize("server", servers, indirect=True, scope="session")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip a ``daphne_only`` test where its hubs would run on another server."""
+    default = selected_servers()[0]
+    for item in items:
+        marker = item.get_closest_marker("daphne_only")
+        if marker is None or "server" not in getattr(item, "fixturenames", ()):
+            continue
+        callspec = getattr(item, "callspec", None)
+        server = callspec.params.get("server", default) if callspec is not None else default
+        if server != "daphne":
+            reason = marker.args[0] if marker.args else marker.kwargs.get("reason", "")
+            item.add_marker(pytest.mark.skip(reason=f"daphne only: {reason}"))
+
+
+@pytest.fixture(scope="session")
+def server(request: pytest.FixtureRequest) -> str:
+    """The server the hubs of this test run on: ``daphne`` or ``uvicorn``."""
+    return str(getattr(request, "param", selected_servers()[0]))
 
 
 @pytest.fixture(scope="session")
@@ -49,21 +121,22 @@ FAST = {"TASKHUB_SWEEP_INTERVAL": "0.2", "TASKHUB_INSTANCE_LEASE": "2"}
 
 
 @pytest.fixture(scope="session")
-def hub(database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    """One daphne process on the Redis channel layer, shared by the session."""
-    h = Hub(database_url, redis_url, tmp_path_factory.mktemp("logs") / "hub.log", port=None, **FAST)
+def hub(server: str, database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    """One hub process on the Redis channel layer, shared by the session (one per server)."""
+    log = tmp_path_factory.mktemp(f"logs-{server}") / "hub.log"
+    h = Hub(database_url, redis_url, log, port=None, server=server, **FAST)
     yield h
     h.stop()
 
 
 @pytest.fixture
-def make_hub(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[object]:
-    """Start extra daphne processes for one test; all are stopped after it."""
+def make_hub(server: str, database_url: str, redis_url: str, tmp_path: Path) -> Iterator[object]:
+    """Start extra hub processes for one test, on its server; all are stopped after it."""
     hubs: list[Hub] = []
 
     def start(*, port: int | None = None, redis: bool = True, **settings: str) -> Hub:
         log = tmp_path / f"hub{len(hubs)}.log"
-        h = Hub(database_url, redis_url if redis else None, log, port, **{**FAST, **settings})
+        h = Hub(database_url, redis_url if redis else None, log, port, server=server, **{**FAST, **settings})
         hubs.append(h)
         return h
 

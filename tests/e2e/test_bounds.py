@@ -17,7 +17,7 @@ from taskhub.client import Client
 from tests.conftest import TIMEOUT
 from tests.e2e.conftest import Parties
 
-pytestmark = pytest.mark.timeout(60 * TIMEOUT)
+pytestmark = [pytest.mark.timeout(60 * TIMEOUT), pytest.mark.core]
 
 MiB = 1024 * 1024
 #: What the hub may hold for one non-reading client: its limit (4 MiB in these tests),

@@ -22,7 +22,7 @@ from taskhub.client import (
 from tests.conftest import TIMEOUT
 from tests.e2e.conftest import unique_action
 
-pytestmark = pytest.mark.timeout(60 * TIMEOUT)
+pytestmark = [pytest.mark.timeout(60 * TIMEOUT), pytest.mark.core]
 
 
 async def test_round_trip_with_pickup_payload_progress_and_result(hub, credential):

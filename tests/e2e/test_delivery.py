@@ -51,6 +51,7 @@ def status_of(hub_db: Callable[[Callable[[str], Any]], Any], task_id: str) -> tu
     return result
 
 
+@pytest.mark.core
 async def test_a_failed_attempt_is_retried_and_the_third_succeeds(hub, parties, hub_db):
     worker = parties.worker(hub.url)
     attempts: list[int] = []
@@ -113,6 +114,7 @@ async def test_the_publisher_retries_a_failed_task_by_id(hub, parties):
     assert calls == [1, 2]
 
 
+@pytest.mark.core
 async def test_cancel_fails_the_task_for_the_caller_and_cancels_the_handler(hub, parties):
     worker = parties.worker(hub.url)
     started, cancelled = asyncio.Event(), asyncio.Event()
@@ -139,6 +141,7 @@ async def test_cancel_fails_the_task_for_the_caller_and_cancels_the_handler(hub,
         assert time.monotonic() - began < 2 * SCALE
 
 
+@pytest.mark.core
 async def test_a_heartbeat_is_kept_by_updates_and_expires_in_silence(hub, parties):
     worker = parties.worker(hub.url)
 
@@ -178,6 +181,7 @@ def worker_process(url: str, name: str, key: str, job: str, action: str) -> subp
     return process
 
 
+@pytest.mark.core
 async def test_a_killed_workers_task_is_offered_to_another_instance_of_its_service(make_hub, credential):
     hub = make_hub(**QUICK_GRACE)
     action = unique_action()
@@ -206,6 +210,7 @@ async def test_a_killed_workers_task_is_offered_to_another_instance_of_its_servi
                 process.wait(TIMEOUT)
 
 
+@pytest.mark.core
 async def test_a_worker_and_a_caller_ride_through_a_hub_killed_and_restarted(make_hub, parties, hub_db):
     hub = make_hub(**RESTARTABLE)
     worker = parties.worker(hub.url, backoff=lambda n: 0.2)
@@ -235,6 +240,7 @@ async def test_a_worker_and_a_caller_ride_through_a_hub_killed_and_restarted(mak
     assert status_of(hub_db, handle.task_id) == ("success", "")
 
 
+@pytest.mark.core
 async def test_two_hundred_tasks_with_thirty_updates_each_ride_through_a_hub_restart(make_hub, parties, hub_db):
     hub = make_hub(**RESTARTABLE)
     workers = [parties.worker(hub.url, backoff=lambda n: 0.2) for _ in range(1)]
@@ -274,6 +280,7 @@ async def test_two_hundred_tasks_with_thirty_updates_each_ride_through_a_hub_res
     assert hub_db(statuses) == {"success"}
 
 
+@pytest.mark.core
 async def test_a_waiting_task_survives_a_hub_crash(make_hub, parties):
     hub = make_hub(**RESTARTABLE)
     async with parties.caller(hub.url, backoff=lambda n: 0.2) as caller:
@@ -287,6 +294,7 @@ async def test_a_waiting_task_survives_a_hub_crash(make_hub, parties):
             assert await asyncio.wait_for(handle.get_result(), 4 * TIMEOUT) == 5
 
 
+@pytest.mark.core
 async def test_a_sweeper_runs_in_a_process_that_never_had_a_connection(make_hub, parties, hub_db):
     accepting, idle = make_hub(redis=False), make_hub(redis=False)
     async with parties.caller(accepting.url, backoff=lambda n: 3600) as caller:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import websockets
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from taskhub.client import Client
@@ -31,7 +31,7 @@ from tests.conftest import TIMEOUT
 from tests.e2e.conftest import FAST
 from tests.processes import Hub, add_credential
 
-pytestmark = pytest.mark.timeout(120 * TIMEOUT)
+pytestmark = [pytest.mark.timeout(120 * TIMEOUT), pytest.mark.core]
 
 EXAMPLES = int(os.environ.get("TASKHUB_FUZZ_EXAMPLES", "150"))
 RANDOM = os.environ.get("TASKHUB_FUZZ_RANDOM", "") == "1"
@@ -211,12 +211,12 @@ async def exchange(url: str, headers: dict[str, str], sent: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def fuzzer(
-    database_url: str, redis_url: str, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
+    server: str, database_url: str, redis_url: str, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str, str]]:
     """``(url, name, key)``: a hub of this module's own, and a credential that may do
     anything here. Its throttle lets wrong keys go on (the handshakes try many)."""
     log = tmp_path_factory.mktemp("fuzz") / "hub.log"
-    hub = Hub(database_url, redis_url, log, None, **FAST, TASKHUB_AUTH_FAILURES="1000000")
+    hub = Hub(database_url, redis_url, log, None, server=server, **FAST, TASKHUB_AUTH_FAILURES="1000000")
     with django_db_blocker.unblock(), concurrent.futures.ThreadPoolExecutor(1) as thread:
         name, key = thread.submit(add_credential, database_url, sub=["fz*"], pub=["fz*"], max_instances=1000).result()
     yield hub.url, name, key
@@ -228,6 +228,8 @@ def fuzzer(
     deadline=None,
     derandomize=not RANDOM,
     database=None,
+    # No shrinking: it takes minutes against a live hub; the failing example is printed.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
 @given(sent=st.lists(frames, min_size=1, max_size=4), authenticated=st.integers(0, 4))
@@ -247,6 +249,8 @@ header_values = st.text(st.characters(min_codepoint=32, max_codepoint=255), max_
     deadline=None,
     derandomize=not RANDOM,
     database=None,
+    # No shrinking: it takes minutes against a live hub; the failing example is printed.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(
@@ -268,11 +272,16 @@ def test_every_handshake_gets_a_welcome_or_a_coded_refusal(fuzzer, name, key, re
     async def handshake() -> None:
         async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:
             try:
+                # Headers without usable credentials leave the hub waiting for a hello:
+                # then the ping is answered with not_authenticated.
+                await ws.send(json.dumps({"type": "ping", "ref": "p"}))
                 first = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
                 if first["type"] == "welcome":
                     return
                 assert first["type"] == "error" and first["code"] in CODES, first
-                await asyncio.wait_for(ws.recv(), TIMEOUT)
+                if first["code"] == ErrorCode.NOT_AUTHENTICATED:
+                    return
+                await asyncio.wait_for(ws.recv(), TIMEOUT)  # the close that follows a refusal
             except websockets.ConnectionClosed as closed:
                 assert closed.rcvd is not None and closed.rcvd.code in CLOSES, f"closed with {closed.rcvd}"
 

@@ -14,7 +14,7 @@ from taskhub.client import Client, InvalidMessage
 from tests.conftest import TIMEOUT
 from tests.e2e.conftest import Parties, unique_action
 
-pytestmark = pytest.mark.timeout(60 * TIMEOUT)
+pytestmark = [pytest.mark.timeout(60 * TIMEOUT), pytest.mark.core]
 
 
 async def round_trip(worker_url: str, caller_url: str, parties: Parties, payload: Any = 7) -> Any:

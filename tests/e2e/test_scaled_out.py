@@ -9,7 +9,7 @@ import pytest
 from taskhub.client import AuthenticationFailed, Client, Update
 from tests.conftest import TIMEOUT
 
-pytestmark = pytest.mark.timeout(60 * TIMEOUT)
+pytestmark = [pytest.mark.timeout(60 * TIMEOUT), pytest.mark.core]
 
 
 async def test_worker_on_one_process_caller_on_the_other(make_hub, credential, parties):

@@ -354,7 +354,13 @@ async function reconcile() {
     const task = take(view);
     if (task) render(task);
   }
-  const stale = [...tasks.values()].filter((t) => !listed.has(t.id) && !FINISHED.has(t.status)).slice(0, RECHECK);
+  // The least recently re-read first, so that every unfinished task gets its turn.
+  const stale = [...tasks.values()]
+    .filter((t) => !listed.has(t.id) && !FINISHED.has(t.status))
+    .sort((a, b) => (a.checkedAt || 0) - (b.checkedAt || 0))
+    .slice(0, RECHECK);
+  const now = Date.now();
+  for (const task of stale) task.checkedAt = now;
   await Promise.all(stale.map((task) => refresh(task.id)));
   trim();
 }
