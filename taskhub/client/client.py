@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 
 from taskhub.core.actions import validate_action
 from taskhub.core.commands import Bye, Command, Ping, Pub, Retry, Tasks, Watch
-from taskhub.core.errors import InvalidMessage, TaskHubError
+from taskhub.core.errors import InvalidMessage, TaskHubError, UnknownTask
 from taskhub.core.messages import Ack, Message, Offer, State, TaskEventMessage, TaskList, TaskSnapshot
 
 from .connection import Connection, backoff
@@ -351,6 +351,12 @@ class Client(Connection):
         task_id = handle.task_id
         try:
             state = await self.request(Watch.build(task=task_id, since=self.protocol.last_seq(task_id)))
+        except UnknownTask as exc:
+            # Gone (removed with autoremove, or purged) before its outcome reached us:
+            # nothing will end it, so the wait ends here.
+            handle._abandon(exc)
+            self._forget(handle)
+            return
         except TaskHubError as exc:
             log.debug("resync of %s failed: %s", task_id, exc)
             return

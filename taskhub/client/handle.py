@@ -83,7 +83,8 @@ class TaskHandle:
                 with retries, only once its last attempt failed.
             NoResult: every service saw or dropped the task without a result.
             PermissionDenied, InvalidMessage, UnknownTask: the hub refused the command
-                that made the handle.
+                that made the handle; ``UnknownTask`` also when the task was deleted
+                (``autoremove``, retention) before its outcome reached this client.
             ConnectionLost: the client was closed first.
         """
         await asyncio.shield(self.published)

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import websockets
 
-from taskhub.client import Client, InvalidMessage, NoResult, ProtocolError, Task, TaskFailed, backoff
+from taskhub.client import Client, InvalidMessage, NoResult, ProtocolError, Task, TaskFailed, UnknownTask, backoff
 from taskhub.client.tasks import UPDATE_WINDOW
-from tests.conftest import TIMEOUT
+from tests.conftest import SCALE, TIMEOUT
 
 TASK = "6a1d5b0e-7c4f-4a53-9b1e-2f0c8d9e4a11"
 ACTION = "mail:send"
@@ -337,3 +337,20 @@ async def test_close_survives_the_hub_closing_right_after_its_bye_ack():
         await asyncio.wait_for(client.connect(), TIMEOUT)
         await asyncio.wait_for(client.close(), TIMEOUT)
         assert not client.connected
+
+
+async def test_get_result_raises_unknown_task_when_the_task_is_gone_before_its_outcome(hub):
+    """A task deleted (autoremove, retention) before its outcome reached this client:
+    the resync's unknown_task ends the wait instead of a resync every interval."""
+    client = Client(hub.url, name="svc", key="k" * 20, resync_interval=0.05 * SCALE)
+    await asyncio.wait_for(client.connect(), TIMEOUT)
+    handle = client.pub(ACTION, 1)
+    (pub,) = await hub.sent(1)
+    await hub.answer(0, task=pub["task_id"], created=True)
+    result = asyncio.ensure_future(handle.get_result())
+    (_, watch) = await hub.sent(2)  # the quiet spell's resync
+    assert watch["type"] == "watch"
+    await hub.refuse(1, "unknown_task")
+    with pytest.raises(UnknownTask):
+        await asyncio.wait_for(result, TIMEOUT)
+    await client.close()
