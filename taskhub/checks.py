@@ -44,13 +44,21 @@ def _positive(value: Any, *, integer: bool = False) -> bool:
 @register()
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     errors: list[CheckMessage] = []
-    for name, check_id in (("PICKUP_TIMEOUT", "taskhub.E001"), ("COMPLETE_TIMEOUT", "taskhub.E002")):
+    # Durations where None means "no limit" (timeouts) or "forever" (retention).
+    waits = "For example 30.0; None waits forever."
+    keeps = "For example 7 * 24 * 3600 keeps a week; None keeps every task."
+    for name, check_id, hint in (
+        ("PICKUP_TIMEOUT", "taskhub.E001", waits),
+        ("COMPLETE_TIMEOUT", "taskhub.E002", waits),
+        ("KEEP_SUCCEEDED", "taskhub.E013", keeps),
+        ("KEEP_FAILED", "taskhub.E013", keeps),
+    ):
         value = getattr(conf, name)
         if value is not None and not _positive(value):
             errors.append(
                 Error(
                     f"TASKHUB_{name} must be a positive number of seconds or None, not {value!r}.",
-                    hint="For example 30.0; None waits forever.",
+                    hint=hint,
                     id=check_id,
                 )
             )
@@ -128,16 +136,6 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="taskhub.E012",
             )
         )
-    for name in ("KEEP_SUCCEEDED", "KEEP_FAILED"):
-        value = getattr(conf, name)
-        if value is not None and not _positive(value):
-            errors.append(
-                Error(
-                    f"TASKHUB_{name} must be a positive number of seconds or None, not {value!r}.",
-                    hint="For example 7 * 24 * 3600 keeps a week; None keeps every task.",
-                    id="taskhub.E013",
-                )
-            )
     if not _positive(conf.PURGE_BATCH, integer=True):
         errors.append(
             Error(f"TASKHUB_PURGE_BATCH must be a positive integer, not {conf.PURGE_BATCH!r}.", id="taskhub.E014")
