@@ -62,7 +62,7 @@ from .handshake import basic_credentials, session_options
 from .models import Credential
 from .monitoring import MonitorSession
 from .notify import send_notices
-from .recovery import Ledger
+from .recovery import Ledger, catch_up
 from .services import queries, retention
 from .services.routing import MONITOR_GROUP, RELAY
 
@@ -112,7 +112,7 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
         self.ledger = Ledger()
         self.subscriptions: set[str] = set()
         # A monitor's watched tasks, with the last seq forwarded of each (oldest first).
-        self.monitor_follows: dict[str, int] = {}
+        self.monitor_follows = Ledger()
         self.auth_timer: asyncio.TimerHandle | None = None
         notify.register(self.channel_name, self)
         await self.accept()
@@ -316,8 +316,9 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
                 answer = Ack(ref=cmd.ref, action=action)
             case Pub():
                 task_id, created, notices = await db.run(services.publish, credential, cmd, now, instance_id)
-                self.ledger.get(task_id)
-                if not created:
+                if created:
+                    self.ledger.start(task_id, 0)  # no relay came before its first
+                else:
                     # A re-sent pub, maybe from a new connection: follow the task as its
                     # watchers do, since its events go to the connection that published it.
                     await self.follow(task_id)
@@ -325,7 +326,7 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
             case Pickup() | Update() | Touch() | Return() | Drop() | Fail():
                 notices = await db.run(services.act, credential, cmd, now, self.channel_name, instance_id)
                 answer = Ack(ref=cmd.ref, task=cmd.task)
-                self._heard_own(cmd, notices)
+                await self._heard_own(cmd, notices)
                 if self.concurrency is not None and isinstance(cmd, Return | Drop | Fail) and self.subscriptions:
                     # Room for another task: offer what waits for one.
                     notices += (await db.run(services.dispatch_waiting, now, self.subscriptions))[1]
@@ -370,17 +371,19 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
         )
         return TaskList(ref=cmd.ref, tasks=listed, more=more or MISSING)
 
-    def _heard_own(self, cmd: Pickup | Update | Touch | Return | Drop | Fail, notices: list[services.Notice]) -> None:
+    async def _heard_own(
+        self, cmd: Pickup | Update | Touch | Return | Drop | Fail, notices: list[services.Notice]
+    ) -> None:
         """What this connection's own command did to the task counts as heard, so that the
-        sweeper's recovery does not look for it; a part that is over is forgotten (no
+        sweeper's recovery does not look for it, unless it shows that a relay before it
+        was lost (then what that said is sent now); a part that is over is forgotten (no
         more of the task comes here, unless it is watched or was published here)."""
         if isinstance(cmd, Return | Drop | Fail) and services.task_group(cmd.task) not in self.followed:
             self.ledger.forget(cmd.task)
             return
         for _, _, message in notices:
             if message.get("type") == RELAY and message["task"] == cmd.task and message.get("exclude"):
-                heard = self.ledger.get(cmd.task)
-                heard.version = max(heard.version, message["version"])
+                await self.taskhub_relay(message)
 
     async def watch(self, cmd: Watch) -> State:
         """``watch``: join the task's group first (so that no event falls between the
@@ -397,8 +400,11 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
             if new:
                 await self.unfollow(cmd.task)
             raise
+        relayed = state.pop("relayed")
         if follow and state["task"]["status"] in ("success", "failed", "ended"):
             await self.unfollow(cmd.task)
+        elif follow:
+            self.ledger.start(cmd.task, relayed)  # the relays it read need not come again
         if state.pop("remove", False):  # the answer carries the result to its publisher
             self._remove_after_reply = cmd.task  # removed once the answer is sent
         return State(ref=cmd.ref, task=state["task"], events=state["events"], more=state["more"] or MISSING)
@@ -437,21 +443,24 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
         """A task offered to this instance."""
         offer = event["message"]
         if self.ledger.offer(offer["task"], offer["attempt"]):
+            if "prev" in event:  # not one sent again by the sweeper
+                self.ledger.start(offer["task"], event["prev"], event["since"])
             await self.reply(offer)
 
     async def taskhub_relay(self, event: dict[str, Any]) -> None:
         """A transition's task events, for the task's publisher, its services and its watchers."""
-        if self.instance_id is not None and event.get("exclude") == str(self.instance_id):
-            return
-        task_id = event["task"]
-        for message in self.ledger.relay(task_id, event["version"], event["messages"]):
+        task_id, version = event["task"], event["version"]
+        own = self.instance_id is not None and event.get("exclude") == str(self.instance_id)
+        forward = self.ledger.relay(task_id, version, event.get("prev", 0), () if own else event["messages"])
+        if forward is None:
+            forward = await catch_up(self.ledger, task_id, version, self.instance_id)
+        for message in forward:
             await self.reply(message)
             if message["type"] == "success":
                 self.ledger.get(task_id).succeeded = True
             if message["type"] == "end":
                 # Removed (autoremove) only once this connection forwarded the result
-                # itself: an end whose success the layer lost leaves the task for the
-                # client's resync, whose watch answer then carries the result.
+                # itself (live, read again after a lost relay, or sent by the sweeper).
                 removable = task_id in self.ledger.tasks and self.ledger.tasks[task_id].succeeded
                 await self.unfollow(task_id)
                 mine = self.instance_id is not None and event.get("remove_by") == str(self.instance_id)

@@ -164,6 +164,11 @@ class TaskRecord(models.Model):
         null=True, blank=True, help_text="The next moment a sweeper must look at this task."
     )
     version = models.PositiveIntegerField(default=0, help_text="Bumped by every transition; guards concurrent updates.")
+    relayed_version = models.PositiveIntegerField(
+        default=0,
+        help_text="The version of the last transition that sent task events to listeners: each "
+        "relay carries the one before it, so that a connection sees it missed one.",
+    )
     created_at = models.DateTimeField(help_text="When the task was published.")
     started_at = models.DateTimeField(null=True, blank=True, help_text="When it was first offered to a service.")
     finished_at = models.DateTimeField(null=True, blank=True, help_text="When it succeeded, failed or ended.")

@@ -32,7 +32,7 @@ from .core.commands import Bye, Command, GetPayload, Ping, Stats, Tasks, Watch
 from .core.errors import AuthenticationFailed, PermissionDenied, ProtocolError
 from .core.messages import MISSING, Ack, Message, Payload, Pong, State, TaskList, Welcome, event_message
 from .core.messages import Stats as StatsMessage
-from .recovery import REMEMBERED
+from .recovery import Ledger, catch_up
 from .services import queries, routing
 from .services.routing import MONITOR_GROUP
 
@@ -65,8 +65,8 @@ class MonitorSession:
     #: A monitor's row (:class:`~taskhub.models.Monitor`) and its user's name.
     monitor_id: uuid.UUID | None = None
     monitor_user: str | None = None
-    #: The tasks a monitor's ``watch`` follows, and the last ``seq`` forwarded of each.
-    monitor_follows: dict[str, int]
+    #: The tasks a monitor's ``watch`` follows, and what was forwarded of each.
+    monitor_follows: Ledger
     monitor_keeper: asyncio.Future[None]
 
     if TYPE_CHECKING:  # the consumer's, which this mixin uses
@@ -237,48 +237,46 @@ class MonitorSession:
         none falls between the read and the answer; the client drops a ``seq`` twice)."""
         since = 0 if cmd.since is MISSING else cmd.since
         follow = cmd.follow is not False
-        if follow:
-            self._monitor_follow(cmd.task, since)
+        follows = self.monitor_follows
+        if follow:  # the feed may bring the task's events while the read runs
+            heard = follows.get(cmd.task)
+            heard.seq = max(heard.seq, since)
         try:
             state = await db.run(services.watch, None, cmd.task, since, follow=False)
         except ProtocolError:
-            self.monitor_follows.pop(cmd.task, None)
+            follows.forget(cmd.task)
             raise
         if follow and state["task"]["status"] in ("success", "failed", "ended"):
-            self.monitor_follows.pop(cmd.task, None)
-        elif follow and state["events"]:
-            self._monitor_follow(cmd.task, state["events"][-1]["seq"])
+            follows.forget(cmd.task)
+        elif follow:
+            last = state["events"][-1]["seq"] if state["events"] else 0
+            follows.start(cmd.task, state["relayed"], last)
         return State(ref=cmd.ref, task=state["task"], events=state["events"], more=state["more"] or MISSING)
-
-    def _monitor_follow(self, task_id: str, seq: int) -> None:
-        """Forward the task's events to this monitor as to a watcher, from after ``seq``
-        (or after what was forwarded already)."""
-        follows = self.monitor_follows
-        follows[task_id] = max(seq, follows.pop(task_id, 0))
-        if len(follows) > REMEMBERED:
-            del follows[next(iter(follows))]
 
     async def taskhub_monitor(self, event: dict[str, Any]) -> None:
         """A transition of any task, for monitors: forwarded as it is, and, for a task the
-        monitor watches, as the task events a watcher hears."""
+        monitor watches, as the task events a watcher hears (read from the database when
+        the feed lost one, or left a value out)."""
         if self.monitor_id is None:
             return  # it left (bye), or never was a monitor
         message = event["message"]
         await self.reply(message)
         task_id = message["task"]["id"]
-        last = self.monitor_follows.get(task_id)
-        if last is None:
+        follows = self.monitor_follows
+        events = [e for e in message["events"] if e["kind"] in RELAYED_KINDS]
+        if task_id not in follows.tasks or not events:
             return
-        events = [e for e in message["events"] if e["kind"] in RELAYED_KINDS and e["seq"] > last]
-        if not events:
-            return
-        if any("omitted" in e for e in events):  # a value too large for the feed: from the database
-            relayed = await db.run(queries.relayed_since, task_id, last, None)
-        else:
-            built = (event_message(task_id, e["seq"], e["kind"], e["service"], e["attempt"], e["data"]) for e in events)
-            relayed = [m.to_dict() for m in built if m is not None]
+        built: list[dict[str, Any]] | None = None
+        if not any("omitted" in e for e in events):  # a value too large for the feed
+            messages = (
+                event_message(task_id, e["seq"], e["kind"], e["service"], e["attempt"], e["data"]) for e in events
+            )
+            built = [m.to_dict() for m in messages if m is not None]
+        version = event.get("version", 0)
+        relayed = follows.relay(task_id, version, event.get("prev", 0), built)
+        if relayed is None:
+            relayed = await catch_up(follows, task_id, version, None)
         for relay in relayed:
             await self.reply(relay)
-            self.monitor_follows[task_id] = max(self.monitor_follows.get(task_id, 0), relay["seq"])
             if relay["type"] == "end":
-                self.monitor_follows.pop(task_id, None)
+                follows.forget(task_id)

@@ -37,12 +37,17 @@ REMEMBERED = 1000
 
 @dataclass
 class Heard:
-    """What a connection forwarded of one task: its version and the last event's seq."""
+    """What a connection forwarded of one task: the version of the last relay it heard
+    and the last event's seq."""
 
     version: int = 0
     seq: int = 0
     offered: int = 0  # the attempt it last forwarded an offer of
     succeeded: bool = False  # it forwarded the task's success (its result)
+    # Whether ``version`` says which relays came before (it heard the task from its
+    # publish, its offer or a watch's read, or heard one relay since): only then can a
+    # relay tell it that it missed one.
+    known: bool = False
 
 
 class Ledger:
@@ -62,13 +67,35 @@ class Ledger:
             self.tasks.move_to_end(task_id)
         return heard
 
-    def relay(self, task_id: str, version: int, messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    def start(self, task_id: str, version: int, seq: int = 0) -> Heard:
+        """Hear of the task from here on: every relay up to ``version`` and every event
+        up to ``seq`` are accounted for (a publish, an offer, a watch's read)."""
+        heard = self.get(task_id)
+        heard.version, heard.seq, heard.known = max(heard.version, version), max(heard.seq, seq), True
+        return heard
+
+    def relay(
+        self, task_id: str, version: int, prev: int, messages: Iterable[dict[str, Any]] | None
+    ) -> list[dict[str, Any]] | None:
         """The messages of a relay to forward: none if this version was heard already (as
-        publisher or worker and as watcher), else those with a seq not heard yet."""
+        publisher or worker and as watcher), else those with a seq not heard yet.
+
+        Returns ``None`` when a relay before this one was lost (``prev``, the version of
+        the task's relay before it, is above the last one heard), or when the relay's
+        ``messages`` are not at hand (``None``): then :func:`catch_up`.
+        """
         heard = self.get(task_id)
         if version <= heard.version:
             return []
-        heard.version = version
+        if messages is None or (heard.known and prev > heard.version):
+            return None
+        return self.caught_up(task_id, version, messages)
+
+    def caught_up(self, task_id: str, version: int, messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The messages read from the database after a lost relay to forward, and the
+        entry moved on to ``version``, the relay's that told of the loss."""
+        heard = self.get(task_id)
+        heard.version, heard.known = max(heard.version, version), True
         fresh = [m for m in messages if m.get("seq", 0) > heard.seq]
         if fresh:
             heard.seq = max(m["seq"] for m in fresh)
@@ -84,6 +111,16 @@ class Ledger:
 
     def forget(self, task_id: str) -> None:
         self.tasks.pop(task_id, None)
+
+
+async def catch_up(ledger: Ledger, task_id: str, version: int, instance: uuid.UUID | None) -> list[dict[str, Any]]:
+    """The task's events a connection missed (its ``ledger`` says which it heard), read
+    from the database when the relay at ``version`` told it that one was lost; but
+    ``instance``'s own updates. Call instead of forwarding that relay."""
+    since = ledger.get(task_id).seq
+    missed = await db.run(queries.relayed_since, task_id, since, instance)
+    log.info("a relay of %s was lost on the layer; %d event(s) read again", task_id, len(missed))
+    return ledger.caught_up(task_id, version, missed)
 
 
 class Connection(Protocol):
@@ -118,14 +155,15 @@ async def recover(process: str, connections: Iterable[Connection]) -> int:
     versions = await db.run(queries.versions, list(followed))
     for connection in by_instance.values():
         for task_id, heard in list(connection.ledger.tasks.items()):
-            version = versions.get(task_id)
-            if version is None or version <= heard.version:
+            version, remove_by = versions.get(task_id, (0, None))
+            if version <= heard.version:
                 continue
             missed = await db.run(queries.relayed_since, task_id, heard.seq, connection.instance_id)
             if not missed:  # it moved without news (a pickup, a touch)
                 heard.version = max(heard.version, version)
                 continue
             log.info("%d event(s) of %s were lost on the layer; sending them again", len(missed), task_id)
-            await connection.dispatch({"type": RELAY, "task": task_id, "version": version, "messages": missed})
+            relay = {"type": RELAY, "task": task_id, "version": version, "messages": missed, "remove_by": remove_by}
+            await connection.dispatch(relay)
             sent += len(missed)
     return sent

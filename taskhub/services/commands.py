@@ -259,7 +259,9 @@ def watch(credential: Credential | None, task_id: str, since: int, *, follow: bo
 
     Returns:
         ``{"task": snapshot, "events": [...], "more": bool}``, the fields of a ``state``
-        message: one page of them (:func:`~taskhub.services.queries.state_page`); and
+        message: one page of them (:func:`~taskhub.services.queries.state_page`);
+        ``"relayed"``, the version of the task's last relay the read saw (what a
+        :class:`~taskhub.recovery.Ledger` starts from); and
         ``"remove": True`` when the answer gives the publisher the result of a task
         published with ``autoremove`` (then call
         :func:`~taskhub.services.retention.remove_delivered`).
@@ -268,12 +270,14 @@ def watch(credential: Credential | None, task_id: str, since: int, *, follow: bo
         UnknownTask: as :func:`~taskhub.services.queries.visible_task`.
     """
     if credential is None:
-        return queries.state_page(queries.visible_task(None, task_id), since, monitor=True)
+        record = queries.visible_task(None, task_id)
+        return {**queries.state_page(record, since, monitor=True), "relayed": record.relayed_version}
     with transaction.atomic():
         record = queries.visible_task(credential, task_id, lock=follow)
         if follow and not record.watched:
             TaskRecord.objects.filter(pk=record.pk).update(watched=True)
         state = queries.state_page(record, since)
+    state["relayed"] = record.relayed_version
     if record.autoremove and record.status == TaskStatus.SUCCESS and not state["more"]:
         state["remove"] = record.publisher_id == credential.pk
     return state

@@ -222,12 +222,18 @@ def offer_of(task_id: uuid.UUID, attempt: int, instance: uuid.UUID | None = None
     return None if record is None else offer_message(record, attempt)
 
 
-def versions(task_ids: list[str]) -> dict[str, int]:
-    """The current version of each of the tasks (those that still exist)."""
-    found: dict[str, int] = {}
+def versions(task_ids: list[str]) -> dict[str, tuple[int, str | None]]:
+    """The current version of each of the tasks (those that still exist), and the
+    instance that removes it once its publisher has the result (``remove_by`` of a relay:
+    a task published with ``autoremove`` that succeeded), or ``None``."""
+    found: dict[str, tuple[int, str | None]] = {}
     for start in range(0, len(task_ids), 500):
-        rows = TaskRecord.objects.filter(pk__in=task_ids[start : start + 500]).values_list("id", "version")
-        found.update((str(pk), version) for pk, version in rows)
+        rows = TaskRecord.objects.filter(pk__in=task_ids[start : start + 500]).values_list(
+            "id", "version", "autoremove", "status", "publisher_instance_id"
+        )
+        for pk, version, autoremove, status, publisher in rows:
+            removable = autoremove and status == TaskStatus.SUCCESS and publisher is not None
+            found[str(pk)] = (version, str(publisher) if removable else None)
     return found
 
 

@@ -198,6 +198,8 @@ def notices_for(
     seqs: Sequence[int],
     offer_channels: dict[str, str],
     listening: Iterable[str] = (),
+    *,
+    prev: int = 0,
 ) -> list[Notice]:
     """What to tell whom about ``events`` (numbered ``seqs``), once they are committed.
 
@@ -205,7 +207,11 @@ def notices_for(
     events of one transition travel as one relay, in order, to each of the ``listening``
     channels directly and, if the task was ever watched, to the task's group. A relay
     carries the task's version, so that a connection that both listens and watches hears
-    it once.
+    it once, and ``prev``, the version of the task's relay before it (its
+    ``relayed_version`` before this transition), so that a connection that missed one
+    reads what it missed from the database (:class:`~taskhub.recovery.Ledger`). Offers
+    and the monitors' feed carry it too, and an offer the seq before this transition's
+    events: what its instance hears of the task starts there.
     """
     task_id = str(record.id)
     notices: list[Notice] = []
@@ -213,7 +219,7 @@ def notices_for(
     exclude: str | None = None
     for event, seq in zip(events, seqs, strict=True):
         if event.kind is EventKind.START and event.instance in offer_channels:
-            offer = {"type": OFFER, "message": offer_message(record, event.attempt)}
+            offer = {"type": OFFER, "message": offer_message(record, event.attempt), "prev": prev, "since": seqs[0] - 1}
             notices.append(Notice("channel", offer_channels[event.instance], offer))
         elif event.kind in RELAYED_KINDS:
             message = event_message(task_id, seq, event.kind, event.service, event.attempt, event.data)
@@ -222,7 +228,14 @@ def notices_for(
             if event.kind is EventKind.UPDATE:
                 exclude = event.instance  # the sender knows its own update
     if relayed:
-        relay = {"type": RELAY, "task": task_id, "version": record.version, "messages": relayed, "exclude": exclude}
+        relay = {
+            "type": RELAY,
+            "task": task_id,
+            "version": record.version,
+            "prev": prev,
+            "messages": relayed,
+            "exclude": exclude,
+        }
         if record.autoremove and record.status == TaskStatus.SUCCESS and record.publisher_instance_id:
             # The publisher's connection deletes the task once it has forwarded the end.
             relay["remove_by"] = str(record.publisher_instance_id)
@@ -230,7 +243,12 @@ def notices_for(
         if record.watched:  # else the group is empty: on Redis, sending costs 2 commands
             notices.append(Notice("group", task_group(task_id), relay))
     if events and monitored():
-        feed = {"type": MONITOR, "message": transition_message(record, events, seqs)}
+        feed = {
+            "type": MONITOR,
+            "message": transition_message(record, events, seqs),
+            "version": record.version,
+            "prev": prev,
+        }
         notices.append(Notice("group", MONITOR_GROUP, feed))
     return notices
 

@@ -101,6 +101,8 @@ def changed_columns(
     relays = any(e.kind in RELAYED_KINDS for e in events)
     if fields or relays or (optimistic and record.status not in TERMINAL_TASK_STATUSES):
         fields["version"] = record.version + 1
+    if relays:
+        fields["relayed_version"] = fields["version"]
     return fields
 
 
@@ -230,12 +232,13 @@ def transition(
         except Conflict:
             continue
         metrics.observe(record, task, events, now)  # once per transition written, before record moves on
+        prev = record.relayed_version
         for name, value in fields.items():
             setattr(record, name, value)
         if written.fresh:
             record.watched, publisher_channel = written.watched, written.publisher_channel
         listening = listeners(publisher_channel, rows, task, events, sender)
-        return notices_for(record, events, written.event_ids, channels or {}, listening)
+        return notices_for(record, events, written.event_ids, channels or {}, listening, prev=prev)
     raise RuntimeError(f"task {task_id}: gave up after {MAX_TRANSITION_RETRIES} conflicting updates")
 
 

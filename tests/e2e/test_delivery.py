@@ -313,17 +313,23 @@ async def test_messages_the_layer_loses_are_sent_again_from_the_database(make_hu
 
     @worker.sub(parties.action)
     async def handler(task):
-        await task.update("halfway", progress=0.5)
+        for step in ("one", "two", "three"):
+            await task.update(step)
         return await task.get_payload()
 
     async with worker, parties.caller(b.url) as caller:
         began = time.monotonic()
-        results = []
+        results, updates = [], []
         for n in range(8):  # every other offer and relay crosses the layer and is lost
-            results.append(await asyncio.wait_for(caller.pub(parties.action, n).get_result(), TIMEOUT))
+            heard: list[str] = []
+            handle = caller.pub(parties.action, n).on("update", lambda u, heard=heard: heard.append(u.data))
+            results.append(await asyncio.wait_for(handle.get_result(), TIMEOUT))
+            updates.append(heard)
         # Recovered within sweeps (0.2 s here), not by the 30 s resync or a deadline.
         assert time.monotonic() - began < 8 * 2 * SCALE
     assert results == list(range(8))
+    # A lost update is read again as soon as a later relay shows it missing: none is skipped.
+    assert updates == [["one", "two", "three"]] * 8
 
 
 async def test_a_redis_restart_under_load_loses_no_task(make_hub, parties):
