@@ -132,8 +132,9 @@ def row(scenario: str, limit: str, sent: int, before: int, peak: int, after: int
     )
 
 
-def _burst(url: str, name: str, key: str, n: int, ready: Any, go: Any) -> None:
-    """In a process of its own: open ``n`` connections at once, then hold them a moment."""
+def _burst(url: str, name: str, key: str, n: int, ready: Any, go: Any, failed: Any) -> None:
+    """In a process of its own: open ``n`` connections at once, then close them; counts in
+    ``failed`` those that were not welcomed."""
 
     async def main() -> None:
         ready.set()
@@ -141,10 +142,12 @@ def _burst(url: str, name: str, key: str, n: int, ready: Any, go: Any) -> None:
 
         async def one() -> Any:
             ws = await websockets.connect(url, additional_headers=basic(name, key), open_timeout=120)
-            await ws.recv()
+            if json.loads(await ws.recv())["type"] != "welcome":
+                raise RuntimeError("not welcomed")
             return ws
 
         sockets = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+        failed.value = sum(isinstance(ws, BaseException) for ws in sockets)
         for ws in sockets:
             if not isinstance(ws, BaseException):
                 await ws.close()
@@ -160,16 +163,19 @@ async def connect_burst(database_url: str, logs: Path, n: int) -> list[str]:
         async with Client(hub.url, name=name, key=key) as client:
             quiet = [await client.ping() for _ in range(200)]
             ctx = multiprocessing.get_context("spawn")
-            ready, go = ctx.Event(), ctx.Event()
-            burst = ctx.Process(target=_burst, args=(hub.url, name, key, n, ready, go))
+            ready, go, failed = ctx.Event(), ctx.Event(), ctx.Value("i", -1)
+            burst = ctx.Process(target=_burst, args=(hub.url, name, key, n, ready, go, failed))
             burst.start()
             await asyncio.to_thread(ready.wait)
             go.set()
+            began = time.monotonic()
             during: list[float] = []
             while burst.is_alive():
                 during.append(await client.ping())
+            took = time.monotonic() - began
             burst.join()
-            for label, times in (("quiet hub", quiet), (f"during {n:,} connects", during)):
+            burst_label = f"during {n:,} connects ({took:.1f} s, {failed.value} not welcomed)"
+            for label, times in (("quiet hub", quiet), (burst_label, during)):
                 ms = sorted(t * 1000 for t in times)
                 p99 = ms[min(len(ms) - 1, int(0.99 * len(ms)))]
                 rows.append(f"| ping, {label} | {len(ms)} | {statistics.median(ms):.2f} | {p99:.2f} | {ms[-1]:.2f} |")

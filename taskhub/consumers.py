@@ -217,8 +217,10 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
         if self.instance_id is not None:
             # Without a bye: the client may come back for its instance. Should this fail,
             # the sweeper stops renewing the lease (the channel is gone) and the instance
-            # lapses.
-            await db.run(services.detach, self.instance_id, self.channel_name, timezone.now())
+            # lapses. Deferred, as connects are: a wave of closes (a load balancer
+            # dropping its connections) would otherwise run back to back on the event
+            # loop's thread on SQLite, the established connections waiting.
+            await db.run_deferred(services.detach, self.instance_id, self.channel_name, timezone.now())
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels' AsyncConsumer.dispatch first closes stale database connections, with a

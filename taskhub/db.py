@@ -247,8 +247,9 @@ async def run(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
 async def run_deferred(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """:func:`run`, behind every call of :func:`run` that waits for a thread.
 
-    For work that may wait without holding anyone up: authentication and registration,
-    so that a burst of connects does not stall the traffic of established connections.
+    For work that may wait without holding anyone up: authentication, registration and
+    what a closed connection leaves behind, so that a burst of connects or closes does
+    not stall the traffic of established connections.
     """
     return await _run(functools.partial(func, *args, **kwargs), later=True)
 

@@ -40,9 +40,20 @@ daphne queues every frame it reads, unbounded: the daphne part below bounds it.
   the socket is gone, and what was queued for it with it. A client that reads again
   before the limit loses nothing.
 
+- **Handshakes.** A turn of the event loop handles every socket that became readable,
+  and a burst of connects makes hundreds of new connections readable at once, each with
+  its opening handshake (HTTP, autobahn, the ASGI application's start): every
+  established connection's traffic then waited behind all of them (a burst of 2,000
+  connects held a ping for 1.1–1.9 s). The hub starts at most
+  :data:`HANDSHAKES_PER_TURN` handshakes per turn: a connection beyond it stops being
+  read, and its request is handled in a later turn, established connections served in
+  between. Twisted's port likewise accepts at most :data:`ACCEPTS_PER_TURN` connections
+  per turn (100 and growing by default); the rest wait in the kernel's listen queue.
+
 :func:`taskhub.asgi.hub_application` installs it when daphne is loaded. It changes one
-class attribute of daphne (its factory's ``protocol``) to a subclass, and uses only
-autobahn's and Twisted's public producer and transport API.
+class attribute of daphne (its factory's ``protocol``) to a subclass, wraps its HTTP
+factory's ``buildProtocol``, and holds Twisted's TCP port's ``numberAccepts`` to a cap,
+and uses only autobahn's and Twisted's public producer and transport API.
 """
 
 from __future__ import annotations
@@ -377,9 +388,87 @@ def bounded_protocol(base: type[Any]) -> type[Any]:
     return BoundedWebSocketProtocol
 
 
+#: Most connections daphne accepts per turn of the event loop.
+ACCEPTS_PER_TURN = 16
+#: Most opening handshakes daphne starts per turn of the event loop.
+HANDSHAKES_PER_TURN = 16
+
+
+class _TurnBudget:
+    """How many handshakes this turn of the event loop may still start."""
+
+    def __init__(self) -> None:
+        self.left = HANDSHAKES_PER_TURN
+        self.renewing = False
+
+    def take(self) -> bool:
+        if not self.renewing:
+            # Callbacks queued in this turn run in the next, before its I/O callbacks.
+            asyncio.get_running_loop().call_soon(self._renew)
+            self.renewing = True
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        return True
+
+    def _renew(self) -> None:
+        self.left, self.renewing = HANDSHAKES_PER_TURN, False
+
+
+_budget = _TurnBudget()
+
+
+def paced(protocol: Any) -> Any:
+    """Hold ``protocol`` (a new HTTP connection of daphne's) to the turn's handshake
+    budget: its first bytes are handled in a turn with room for one more handshake; until
+    then its transport is not read. Returns the protocol."""
+    handle, connect = protocol.dataReceived, protocol.makeConnection
+    state: dict[str, Any] = {"started": False, "transport": None}
+
+    def make_connection(transport: Any) -> None:
+        # Twisted's generic HTTP protocol keeps its transport on the channel it wraps.
+        state["transport"] = transport
+        connect(transport)
+
+    def data_received(data: bytes) -> None:
+        if state["started"]:
+            handle(data)
+        elif _budget.take():
+            state["started"] = True
+            handle(data)
+        else:
+            state["transport"].pauseProducing()
+            asyncio.get_running_loop().call_soon(later, data)
+
+    def later(data: bytes) -> None:
+        if getattr(state["transport"], "disconnected", False):
+            return  # the client gave up while it waited
+        if _budget.take():
+            state["started"] = True
+            state["transport"].resumeProducing()
+            handle(data)
+        else:
+            asyncio.get_running_loop().call_soon(later, data)
+
+    protocol.makeConnection, protocol.dataReceived = make_connection, data_received
+    return protocol
+
+
+class _CappedAccepts:
+    """``twisted.internet.tcp.Port.numberAccepts``, which Twisted sets after each turn
+    (more when the last turn accepted all it could), held to :data:`ACCEPTS_PER_TURN`."""
+
+    def __get__(self, port: Any, owner: type | None = None) -> int:
+        return ACCEPTS_PER_TURN if port is None else int(port.__dict__.get("_taskhub_accepts", ACCEPTS_PER_TURN))
+
+    def __set__(self, port: Any, value: int) -> None:
+        port.__dict__["_taskhub_accepts"] = max(1, min(int(value), ACCEPTS_PER_TURN))
+
+
 def install() -> bool:
-    """Bound every connection daphne serves from now on; call before daphne's server
-    runs (importing the ASGI application is early enough). Idempotent.
+    """Bound every connection daphne serves from now on, and how many it accepts per
+    turn; call before daphne's server runs (importing the ASGI application is early
+    enough). Idempotent.
 
     Returns:
         Whether daphne is loaded (and now bounded).
@@ -391,4 +480,18 @@ def install() -> bool:
     if not getattr(factory.protocol, "taskhub_bounded", False):
         factory.protocol = bounded_protocol(factory.protocol)
         factory.protocol.taskhub_bounded = True
+    from twisted.internet import tcp
+
+    if not isinstance(tcp.Port.__dict__.get("numberAccepts"), _CappedAccepts):
+        tcp.Port.numberAccepts = _CappedAccepts()  # type: ignore[assignment]
+    http_factory = sys.modules["daphne.http_protocol"].HTTPFactory
+    if not getattr(http_factory.buildProtocol, "taskhub_paced", False):
+        build = http_factory.buildProtocol
+
+        def build_paced(factory: Any, addr: Any) -> Any:
+            protocol = build(factory, addr)
+            return protocol if protocol is None else paced(protocol)
+
+        build_paced.taskhub_paced = True  # type: ignore[attr-defined]
+        http_factory.buildProtocol = build_paced
     return True

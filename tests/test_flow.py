@@ -10,6 +10,7 @@ socket's buffer is full, raises an ``OSError`` once the client is gone, and its
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from typing import Any
 
@@ -254,3 +255,104 @@ async def test_a_closed_connection_the_server_did_not_end_is_dropped_after_the_l
     outbox = flow.Outbox(server.send)
     await outbox.send({"type": "websocket.close", "code": 1000})
     await asyncio.wait_for(server.transport.aborted.wait(), TIMEOUT)
+
+
+# -- daphne: handshakes paced per turn of the event loop ---------------------------------------
+
+
+class TCPTransport:
+    """Twisted's side of one connection, as far as pacing uses it."""
+
+    def __init__(self) -> None:
+        self.reading, self.disconnected = True, False
+
+    def pauseProducing(self) -> None:  # noqa: N802 (Twisted's name)
+        self.reading = False
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.reading = True
+
+
+class HTTPConnection:
+    """A new HTTP connection of daphne's: what it was handed, in order. Like Twisted's
+    generic HTTP protocol, it keeps its transport out of sight (on the channel it wraps)."""
+
+    def __init__(self) -> None:
+        self.handled: list[bytes] = []
+
+    def makeConnection(self, transport: TCPTransport) -> None:  # noqa: N802
+        self.channel_transport = transport
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.handled.append(data)
+
+
+def accepted() -> Any:
+    """A new connection, paced, as Twisted's port hands it over."""
+    connection = flow.paced(HTTPConnection())
+    connection.makeConnection(TCPTransport())
+    return connection
+
+
+async def next_turn() -> None:
+    await asyncio.sleep(0)
+
+
+async def test_a_burst_of_handshakes_is_spread_over_turns_in_order_none_dropped(monkeypatch):
+    monkeypatch.setattr(flow, "HANDSHAKES_PER_TURN", 2)
+    monkeypatch.setattr(flow, "_budget", flow._TurnBudget())
+    connections = [accepted() for _ in range(5)]
+    for n, connection in enumerate(connections):
+        connection.dataReceived(b"GET /ws/taskhub/ %d" % n)
+    # This turn starts two; the others wait, their sockets not read meanwhile.
+    assert [len(c.handled) for c in connections] == [1, 1, 0, 0, 0]
+    assert [c.channel_transport.reading for c in connections] == [True, True, False, False, False]
+    await next_turn()
+    assert [len(c.handled) for c in connections] == [1, 1, 1, 1, 0]
+    await next_turn()
+    assert all(c.handled == [b"GET /ws/taskhub/ %d" % n] for n, c in enumerate(connections))
+    assert all(c.channel_transport.reading for c in connections)
+    # Once started, a connection's data is never held back.
+    connections[4].dataReceived(b"more")
+    connections[4].dataReceived(b"and more")
+    assert connections[4].handled[1:] == [b"more", b"and more"]
+
+
+async def test_a_connection_gone_while_it_waited_for_its_turn_is_not_handled(monkeypatch):
+    monkeypatch.setattr(flow, "HANDSHAKES_PER_TURN", 1)
+    monkeypatch.setattr(flow, "_budget", flow._TurnBudget())
+    first, second = accepted(), accepted()
+    first.dataReceived(b"a")
+    second.dataReceived(b"b")
+    second.channel_transport.disconnected = True
+    await next_turn()
+    await next_turn()
+    assert (first.handled, second.handled) == ([b"a"], [])
+
+
+def test_twisted_accepts_at_most_the_cap_per_turn():
+    class Port:
+        numberAccepts = flow._CappedAccepts()
+
+    port = Port()
+    assert port.numberAccepts == flow.ACCEPTS_PER_TURN
+    port.numberAccepts = 100  # what Twisted sets when it starts listening, and grows
+    assert port.numberAccepts == flow.ACCEPTS_PER_TURN
+    port.numberAccepts = 3  # what the last turn accepted
+    assert port.numberAccepts == 3
+    port.numberAccepts = 0
+    assert port.numberAccepts == 1
+
+
+def test_once_the_server_runs_what_was_loaded_is_out_of_the_collectors_sight(monkeypatch):
+    from taskhub import asgi, sweeper
+
+    started: list[bool] = []
+    monkeypatch.setattr(sweeper, "ensure_started", lambda: started.append(True))
+    gc.unfreeze()
+    try:
+        asgi.serving()
+        assert started == [True]
+        assert gc.get_freeze_count() > 10_000  # the modules, classes and functions loaded
+    finally:
+        gc.unfreeze()

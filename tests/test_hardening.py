@@ -217,6 +217,61 @@ async def test_a_burst_of_right_keys_queues_and_a_burst_of_wrong_ones_stops_at_t
     assert len(refused) == 7 and all(e.code == "too_many_attempts" for e in refused)  # type: ignore[attr-defined]
 
 
+async def test_a_burst_waits_in_order_and_each_settle_wakes_only_whom_it_made_room_for(monkeypatch, settings):
+    # 2,000 right keys from one address at once (a fleet reconnecting through one NAT):
+    # before, every settle woke every waiting attempt to check again, 290,000 checks that
+    # stalled the hub's other connections for seconds.
+    settings.TASKHUB_AUTH_FAILURES = 3
+    checks = 0
+    real = throttle._full
+
+    def counted(*args: Any) -> Any:
+        nonlocal checks
+        checks += 1
+        return real(*args)
+
+    monkeypatch.setattr(throttle, "_full", counted)
+    admitted: list[int] = []
+
+    async def attempt(i: int) -> None:
+        await throttle.admit("10.0.0.1", "svc")
+        admitted.append(i)
+
+    burst = [asyncio.ensure_future(attempt(i)) for i in range(500)]
+    await asyncio.wait_for(until(lambda: len(admitted) == 3), TIMEOUT)
+    while len(admitted) < 500:
+        seen = len(admitted)
+        throttle.settle("10.0.0.1", "svc", 1.0, failed=False)
+        await asyncio.wait_for(until(lambda n=seen: len(admitted) > n), TIMEOUT)
+    await asyncio.gather(*burst)
+    assert admitted == list(range(500))  # in the order they came
+    assert checks < 3 * 500  # a few per attempt, not one per attempt waiting per settle
+
+
+async def test_a_waiter_blocked_by_its_name_is_let_in_when_that_name_settles(settings):
+    settings.TASKHUB_AUTH_FAILURES = 2
+    assert throttle.check("10.0.0.1", "svc", 1.0) and throttle.check("10.0.0.2", "svc", 1.0)
+    waiting = asyncio.ensure_future(throttle.admit("10.0.0.3", "svc"))  # its address has room
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    throttle.settle("10.0.0.2", "svc", 1.0, failed=False)
+    await asyncio.wait_for(waiting, TIMEOUT)
+
+
+async def test_an_attempt_cancelled_as_it_was_let_in_gives_its_room_to_the_next(settings):
+    settings.TASKHUB_AUTH_FAILURES = 1
+    assert throttle.check("10.0.0.1", "svc", 1.0)
+    first = asyncio.ensure_future(throttle.admit("10.0.0.1", "svc"))
+    second = asyncio.ensure_future(throttle.admit("10.0.0.1", "svc"))
+    await asyncio.sleep(0)
+    throttle.settle("10.0.0.1", "svc", 1.0, failed=False)  # lets the first in...
+    first.cancel()  # ...whose client hung up before it could go on
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.wait_for(second, TIMEOUT)  # its room went to the second
+    assert throttle.check("10.0.0.1", "svc", 1.0) is False  # and only to the second
+
+
 async def until(condition: Any) -> None:
     """Until ``condition()`` holds, letting the event loop run the attempts."""
     while not condition():

@@ -147,3 +147,31 @@ async def test_a_task_with_a_large_result_and_history_is_read_in_pages(hub, part
     async with parties.caller(hub.url) as restarted:
         again = restarted.pub(action, task_id=handle.task_id)
         assert len(await asyncio.wait_for(again.get_result(), TIMEOUT)) == 500 * 1024
+
+
+async def test_a_burst_of_connects_is_welcomed_whole_while_an_established_client_is_served(make_hub, credential):
+    """Handshakes are spread over the event loop's turns (taskhub/flow.py): none is
+    dropped or refused, some give up while they wait, and an established connection keeps
+    its answers coming meanwhile."""
+    hub = make_hub()
+    burst = 300
+    name, key = credential(pub=["bench"], max_instances=burst + 1)
+
+    async def one() -> dict[str, Any]:
+        async with websockets.connect(hub.url, additional_headers=basic(name, key), open_timeout=4 * TIMEOUT) as ws:
+            welcome: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 4 * TIMEOUT))
+            return welcome
+
+    async def gives_up() -> None:
+        ws = await websockets.connect(hub.url, additional_headers=basic(name, key))
+        ws.transport.abort()  # before its welcome: its handshake may still be waiting
+
+    async with Client(hub.url, name=name, key=key) as established:
+        pings = asyncio.gather(*(established.ping() for _ in range(50)))
+        welcomes = await asyncio.wait_for(
+            asyncio.gather(*(one() for _ in range(burst)), *(gives_up() for _ in range(20))), 8 * TIMEOUT
+        )
+        assert len(await asyncio.wait_for(pings, 4 * TIMEOUT)) == 50
+        assert await asyncio.wait_for(established.ping(), TIMEOUT) >= 0
+    assert [w["type"] for w in welcomes[:burst]] == ["welcome"] * burst
+    assert len({w["instance"] for w in welcomes[:burst]}) == burst
