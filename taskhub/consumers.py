@@ -405,8 +405,8 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
         relayed = state.pop("relayed")
         if follow and state["task"]["status"] in ("success", "failed", "ended"):
             await self.unfollow(cmd.task)
-        elif follow:
-            self.ledger.start(cmd.task, relayed)  # the relays it read need not come again
+        elif follow:  # what it read need not come again
+            self.ledger.start(cmd.task, relayed, state["events"][-1]["seq"] if state["events"] else since)
         if state.pop("remove", False):  # the answer carries the result to its publisher
             self._remove_after_reply = cmd.task  # removed once the answer is sent
         return State(ref=cmd.ref, task=state["task"], events=state["events"], more=state["more"] or MISSING)
@@ -422,10 +422,11 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
             await notify.group_add(self.channel_layer, group, self.channel_name)
         return new
 
-    async def unfollow(self, task_id: str) -> None:
+    async def unfollow(self, task_id: str, *, ended: bool = False) -> None:
         """Stop watching the task: leave its group and forget what was heard of it (the
-        sweeper's recovery sends only tasks this connection remembers)."""
-        self.ledger.forget(task_id)
+        sweeper's recovery sends only tasks this connection remembers); ``ended``: its
+        end was forwarded."""
+        self.ledger.forget(task_id, ended=ended)
         group = services.task_group(task_id)
         if group in self.followed:
             self.followed.discard(group)
@@ -445,28 +446,39 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
         """A task offered to this instance."""
         offer = event["message"]
         if self.ledger.offer(offer["task"], offer["attempt"]):
-            if "prev" in event:  # not one sent again by the sweeper
+            # Where the instance starts hearing of a task new to it (an offer the sweeper
+            # sent again carries no prev); one it followed already may have a gap to see.
+            if "prev" in event and not self.ledger.get(offer["task"]).known:
                 self.ledger.start(offer["task"], event["prev"], event["since"])
             await self.reply(offer)
 
     async def taskhub_relay(self, event: dict[str, Any]) -> None:
         """A transition's task events, for the task's publisher, its services and its watchers."""
         task_id, version = event["task"], event["version"]
-        own = self.instance_id is not None and event.get("exclude") == str(self.instance_id)
-        forward = self.ledger.relay(task_id, version, event.get("prev", 0), () if own else event["messages"])
+        mine = None if self.instance_id is None else str(self.instance_id)
+        if mine is not None and self.ledger.gone.get(task_id) and event.get("remove_by") == mine:
+            # Its end was forwarded, read from the database after a lost relay, before
+            # this relay (the one that says to remove it) came.
+            self.ledger.gone[task_id] = False
+            await self.remove_delivered(task_id)
+            return
+        own = mine is not None and event.get("exclude") == mine
+        messages = () if own else event["messages"]
+        forward = self.ledger.relay(task_id, version, event.get("prev", 0), messages, event.get("remove_by"))
         if forward is None:
             forward = await catch_up(self.ledger, task_id, version, self.instance_id)
         for message in forward:
             await self.reply(message)
-            if message["type"] == "success":
-                self.ledger.get(task_id).succeeded = True
+            heard = self.ledger.tasks.get(task_id)
+            if message["type"] == "success" and heard is not None:
+                heard.succeeded = True
             if message["type"] == "end":
                 # Removed (autoremove) only once this connection forwarded the result
                 # itself (live, read again after a lost relay, or sent by the sweeper).
-                removable = task_id in self.ledger.tasks and self.ledger.tasks[task_id].succeeded
-                await self.unfollow(task_id)
-                mine = self.instance_id is not None and event.get("remove_by") == str(self.instance_id)
-                if removable and mine:
+                removable = mine is not None and heard is not None and heard.succeeded and heard.remove_by == mine
+                await self.unfollow(task_id, ended=True)
+                if removable:
+                    self.ledger.gone[task_id] = False
                     await self.remove_delivered(task_id)
 
     async def remove_delivered(self, task_id: str) -> None:

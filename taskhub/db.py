@@ -15,7 +15,7 @@ Here plain threads take calls from a queue:
   at a time and in order, because the consumer awaits each before it reads the next frame.
 
 Calls wait in two lanes: :func:`run_deferred`'s (authentication and registration of
-new connections) run on a database thread, never inline, and only when no call of
+new connections, and the detach of closed ones) run on a database thread, never inline, and only when no call of
 :func:`run` waits (but for one in every :data:`DEFERRED_EVERY`, so that they cannot
 starve), and a group holds at most :data:`MAX_DEFERRED_GROUP` of them: a burst of
 connects delays established connections' commands by about one call, not by the whole

@@ -420,37 +420,52 @@ _budget = _TurnBudget()
 
 def paced(protocol: Any) -> Any:
     """Hold ``protocol`` (a new HTTP connection of daphne's) to the turn's handshake
-    budget: its first bytes are handled in a turn with room for one more handshake; until
-    then its transport is not read. Returns the protocol."""
-    handle, connect = protocol.dataReceived, protocol.makeConnection
-    state: dict[str, Any] = {"started": False, "transport": None}
+    budget: its first bytes are handled in a turn with room for one more handshake, and
+    what comes before that (TLS may hand over several chunks unasked) waits with them, in
+    order; meanwhile its transport is not read. Returns the protocol."""
+    handle, connect, lose = protocol.dataReceived, protocol.makeConnection, protocol.connectionLost
+    state: dict[str, Any] = {"started": False, "transport": None, "waiting": [], "lost": False}
 
     def make_connection(transport: Any) -> None:
         # Twisted's generic HTTP protocol keeps its transport on the channel it wraps.
         state["transport"] = transport
         connect(transport)
 
+    def connection_lost(reason: Any) -> None:
+        state["lost"] = True
+        lose(reason)
+
     def data_received(data: bytes) -> None:
         if state["started"]:
             handle(data)
+        elif state["waiting"]:
+            state["waiting"].append(data)  # behind what waits for a turn already
         elif _budget.take():
             state["started"] = True
             handle(data)
         else:
-            state["transport"].pauseProducing()
-            asyncio.get_running_loop().call_soon(later, data)
+            state["waiting"].append(data)
+            with contextlib.suppress(AttributeError):  # a transport that cannot pause just waits
+                state["transport"].pauseProducing()
+            asyncio.get_running_loop().call_soon(later)
 
-    def later(data: bytes) -> None:
-        if getattr(state["transport"], "disconnected", False):
-            return  # the client gave up while it waited
-        if _budget.take():
-            state["started"] = True
+    def later() -> None:
+        if state["lost"]:
+            state["waiting"].clear()  # the client gave up while it waited
+            return
+        if not _budget.take():
+            asyncio.get_running_loop().call_soon(later)
+            return
+        data, state["waiting"], state["started"] = b"".join(state["waiting"]), [], True
+        with contextlib.suppress(AttributeError):
             state["transport"].resumeProducing()
-            handle(data)
-        else:
-            asyncio.get_running_loop().call_soon(later, data)
+        handle(data)
 
-    protocol.makeConnection, protocol.dataReceived = make_connection, data_received
+    protocol.makeConnection, protocol.dataReceived, protocol.connectionLost = (
+        make_connection,
+        data_received,
+        connection_lost,
+    )
     return protocol
 
 

@@ -189,7 +189,7 @@ class MonitorSession:
         except Exception:  # the layer is down: the group expires on its own
             log.warning("could not leave group %s", MONITOR_GROUP, exc_info=True)
         if monitor_id is not None:
-            await db.run_deferred(routing.remove_monitor, monitor_id)
+            await db.run(routing.remove_monitor, monitor_id)
 
     async def dispatch_monitor(self, cmd: Command) -> None:
         """A monitor's command: the read commands, for every task; any other is refused
@@ -279,4 +279,4 @@ class MonitorSession:
         for relay in relayed:
             await self.reply(relay)
             if relay["type"] == "end":
-                follows.forget(task_id)
+                follows.forget(task_id, ended=True)

@@ -48,18 +48,29 @@ class Heard:
     # publish, its offer or a watch's read, or heard one relay since): only then can a
     # relay tell it that it missed one.
     known: bool = False
+    # The instance that deletes the task once its end is forwarded (a relay's remove_by).
+    remove_by: str | None = None
+    # A catch-up read is under way; the newest relay that came meanwhile (read again).
+    reading: bool = False
+    pending: int = 0
 
 
 class Ledger:
-    """What one connection forwarded, task by task (least recently heard first)."""
+    """What one connection forwarded, task by task (least recently heard first), and the
+    tasks it is done with (``gone``: their end forwarded, or its part over), whose late
+    relays are dropped."""
 
     def __init__(self) -> None:
         self.tasks: collections.OrderedDict[str, Heard] = collections.OrderedDict()
+        #: Tasks forgotten, and whether their success had been forwarded.
+        self.gone: collections.OrderedDict[str, bool] = collections.OrderedDict()
 
     def get(self, task_id: str) -> Heard:
-        """The task's entry, created if new, moved to the most recent end."""
+        """The task's entry, created if new (followed again, if it was gone), moved to the
+        most recent end."""
         heard = self.tasks.get(task_id)
         if heard is None:
+            self.gone.pop(task_id, None)
             heard = self.tasks[task_id] = Heard()
             if len(self.tasks) > REMEMBERED:
                 self.tasks.popitem(last=False)
@@ -75,31 +86,35 @@ class Ledger:
         return heard
 
     def relay(
-        self, task_id: str, version: int, prev: int, messages: Iterable[dict[str, Any]] | None
+        self,
+        task_id: str,
+        version: int,
+        prev: int,
+        messages: Iterable[dict[str, Any]] | None,
+        remove_by: str | None = None,
     ) -> list[dict[str, Any]] | None:
         """The messages of a relay to forward: none if this version was heard already (as
-        publisher or worker and as watcher), else those with a seq not heard yet.
+        publisher or worker and as watcher), or the task is gone, else those with a seq
+        not heard yet.
 
         Returns ``None`` when a relay before this one was lost (``prev``, the version of
         the task's relay before it, is above the last one heard), or when the relay's
-        ``messages`` are not at hand (``None``): then :func:`catch_up`.
+        ``messages`` are not at hand (``None``): then :func:`catch_up`. While a catch-up
+        read is under way, a newer relay is left to it (it reads again).
         """
+        if task_id in self.gone:
+            return []
         heard = self.get(task_id)
+        if remove_by is not None:
+            heard.remove_by = remove_by
         if version <= heard.version:
+            return []
+        if heard.reading:
+            heard.pending = max(heard.pending, version)
             return []
         if messages is None or (heard.known and prev > heard.version):
             return None
-        return self.caught_up(task_id, version, messages)
-
-    def caught_up(self, task_id: str, version: int, messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The messages read from the database after a lost relay to forward, and the
-        entry moved on to ``version``, the relay's that told of the loss."""
-        heard = self.get(task_id)
-        heard.version, heard.known = max(heard.version, version), True
-        fresh = [m for m in messages if m.get("seq", 0) > heard.seq]
-        if fresh:
-            heard.seq = max(m["seq"] for m in fresh)
-        return fresh
+        return _fresh(heard, version, messages)
 
     def offer(self, task_id: str, attempt: int) -> bool:
         """Record an offer forwarded; ``False`` if this one was forwarded already."""
@@ -109,18 +124,48 @@ class Ledger:
         heard.offered = attempt
         return True
 
-    def forget(self, task_id: str) -> None:
-        self.tasks.pop(task_id, None)
+    def forget(self, task_id: str, *, ended: bool = False) -> None:
+        """Done with the task: drop its entry. Once its end was forwarded (``ended``), drop
+        its relays from now on too (until it is followed or offered again): a relay that
+        comes late, after a catch-up read its end, would otherwise be heard anew."""
+        heard = self.tasks.pop(task_id, None)
+        if ended:
+            self.gone[task_id] = heard is not None and heard.succeeded
+            if len(self.gone) > REMEMBERED:
+                self.gone.popitem(last=False)
+
+
+def _fresh(heard: Heard, version: int, messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with a seq not heard yet; the entry moves on to ``version``."""
+    heard.version, heard.known = max(heard.version, version), True
+    fresh = [m for m in messages if m.get("seq", 0) > heard.seq]
+    if fresh:
+        heard.seq = max(m["seq"] for m in fresh)
+    return fresh
 
 
 async def catch_up(ledger: Ledger, task_id: str, version: int, instance: uuid.UUID | None) -> list[dict[str, Any]]:
     """The task's events a connection missed (its ``ledger`` says which it heard), read
     from the database when the relay at ``version`` told it that one was lost; but
-    ``instance``'s own updates. Call instead of forwarding that relay."""
-    since = ledger.get(task_id).seq
-    missed = await db.run(queries.relayed_since, task_id, since, instance)
-    log.info("a relay of %s was lost on the layer; %d event(s) read again", task_id, len(missed))
-    return ledger.caught_up(task_id, version, missed)
+    ``instance``'s own updates. Call instead of forwarding that relay (when
+    :meth:`Ledger.relay` returned ``None``). One read at a time per task: relays that
+    come meanwhile are read again after it; nothing if the task was forgotten meanwhile."""
+    heard = ledger.get(task_id)
+    heard.reading = True
+    forward: list[dict[str, Any]] = []
+    try:
+        while True:
+            missed = await db.run(queries.relayed_since, task_id, heard.seq, instance)
+            if ledger.tasks.get(task_id) is not heard:
+                return []  # its part is over, or it was forgotten for want of room
+            forward += _fresh(heard, version, missed)
+            if heard.pending <= heard.version:
+                break
+            version, heard.pending = heard.pending, 0
+    finally:
+        heard.reading = False
+    log.info("a relay of %s was lost on the layer; %d event(s) read again", task_id, len(forward))
+    return forward
 
 
 class Connection(Protocol):

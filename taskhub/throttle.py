@@ -158,7 +158,7 @@ def _wake(key: Key, now: float) -> None:
     queue = _waiting.get(key)
     while queue:
         waiter = queue[0]
-        if waiter.admitted.done():  # cancelled while it waited
+        if waiter.admitted.done() or waiter.admitted.get_loop().is_closed():  # cancelled while it waited
             queue.popleft()
             continue
         try:

@@ -286,6 +286,9 @@ class HTTPConnection:
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self.handled.append(data)
 
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        self.lost = True
+
 
 def accepted() -> Any:
     """A new connection, paced, as Twisted's port hands it over."""
@@ -324,10 +327,26 @@ async def test_a_connection_gone_while_it_waited_for_its_turn_is_not_handled(mon
     first, second = accepted(), accepted()
     first.dataReceived(b"a")
     second.dataReceived(b"b")
-    second.channel_transport.disconnected = True
+    second.connectionLost(None)  # the client gave up
+    assert second.lost  # Twisted's own handling still runs
     await next_turn()
     await next_turn()
     assert (first.handled, second.handled) == ([b"a"], [])
+
+
+async def test_chunks_that_come_before_the_turn_wait_behind_the_first_in_order(monkeypatch):
+    # Under TLS, the wrapper hands over what it decrypted without asking the transport.
+    monkeypatch.setattr(flow, "HANDSHAKES_PER_TURN", 1)
+    monkeypatch.setattr(flow, "_budget", flow._TurnBudget())
+    first, second = accepted(), accepted()
+    first.dataReceived(b"GET / HTTP/1.1")
+    for chunk in (b"GET /ws/", b"taskhub/ HTTP/1.1\r\n", b"Host: hub\r\n\r\n"):
+        second.dataReceived(chunk)
+    assert second.handled == []
+    await next_turn()
+    assert second.handled == [b"GET /ws/taskhub/ HTTP/1.1\r\nHost: hub\r\n\r\n"]
+    await next_turn()
+    assert len(second.handled) == 1  # handled once, not once per chunk
 
 
 def test_twisted_accepts_at_most_the_cap_per_turn():

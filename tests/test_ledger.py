@@ -3,8 +3,14 @@ heard once, each event once, and a relay that shows an earlier one was lost."""
 
 from __future__ import annotations
 
-from taskhub import recovery
-from taskhub.recovery import Ledger
+import asyncio
+from typing import Any
+
+import pytest
+
+from taskhub import db, recovery
+from taskhub.recovery import Ledger, catch_up
+from tests.conftest import TIMEOUT
 
 
 def update(seq: int) -> dict[str, object]:
@@ -33,9 +39,6 @@ def test_a_relay_whose_previous_was_not_heard_asks_for_the_database():
     assert ledger.relay("t", 5, 4, [update(12)]) is None  # the relay of version 4 was lost
     assert ledger.get("t").version == 2  # nothing moved: the read starts after seq 10
     assert ledger.get("t").seq == 10
-    assert ledger.caught_up("t", 5, [update(11), update(12)]) == [update(11), update(12)]
-    assert ledger.relay("t", 4, 2, [update(11)]) == []  # the lost one, late after all
-    assert ledger.relay("t", 6, 5, [update(13)]) == [update(13)]
 
 
 def test_a_task_heard_of_midway_takes_its_first_relay_as_it_comes():
@@ -79,3 +82,82 @@ def test_memory_is_bounded_and_the_least_recently_heard_task_goes_first(monkeypa
     assert list(ledger.tasks) == ["c", "a", "d"]
     ledger.forget("c")
     assert list(ledger.tasks) == ["a", "d"]
+
+
+class Database:
+    """``db.run`` for :func:`catch_up`: the task's relayed events after a seq, each read
+    held until the test lets it go."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.events = events
+        self.reads: list[int] = []
+        self.go = asyncio.Event()
+        self.go.set()
+
+    async def run(self, func: Any, task_id: str, since: int, instance: Any) -> list[dict[str, Any]]:
+        self.reads.append(since)
+        await self.go.wait()
+        return [e for e in self.events if e["seq"] > since]
+
+
+@pytest.fixture
+def database(monkeypatch: pytest.MonkeyPatch) -> Database:
+    database = Database([])
+    monkeypatch.setattr(db, "run", database.run)
+    return database
+
+
+async def test_a_catch_up_reads_after_the_last_seq_heard_and_moves_on(database):
+    ledger = Ledger()
+    ledger.start("t", 0)
+    assert ledger.relay("t", 2, 0, [update(10)]) == [update(10)]
+    database.events = [update(10), update(11), update(12)]
+    assert ledger.relay("t", 5, 4, [update(12)]) is None
+    assert await catch_up(ledger, "t", 5, None) == [update(11), update(12)]
+    assert database.reads == [10]
+    assert ledger.relay("t", 4, 2, [update(11)]) == []  # the lost one, late after all
+    assert ledger.relay("t", 6, 5, [update(13)]) == [update(13)]
+
+
+async def test_relays_that_come_during_a_catch_up_are_read_after_it_in_order_once(database):
+    ledger = Ledger()
+    ledger.start("t", 0)
+    database.events = [update(10), update(11)]
+    database.go.clear()
+    assert ledger.relay("t", 3, 2, [update(11)]) is None
+    reading = asyncio.ensure_future(catch_up(ledger, "t", 3, None))
+    await asyncio.sleep(0)
+    # Two more relays while the read waits: both are left to it, one with a gap of its own.
+    assert ledger.relay("t", 4, 3, [update(12)]) == []
+    assert ledger.relay("t", 6, 5, [update(14)]) == []
+    database.events += [update(12), update(13), update(14)]  # committed before they were sent
+    database.go.set()
+    forwarded = await asyncio.wait_for(reading, TIMEOUT)
+    assert [m["seq"] for m in forwarded] == [10, 11, 12, 13, 14]
+    assert (ledger.get("t").version, ledger.get("t").seq) == (6, 14)
+
+
+async def test_a_task_forgotten_during_a_catch_up_gets_nothing_from_it(database):
+    ledger = Ledger()
+    ledger.start("t", 0)
+    database.events = [update(10), {"type": "end", "task": "t", "seq": 11}]
+    database.go.clear()
+    assert ledger.relay("t", 3, 2, []) is None
+    reading = asyncio.ensure_future(catch_up(ledger, "t", 3, None))
+    await asyncio.sleep(0)
+    ledger.forget("t")  # the worker's own return, say
+    database.go.set()
+    assert await asyncio.wait_for(reading, TIMEOUT) == []
+    assert "t" not in ledger.tasks  # and no entry made again
+
+
+def test_the_relays_of_a_task_that_is_gone_are_dropped_until_it_is_followed_again():
+    ledger = Ledger()
+    ledger.start("t", 0)
+    ledger.get("t").succeeded = True
+    ledger.forget("t", ended=True)  # its end was forwarded
+    assert ledger.relay("t", 9, 8, [update(30)]) == []  # its end, late, from the layer
+    assert "t" not in ledger.tasks and ledger.gone["t"] is True
+    ledger.get("t")  # watched again
+    assert "t" not in ledger.gone
+    assert ledger.relay("t", 10, 9, [update(31)]) == [update(31)]

@@ -100,14 +100,16 @@ async def test_the_publisher_hears_an_update_whose_relay_was_lost_when_the_next_
 
 async def test_a_watcher_hears_an_update_whose_relay_was_lost_when_the_next_arrives(lose):
     worker, caller, task_id, key = await started()
+    await worker.call({"type": "update", "task": task_id, "attempt": 1, "data": "zero"})
     watcher = await open_peer("app", key)
     state = await watcher.call({"type": "watch", "task": task_id})
-    assert state["type"] == "state"
+    assert [e["data"]["data"] for e in state["events"] if e["kind"] == "update"] == ["zero"]
     lose.append(update_to(await channel_of(watcher), "one"))
     for data in ("one", "two", "three"):
         await worker.call({"type": "update", "task": task_id, "attempt": 1, "data": data})
+    # What the watch read is not sent again: the read after the loss starts where it ended.
     assert await updates_until(watcher, "three") == ["one", "two", "three"]
-    assert await updates_until(caller, "three") == ["one", "two", "three"]
+    assert await updates_until(caller, "three") == ["zero", "one", "two", "three"]
     assert not lose
     for peer in (worker, caller, watcher):
         await peer.close()
@@ -169,5 +171,24 @@ async def test_a_lost_last_relay_sent_by_the_sweeper_still_removes_an_autoremove
     async with asyncio.timeout(TIMEOUT):
         while await exists():
             await asyncio.sleep(0.01)  # the database is all there is to wait on
+    await worker.close()
+    await caller.close()
+
+
+async def test_an_end_read_after_a_lost_relay_still_removes_an_autoremove_task(lose):
+    worker, caller, task_id, _ = await started(autoremove=True)
+    lose.append(update_to(await channel_of(caller), "one"))
+    await worker.call({"type": "update", "task": task_id, "attempt": 1, "data": "one"})
+    await worker.call({"type": "return", "task": task_id, "attempt": 1, "result": {"sent": 1}})
+    # The success and end relay shows the gap: the update, the success and the end are
+    # read from the database, in order, and the task goes as after a live end.
+    heard = [await caller.expect(lambda m: m["type"] in ("update", "success", "end")) for _ in range(3)]
+    assert [m["type"] for m in heard] == ["update", "success", "end"]
+    assert heard[1]["result"] == {"sent": 1}
+    exists = database_sync_to_async(TaskRecord.objects.filter(pk=task_id).exists)
+    async with asyncio.timeout(TIMEOUT):
+        while await exists():
+            await asyncio.sleep(0.01)  # the database is all there is to wait on
+    assert await caller.nothing()
     await worker.close()
     await caller.close()
