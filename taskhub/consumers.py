@@ -422,11 +422,10 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
             await notify.group_add(self.channel_layer, group, self.channel_name)
         return new
 
-    async def unfollow(self, task_id: str, *, ended: bool = False) -> None:
+    async def unfollow(self, task_id: str) -> None:
         """Stop watching the task: leave its group and forget what was heard of it (the
-        sweeper's recovery sends only tasks this connection remembers); ``ended``: its
-        end was forwarded."""
-        self.ledger.forget(task_id, ended=ended)
+        sweeper's recovery sends only tasks this connection remembers)."""
+        self.ledger.forget(task_id)
         group = services.task_group(task_id)
         if group in self.followed:
             self.followed.discard(group)
@@ -456,10 +455,11 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
         """A transition's task events, for the task's publisher, its services and its watchers."""
         task_id, version = event["task"], event["version"]
         mine = None if self.instance_id is None else str(self.instance_id)
-        if mine is not None and self.ledger.gone.get(task_id) and event.get("remove_by") == mine:
+        gone = self.ledger.gone.get(task_id)
+        if mine is not None and gone is not None and gone.succeeded and event.get("remove_by") == mine:
             # Its end was forwarded, read from the database after a lost relay, before
             # this relay (the one that says to remove it) came.
-            self.ledger.gone[task_id] = False
+            gone.succeeded = False
             await self.remove_delivered(task_id)
             return
         own = mine is not None and event.get("exclude") == mine
@@ -476,9 +476,9 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
                 # Removed (autoremove) only once this connection forwarded the result
                 # itself (live, read again after a lost relay, or sent by the sweeper).
                 removable = mine is not None and heard is not None and heard.succeeded and heard.remove_by == mine
-                await self.unfollow(task_id, ended=True)
+                await self.unfollow(task_id)
                 if removable:
-                    self.ledger.gone[task_id] = False
+                    self.ledger.gone[task_id].succeeded = False  # removed once
                     await self.remove_delivered(task_id)
 
     async def remove_delivered(self, task_id: str) -> None:

@@ -279,4 +279,4 @@ class MonitorSession:
         for relay in relayed:
             await self.reply(relay)
             if relay["type"] == "end":
-                follows.forget(task_id, ended=True)
+                follows.forget(task_id)

@@ -56,22 +56,21 @@ class Heard:
 
 
 class Ledger:
-    """What one connection forwarded, task by task (least recently heard first), and the
-    tasks it is done with (``gone``: their end forwarded, or its part over), whose late
-    relays are dropped."""
+    """What one connection forwarded, task by task (least recently heard first), and what
+    it had heard of the tasks it is done with (``gone``: their end forwarded, its part
+    over, or no longer watched): a late relay of one of those with nothing new is dropped,
+    and one with news (a task retried, say) brings the entry back, as it was."""
 
     def __init__(self) -> None:
         self.tasks: collections.OrderedDict[str, Heard] = collections.OrderedDict()
-        #: Tasks forgotten, and whether their success had been forwarded.
-        self.gone: collections.OrderedDict[str, bool] = collections.OrderedDict()
+        self.gone: collections.OrderedDict[str, Heard] = collections.OrderedDict()
 
     def get(self, task_id: str) -> Heard:
-        """The task's entry, created if new (followed again, if it was gone), moved to the
-        most recent end."""
+        """The task's entry, created if new (or brought back, if it was gone), moved to
+        the most recent end."""
         heard = self.tasks.get(task_id)
         if heard is None:
-            self.gone.pop(task_id, None)
-            heard = self.tasks[task_id] = Heard()
+            heard = self.tasks[task_id] = self.gone.pop(task_id) if task_id in self.gone else Heard()
             if len(self.tasks) > REMEMBERED:
                 self.tasks.popitem(last=False)
         else:
@@ -94,16 +93,23 @@ class Ledger:
         remove_by: str | None = None,
     ) -> list[dict[str, Any]] | None:
         """The messages of a relay to forward: none if this version was heard already (as
-        publisher or worker and as watcher), or the task is gone, else those with a seq
-        not heard yet.
+        publisher or worker and as watcher), or if it brings nothing new of a task that is
+        gone, else those with a seq not heard yet.
 
         Returns ``None`` when a relay before this one was lost (``prev``, the version of
         the task's relay before it, is above the last one heard), or when the relay's
         ``messages`` are not at hand (``None``): then :func:`catch_up`. While a catch-up
         read is under way, a newer relay is left to it (it reads again).
         """
-        if task_id in self.gone:
-            return []
+        gone = self.gone.get(task_id)
+        if gone is not None:
+            if remove_by is not None:
+                gone.remove_by = remove_by
+            if version <= gone.version:
+                return []
+            if messages is not None and prev <= gone.version and all(m.get("seq", 0) <= gone.seq for m in messages):
+                gone.version = version  # late news of what it heard (a catch-up read the end)
+                return []
         heard = self.get(task_id)
         if remove_by is not None:
             heard.remove_by = remove_by
@@ -124,13 +130,12 @@ class Ledger:
         heard.offered = attempt
         return True
 
-    def forget(self, task_id: str, *, ended: bool = False) -> None:
-        """Done with the task: drop its entry. Once its end was forwarded (``ended``), drop
-        its relays from now on too (until it is followed or offered again): a relay that
-        comes late, after a catch-up read its end, would otherwise be heard anew."""
+    def forget(self, task_id: str) -> None:
+        """Done with the task (its end forwarded, its part over, no longer watched): drop
+        its entry, keeping what was heard of it among the ``gone``."""
         heard = self.tasks.pop(task_id, None)
-        if ended:
-            self.gone[task_id] = heard is not None and heard.succeeded
+        if heard is not None:
+            self.gone[task_id] = heard
             if len(self.gone) > REMEMBERED:
                 self.gone.popitem(last=False)
 
@@ -144,17 +149,23 @@ def _fresh(heard: Heard, version: int, messages: Iterable[dict[str, Any]]) -> li
     return fresh
 
 
+#: Reads one catch-up makes at most; relays that keep coming meanwhile are left to the
+#: next relay or to the sweeper's recovery (it compares versions).
+CATCH_UP_READS = 2
+
+
 async def catch_up(ledger: Ledger, task_id: str, version: int, instance: uuid.UUID | None) -> list[dict[str, Any]]:
     """The task's events a connection missed (its ``ledger`` says which it heard), read
     from the database when the relay at ``version`` told it that one was lost; but
     ``instance``'s own updates. Call instead of forwarding that relay (when
-    :meth:`Ledger.relay` returned ``None``). One read at a time per task: relays that
-    come meanwhile are read again after it; nothing if the task was forgotten meanwhile."""
+    :meth:`Ledger.relay` returned ``None``). One catch-up at a time per task: relays
+    that come meanwhile are read again after it (:data:`CATCH_UP_READS`); nothing if the
+    task was forgotten meanwhile."""
     heard = ledger.get(task_id)
     heard.reading = True
     forward: list[dict[str, Any]] = []
     try:
-        while True:
+        for _ in range(CATCH_UP_READS):
             missed = await db.run(queries.relayed_since, task_id, heard.seq, instance)
             if ledger.tasks.get(task_id) is not heard:
                 return []  # its part is over, or it was forgotten for want of room
@@ -162,6 +173,9 @@ async def catch_up(ledger: Ledger, task_id: str, version: int, instance: uuid.UU
             if heard.pending <= heard.version:
                 break
             version, heard.pending = heard.pending, 0
+        if heard.remove_by is None and any(m["type"] == "end" for m in forward):
+            # The relay that names who removes an autoremove task may not come now.
+            heard.remove_by = (await db.run(queries.versions, [task_id])).get(task_id, (0, None))[1]
     finally:
         heard.reading = False
     log.info("a relay of %s was lost on the layer; %d event(s) read again", task_id, len(forward))

@@ -151,13 +151,24 @@ async def test_a_task_forgotten_during_a_catch_up_gets_nothing_from_it(database)
     assert "t" not in ledger.tasks  # and no entry made again
 
 
-def test_the_relays_of_a_task_that_is_gone_are_dropped_until_it_is_followed_again():
+def test_a_late_relay_of_a_task_that_is_gone_is_dropped_and_news_brings_it_back():
     ledger = Ledger()
     ledger.start("t", 0)
-    ledger.get("t").succeeded = True
-    ledger.forget("t", ended=True)  # its end was forwarded
-    assert ledger.relay("t", 9, 8, [update(30)]) == []  # its end, late, from the layer
-    assert "t" not in ledger.tasks and ledger.gone["t"] is True
-    ledger.get("t")  # watched again
-    assert "t" not in ledger.gone
-    assert ledger.relay("t", 10, 9, [update(31)]) == [update(31)]
+    end = {"type": "end", "task": "t", "seq": 11}
+    assert ledger.relay("t", 2, 0, [update(10), end]) == [update(10), end]
+    ledger.forget("t")  # its end was forwarded
+    assert ledger.relay("t", 2, 0, [update(10), end]) == []  # the same relay, as a watcher
+    assert ledger.relay("t", 3, 2, [end]) == []  # nothing it has not heard
+    assert "t" not in ledger.tasks
+    # Retried: the task moves on, and its entry comes back as it was.
+    retry = {"type": "retry", "task": "t", "seq": 12}
+    assert ledger.relay("t", 5, 3, [retry]) == [retry]
+    assert "t" not in ledger.gone and (ledger.get("t").version, ledger.get("t").seq) == (5, 12)
+
+
+def test_following_a_task_again_starts_from_what_was_heard_of_it():
+    ledger = Ledger()
+    ledger.start("t", 4, 20)
+    ledger.forget("t")
+    heard = ledger.get("t")  # watched again, a pub sent again
+    assert (heard.version, heard.seq, heard.known) == (4, 20, True)
