@@ -111,7 +111,7 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
         self.followed: set[str] = set()
         self.ledger = Ledger()
         self.subscriptions: set[str] = set()
-        # A monitor's watched tasks, with the last seq forwarded of each (oldest first).
+        # A monitor's watched tasks, and what was forwarded of each (oldest first).
         self.monitor_follows = Ledger()
         self.auth_timer: asyncio.TimerHandle | None = None
         notify.register(self.channel_name, self)

@@ -47,13 +47,12 @@ daphne queues every frame it reads, unbounded: the daphne part below bounds it.
   connects held a ping for 1.1–1.9 s). The hub starts at most
   :data:`HANDSHAKES_PER_TURN` handshakes per turn: a connection beyond it stops being
   read, and its request is handled in a later turn, established connections served in
-  between. Twisted's port likewise accepts at most :data:`ACCEPTS_PER_TURN` connections
-  per turn (100 and growing by default); the rest wait in the kernel's listen queue.
+  between.
 
 :func:`taskhub.asgi.hub_application` installs it when daphne is loaded. It changes one
 class attribute of daphne (its factory's ``protocol``) to a subclass, wraps its HTTP
-factory's ``buildProtocol``, and holds Twisted's TCP port's ``numberAccepts`` to a cap,
-and uses only autobahn's and Twisted's public producer and transport API.
+factory's ``buildProtocol``, and uses only autobahn's and Twisted's public producer and
+transport API.
 """
 
 from __future__ import annotations
@@ -388,8 +387,6 @@ def bounded_protocol(base: type[Any]) -> type[Any]:
     return BoundedWebSocketProtocol
 
 
-#: Most connections daphne accepts per turn of the event loop.
-ACCEPTS_PER_TURN = 16
 #: Most opening handshakes daphne starts per turn of the event loop.
 HANDSHAKES_PER_TURN = 16
 
@@ -469,17 +466,6 @@ def paced(protocol: Any) -> Any:
     return protocol
 
 
-class _CappedAccepts:
-    """``twisted.internet.tcp.Port.numberAccepts``, which Twisted sets after each turn
-    (more when the last turn accepted all it could), held to :data:`ACCEPTS_PER_TURN`."""
-
-    def __get__(self, port: Any, owner: type | None = None) -> int:
-        return ACCEPTS_PER_TURN if port is None else int(port.__dict__.get("_taskhub_accepts", ACCEPTS_PER_TURN))
-
-    def __set__(self, port: Any, value: int) -> None:
-        port.__dict__["_taskhub_accepts"] = max(1, min(int(value), ACCEPTS_PER_TURN))
-
-
 def install() -> bool:
     """Bound every connection daphne serves from now on, and how many it accepts per
     turn; call before daphne's server runs (importing the ASGI application is early
@@ -495,10 +481,6 @@ def install() -> bool:
     if not getattr(factory.protocol, "taskhub_bounded", False):
         factory.protocol = bounded_protocol(factory.protocol)
         factory.protocol.taskhub_bounded = True
-    from twisted.internet import tcp
-
-    if not isinstance(tcp.Port.__dict__.get("numberAccepts"), _CappedAccepts):
-        tcp.Port.numberAccepts = _CappedAccepts()  # type: ignore[assignment]
     http_factory = sys.modules["daphne.http_protocol"].HTTPFactory
     if not getattr(http_factory.buildProtocol, "taskhub_paced", False):
         build = http_factory.buildProtocol

@@ -173,7 +173,7 @@ async def catch_up(ledger: Ledger, task_id: str, version: int, instance: uuid.UU
             if heard.pending <= heard.version:
                 break
             version, heard.pending = heard.pending, 0
-        if heard.remove_by is None and any(m["type"] == "end" for m in forward):
+        if instance is not None and heard.remove_by is None and any(m["type"] == "end" for m in forward):
             # The relay that names who removes an autoremove task may not come now.
             heard.remove_by = (await db.run(queries.versions, [task_id])).get(task_id, (0, None))[1]
     finally:

@@ -33,7 +33,7 @@ async def kept(task_id: str) -> tuple[bool, int]:
 async def gone(task_id: str) -> None:
     """Until the task's row is deleted (the database is all there is to wait on)."""
     while (await kept(task_id))[0]:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the deletion is a row going: polled, bounded by the callers' timeout
 
 
 async def work(worker: Any, task_id: str, *, ok: bool = True) -> None:

@@ -252,7 +252,7 @@ async def test_a_waiter_blocked_by_its_name_is_let_in_when_that_name_settles(set
     settings.TASKHUB_AUTH_FAILURES = 2
     assert throttle.check("10.0.0.1", "svc", 1.0) and throttle.check("10.0.0.2", "svc", 1.0)
     waiting = asyncio.ensure_future(throttle.admit("10.0.0.3", "svc"))  # its address has room
-    await asyncio.sleep(0)
+    await asyncio.wait_for(until(lambda: sum(map(len, throttle._waiting.values())) == 1), TIMEOUT)
     assert not waiting.done()
     throttle.settle("10.0.0.2", "svc", 1.0, failed=False)
     await asyncio.wait_for(waiting, TIMEOUT)
@@ -263,7 +263,7 @@ async def test_an_attempt_cancelled_as_it_was_let_in_gives_its_room_to_the_next(
     assert throttle.check("10.0.0.1", "svc", 1.0)
     first = asyncio.ensure_future(throttle.admit("10.0.0.1", "svc"))
     second = asyncio.ensure_future(throttle.admit("10.0.0.1", "svc"))
-    await asyncio.sleep(0)
+    await asyncio.wait_for(until(lambda: sum(map(len, throttle._waiting.values())) == 2), TIMEOUT)
     throttle.settle("10.0.0.1", "svc", 1.0, failed=False)  # lets the first in...
     first.cancel()  # ...whose client hung up before it could go on
     with pytest.raises(asyncio.CancelledError):

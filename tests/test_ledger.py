@@ -91,11 +91,13 @@ class Database:
     def __init__(self, events: list[dict[str, Any]]) -> None:
         self.events = events
         self.reads: list[int] = []
+        self.reading = asyncio.Event()
         self.go = asyncio.Event()
         self.go.set()
 
     async def run(self, func: Any, task_id: str, since: int, instance: Any) -> list[dict[str, Any]]:
         self.reads.append(since)
+        self.reading.set()
         await self.go.wait()
         return [e for e in self.events if e["seq"] > since]
 
@@ -126,7 +128,7 @@ async def test_relays_that_come_during_a_catch_up_are_read_after_it_in_order_onc
     database.go.clear()
     assert ledger.relay("t", 3, 2, [update(11)]) is None
     reading = asyncio.ensure_future(catch_up(ledger, "t", 3, None))
-    await asyncio.sleep(0)
+    await asyncio.wait_for(database.reading.wait(), TIMEOUT)  # the read is under way
     # Two more relays while the read waits: both are left to it, one with a gap of its own.
     assert ledger.relay("t", 4, 3, [update(12)]) == []
     assert ledger.relay("t", 6, 5, [update(14)]) == []
@@ -144,7 +146,7 @@ async def test_a_task_forgotten_during_a_catch_up_gets_nothing_from_it(database)
     database.go.clear()
     assert ledger.relay("t", 3, 2, []) is None
     reading = asyncio.ensure_future(catch_up(ledger, "t", 3, None))
-    await asyncio.sleep(0)
+    await asyncio.wait_for(database.reading.wait(), TIMEOUT)  # the read is under way
     ledger.forget("t")  # the worker's own return, say
     database.go.set()
     assert await asyncio.wait_for(reading, TIMEOUT) == []

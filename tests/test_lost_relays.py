@@ -14,10 +14,11 @@ import pytest
 from channels.db import database_sync_to_async
 
 from taskhub import notify, sweeper
-from taskhub.models import Instance, Monitor, TaskRecord
+from taskhub.models import Instance, Monitor
 from taskhub.services.routing import MONITOR, RELAY
 
 from .conftest import TIMEOUT, Peer, make_credential, open_peer
+from .test_autoremove import gone
 from .test_dashboard import _fresh_state, monitor, session_of  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -167,10 +168,7 @@ async def test_a_lost_last_relay_sent_by_the_sweeper_still_removes_an_autoremove
     await sweeper.sweep_once()  # recovery (or the process's own sweeper, first)
     assert (await caller.expect(lambda m: m["type"] == "success"))["result"] == {"sent": 1}
     await caller.expect(lambda m: m["type"] == "end")
-    exists = database_sync_to_async(TaskRecord.objects.filter(pk=task_id).exists)
-    async with asyncio.timeout(TIMEOUT):
-        while await exists():
-            await asyncio.sleep(0.01)  # the database is all there is to wait on
+    await asyncio.wait_for(gone(task_id), TIMEOUT)
     await worker.close()
     await caller.close()
 
@@ -185,10 +183,7 @@ async def test_an_end_read_after_a_lost_relay_still_removes_an_autoremove_task(l
     heard = [await caller.expect(lambda m: m["type"] in ("update", "success", "end")) for _ in range(3)]
     assert [m["type"] for m in heard] == ["update", "success", "end"]
     assert heard[1]["result"] == {"sent": 1}
-    exists = database_sync_to_async(TaskRecord.objects.filter(pk=task_id).exists)
-    async with asyncio.timeout(TIMEOUT):
-        while await exists():
-            await asyncio.sleep(0.01)  # the database is all there is to wait on
+    await asyncio.wait_for(gone(task_id), TIMEOUT)
     assert await caller.nothing()
     await worker.close()
     await caller.close()
