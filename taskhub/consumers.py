@@ -55,10 +55,11 @@ from .core.commands import (
     parse_command,
     read_ref,
 )
+from .core.ends import fold_ends
 from .core.errors import AuthenticationFailed, InvalidMessage, PermissionDenied, ProtocolError
 from .core.frames import decode_frame, encode
 from .core.messages import MISSING, Ack, Error, Message, Payload, Pong, State, TaskList, Welcome
-from .handshake import basic_credentials, session_options
+from .handshake import SessionOptions, basic_credentials, session_options
 from .models import Credential
 from .monitoring import MonitorSession
 from .notify import send_notices
@@ -100,6 +101,8 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
 
     _cleaned_up = False
     closing = False
+    #: The client reads an ``end`` inside the event before it (one frame for the two).
+    inline_end = False
     #: A task (autoremove) whose result the answer being sent gives its publisher.
     _remove_after_reply: str | None = None
 
@@ -119,11 +122,11 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
         credentials = basic_credentials(self.scope)
         if credentials is not None:
             try:
-                resume, concurrency = session_options(self.scope)
+                options = session_options(self.scope)
             except InvalidMessage as exc:
                 await self.refuse(exc.code, exc.detail, None)
                 return
-            await self.login(*credentials, ref=None, resume=resume, concurrency=concurrency)
+            await self.login(*credentials, ref=None, options=options)
         else:
             loop = asyncio.get_running_loop()
             self.auth_timer = loop.call_later(conf.AUTH_TIMEOUT, lambda: asyncio.ensure_future(self.auth_timed_out()))
@@ -138,9 +141,7 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
         await self.reply(Error(code=code, detail=detail, ref=ref))
         await self.close(int(CloseCode.for_error(code)))  # autobahn refuses an IntEnum
 
-    async def login(
-        self, name: str, key: str, ref: str | int | None, *, resume: str | None, concurrency: int | None
-    ) -> None:
+    async def login(self, name: str, key: str, ref: str | int | None, *, options: SessionOptions) -> None:
         """Authenticate and register the instance, or refuse the session and close.
 
         The authentication timer runs until this succeeds: a ``hello`` that fails in any
@@ -166,8 +167,8 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
                 sweeper.PROCESS,
                 address,
                 now,
-                resume=resume,
-                concurrency=concurrency,
+                resume=options.resume,
+                concurrency=options.concurrency,
             )
         except AuthenticationFailed as exc:
             await self.refuse(exc.code, exc.detail, ref)
@@ -178,7 +179,8 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
             return
         if self.auth_timer is not None:
             self.auth_timer.cancel()
-        self.credential, self.instance_id, self.concurrency = credential, session.instance.pk, concurrency
+        self.credential, self.instance_id, self.concurrency = credential, session.instance.pk, options.concurrency
+        self.inline_end = options.inline_end
         await self.reply(
             Welcome(
                 service=credential.name,
@@ -285,9 +287,12 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
             if cmd.monitor is True:
                 await self.login_monitor(cmd.ref)
                 return
-            resume = None if cmd.resume is MISSING else cmd.resume
-            concurrency = None if cmd.concurrency is MISSING else cmd.concurrency
-            await self.login(cmd.name, cmd.key, cmd.ref, resume=resume, concurrency=concurrency)
+            options = SessionOptions(
+                resume=None if cmd.resume is MISSING else cmd.resume,
+                concurrency=None if cmd.concurrency is MISSING else cmd.concurrency,
+                inline_end=cmd.inline_end is True,
+            )
+            await self.login(cmd.name, cmd.key, cmd.ref, options=options)
             return
         if self.monitor_user is not None:
             await self.dispatch_monitor(cmd)
@@ -297,7 +302,7 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
             raise ProtocolError("send hello (or authenticate at the handshake) first", ErrorCode.NOT_AUTHENTICATED)
         now = timezone.now()
         notices: list[services.Notice] = []
-        answer: Message
+        answer: Message | None
         match cmd:
             case Ping():
                 answer = Pong(ref=cmd.ref)
@@ -327,7 +332,8 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
                 answer = Ack(ref=cmd.ref, task=task_id, created=created)
             case Pickup() | Update() | Touch() | Return() | Drop() | Fail():
                 notices = await db.run(services.act, credential, cmd, now, self.channel_name, instance_id)
-                answer = Ack(ref=cmd.ref, task=cmd.task)
+                # Asked for no answer: the answer to a later command will say it was applied.
+                answer = None if cmd.ack is False else Ack(ref=cmd.ref, task=cmd.task)
                 await self._heard_own(cmd, notices)
                 if self.concurrency is not None and isinstance(cmd, Return | Drop | Fail) and self.subscriptions:
                     # Room for another task: offer what waits for one.
@@ -353,7 +359,8 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
                 answer = await self.watch(cmd)
             case Stats():
                 raise PermissionDenied("stats is for monitors (a staff user's session, hello with monitor true)")
-        await self.reply(answer)
+        if answer is not None:
+            await self.reply(answer)
         await send_notices(self.channel_layer, notices)
         if self._remove_after_reply is not None:
             task_id, self._remove_after_reply = self._remove_after_reply, None
@@ -467,19 +474,21 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
         forward = self.ledger.relay(task_id, version, event.get("prev", 0), messages, event.get("remove_by"))
         if forward is None:
             forward = await catch_up(self.ledger, task_id, version, self.instance_id)
-        for message in forward:
-            await self.reply(message)
-            heard = self.ledger.tasks.get(task_id)
-            if message["type"] == "success" and heard is not None:
-                heard.succeeded = True
-            if message["type"] == "end":
-                # Removed (autoremove) only once this connection forwarded the result
-                # itself (live, read again after a lost relay, or sent by the sweeper).
-                removable = mine is not None and heard is not None and heard.succeeded and heard.remove_by == mine
-                await self.unfollow(task_id)
-                if removable:
-                    self.ledger.gone[task_id].succeeded = False  # removed once
-                    await self.remove_delivered(task_id)
+        frames = fold_ends(forward) if self.inline_end else [(m, [m]) for m in forward]
+        for frame, carried in frames:
+            await self.reply(frame)
+            for message in carried:
+                heard = self.ledger.tasks.get(task_id)
+                if message["type"] == "success" and heard is not None:
+                    heard.succeeded = True
+                if message["type"] == "end":
+                    # Removed (autoremove) only once this connection forwarded the result
+                    # itself (live, read again after a lost relay, or sent by the sweeper).
+                    removable = mine is not None and heard is not None and heard.succeeded and heard.remove_by == mine
+                    await self.unfollow(task_id)
+                    if removable:
+                        self.ledger.gone[task_id].succeeded = False  # removed once
+                        await self.remove_delivered(task_id)
 
     async def remove_delivered(self, task_id: str) -> None:
         """The publisher has the result of a task published with ``autoremove``: delete

@@ -1,13 +1,14 @@
 """What a WebSocket handshake says before any frame: the credentials of an
 ``Authorization: Basic`` header, and a session's options (``TaskHub-Resume``,
-``TaskHub-Concurrency``). See docs/protocol.md, "Authentication"."""
+``TaskHub-Concurrency``, ``TaskHub-Inline-End``). See docs/protocol.md,
+"Authentication"."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from .core.codes import ErrorCode
 from .core.commands import MAX_CONCURRENCY
@@ -33,13 +34,25 @@ def _header(scope: Mapping[str, Any], name: bytes) -> bytes | None:
     return None
 
 
-def session_options(scope: Mapping[str, Any]) -> tuple[str | None, int | None]:
-    """``(resume token, concurrency)`` from the ``TaskHub-Resume`` and
-    ``TaskHub-Concurrency`` handshake headers (what ``hello`` carries otherwise).
+class SessionOptions(NamedTuple):
+    """What a session asks for besides its credential (the same as ``hello``'s fields)."""
+
+    #: The token of an instance this client had, to take it back.
+    resume: str | None = None
+    #: Most unfinished tasks to be offered at once (``None``: no limit).
+    concurrency: int | None = None
+    #: The client reads an ``end`` carried inside the task event before it.
+    inline_end: bool = False
+
+
+def session_options(scope: Mapping[str, Any]) -> SessionOptions:
+    """The session's options from the ``TaskHub-Resume``, ``TaskHub-Concurrency`` and
+    ``TaskHub-Inline-End`` handshake headers (what ``hello`` carries otherwise).
 
     Raises:
         InvalidMessage: ``invalid_field`` for a concurrency that is not an integer from 1
-            to :data:`~taskhub.core.commands.MAX_CONCURRENCY`.
+            to :data:`~taskhub.core.commands.MAX_CONCURRENCY`, or an inline end that is
+            neither ``true`` nor ``false``.
     """
     resume = _header(scope, b"taskhub-resume")
     concurrency = _header(scope, b"taskhub-concurrency")
@@ -52,4 +65,7 @@ def session_options(scope: Mapping[str, Any]) -> tuple[str | None, int | None]:
                 f"header TaskHub-Concurrency must be an integer from 1 to {MAX_CONCURRENCY}", ErrorCode.INVALID_FIELD
             )
         value = int(text)
-    return (resume.decode("latin-1").strip() if resume else None), value
+    inline = (_header(scope, b"taskhub-inline-end") or b"false").decode("latin-1").strip().lower()
+    if inline not in ("true", "false"):
+        raise InvalidMessage("header TaskHub-Inline-End must be true or false", ErrorCode.INVALID_FIELD)
+    return SessionOptions(resume.decode("latin-1").strip() if resume else None, value, inline == "true")

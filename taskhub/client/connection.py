@@ -49,6 +49,9 @@ log = logging.getLogger("taskhub.client")
 
 #: Seconds between two warnings that connecting to the hub fails.
 WARN_EVERY = 30.0
+#: Seconds after a command that asked for no answer before a ``ping`` asks for the answer
+#: that acknowledges it, unless another command's answer did meanwhile.
+SYNC_AFTER = 1.0
 
 
 class _Default:
@@ -111,6 +114,7 @@ class Connection:
         self._first: asyncio.Future[None] | None = None
         self._started_at = 0.0
         self._closing = False
+        self._sync_timer: asyncio.TimerHandle | None = None
 
     @property
     def instance(self) -> str | None:
@@ -167,6 +171,9 @@ class Connection:
         """Close the socket and stop reconnecting; cancel the background tasks. Commands
         still waiting for an answer fail with :class:`ConnectionLost`."""
         self._closing = True
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
         self._handle(self.protocol.close())
         if self._ws is not None:
             await self._ws.close()
@@ -230,7 +237,8 @@ class Connection:
 
     async def _session(self) -> None:
         """One connection: read frames and act on the protocol's events until it closes."""
-        headers = {"Authorization": self._auth}
+        # The client reads an end inside the event before it (taskhub.core.ends).
+        headers = {"Authorization": self._auth, "TaskHub-Inline-End": "true"}
         if self.protocol.resume_token:
             headers["TaskHub-Resume"] = self.protocol.resume_token
         if self.concurrency is not None:
@@ -353,6 +361,8 @@ class Connection:
         protocol's to send again or to fail (:meth:`ClientProtocol.connection_lost`)."""
         ws = self._ws
         frames = self.protocol.data_to_send()
+        if self.protocol.unacknowledged and self._sync_timer is None:
+            self._sync_timer = asyncio.get_running_loop().call_later(SYNC_AFTER, self._sync)
         if ws is None:
             return
         try:
@@ -360,6 +370,21 @@ class Connection:
                 await ws.send(frame)
         except ConnectionClosed:
             pass
+
+    async def sync(self) -> None:
+        """Ask now for the answer that acknowledges the commands sent without one (a
+        ``ping``), if no command sent since asks for an answer."""
+        if self.protocol.sync():
+            await self._flush()
+
+    def _sync(self) -> None:
+        """Ask for the answer that acknowledges the commands sent without one (a ``ping``),
+        if nothing else did since."""
+        self._sync_timer = None
+        if self.protocol.sync():
+            self.spawn(self._flush())
+        elif self.protocol.unacknowledged:  # the ping or a command's answer is on its way
+            self._sync_timer = asyncio.get_running_loop().call_later(SYNC_AFTER, self._sync)
 
 
 def _not_found(exc: BaseException, status: int | None) -> bool:

@@ -19,7 +19,15 @@ What it keeps:
   ``cancel`` or ``retry`` whose answer was lost is not sent again (a second one would be
   refused although the first happened, or start another attempt): it fails with
   :class:`ConnectionLost`, and the caller reads the task to learn what happened;
-- commands submitted while disconnected, sent once the session is open again.
+- commands submitted while disconnected, sent once the session is open again;
+- the worker's commands that asked for no answer (``"ack": false``): the hub answers
+  them only to refuse them, and answers a connection's commands in order, so the answer
+  to any later command acknowledges them all. :meth:`~ClientProtocol.sync` (and every
+  :data:`SYNC_EVERY` of them in a row) sends a ``ping`` whose answer does it when no
+  other command follows.
+
+A task event that carries its task's ``end`` inside it (``inline_end``, which this client
+asks for) is read as the two events it holds.
 
 Events, in the order :meth:`~ClientProtocol.receive` returns them:
 
@@ -42,10 +50,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from taskhub.core.commands import Command, Sub, Watch
+from taskhub.core.commands import Command, Ping, Sub, Watch
+from taskhub.core.ends import unfold_end
 from taskhub.core.errors import InvalidMessage, TaskHubError, error_for
 from taskhub.core.frames import decode_frame, encode
-from taskhub.core.messages import Error, LoggedEvent, Message, Offer, State, TaskEventMessage, Welcome, parse_message
+from taskhub.core.messages import (
+    MISSING,
+    Ack,
+    Error,
+    LoggedEvent,
+    Message,
+    Offer,
+    State,
+    TaskEventMessage,
+    Welcome,
+    parse_message,
+)
 
 log = logging.getLogger("taskhub.client")
 
@@ -64,6 +84,9 @@ RESENT = frozenset(
 )  # fmt: skip
 #: The worker's commands among them.
 WORK = frozenset({"pickup", "update", "touch", "return", "drop", "fail"})
+#: Commands sent in a row that asked for no answer, after which a ``ping`` goes, so that
+#: the answer acknowledging them comes, and a reconnect sends no more than these again.
+SYNC_EVERY = 64
 
 
 class ConnectionLost(TaskHubError):
@@ -174,6 +197,10 @@ class ClientProtocol:
         #: Refs of the watches this protocol sends itself after a reconnect: it reads the
         #: next pages of their answers itself too.
         self._own_watches: set[int] = set()
+        #: Refs in ``_unanswered`` that asked for no answer (``"ack": false``).
+        self._silent: set[int] = set()
+        #: Commands that asked for no answer sent since the last one that did.
+        self._silent_run = 0
 
     # -- the hub's limits ----------------------------------------------------------------
 
@@ -219,6 +246,8 @@ class ClientProtocol:
             else:  # subscriptions among them: each session sends them all again
                 failed.append(Failed(ref, command, ConnectionLost("the connection closed before the hub answered")))
         self._unanswered.clear()
+        self._silent.clear()
+        self._silent_run = 0
         for followed in self._followed.values():
             followed.paging = False  # a page not asked again releases with the next watch
         # Sent before them, so sent again before them.
@@ -237,6 +266,7 @@ class ClientProtocol:
         pending = {**self._unanswered, **self._held}
         self._unanswered.clear()
         self._held.clear()
+        self._silent.clear()
         return [Failed(ref, command, ConnectionLost("the client was closed")) for ref, command in pending.items()]
 
     def data_to_send(self) -> list[str]:
@@ -263,11 +293,40 @@ class ClientProtocol:
         if isinstance(command, Watch):
             self._followed.get(command.task, _Followed()).watches += 1
         if self.state is ConnectionState.OPEN:
-            self._unanswered[ref] = command
-            self._outbox.append(frame)
+            self._put(ref, command, frame)
         else:
             self._held[ref] = command
         return ref
+
+    @property
+    def unacknowledged(self) -> int:
+        """Commands sent that asked for no answer and are not known to be applied yet."""
+        return len(self._silent)
+
+    def sync(self) -> bool:
+        """Send a ``ping`` if commands that asked for no answer were sent since the last
+        command that asks for one: its answer acknowledges them. Call when nothing was
+        sent for a while (the client does, a second after such a command).
+
+        Returns:
+            Whether a ``ping`` was queued.
+        """
+        if not self._silent_run or self.state is not ConnectionState.OPEN:
+            return False
+        self.send(Ping.build())
+        return True
+
+    def _put(self, ref: int, command: Command, frame: str) -> None:
+        """Send ``command`` on the open connection: it awaits its answer."""
+        self._unanswered[ref] = command
+        self._outbox.append(frame)
+        if getattr(command, "ack", None) is False:
+            self._silent.add(ref)
+            self._silent_run += 1
+            if self._silent_run >= SYNC_EVERY:
+                self.sync()
+        else:
+            self._silent_run = 0
 
     def subscribe(self, action: str) -> int | None:
         """Subscribe to ``action``, now and after every reconnect.
@@ -323,16 +382,29 @@ class ClientProtocol:
         A frame this client cannot read (a newer hub's message) is logged and skipped.
         """
         try:
-            message = parse_message(decode_frame(text, MAX_FRAME, strict=False))
+            objects = unfold_end(decode_frame(text, MAX_FRAME, strict=False))
         except InvalidMessage as exc:
             log.warning("taskhub: skipped a message from the hub: %s", exc.detail)
             return []
+        events: list[Event] = []
+        for obj in objects:
+            try:
+                message = parse_message(obj)
+            except InvalidMessage as exc:
+                log.warning("taskhub: skipped a message from the hub: %s", exc.detail)
+                continue
+            events += self._read(message)
+        return events
+
+    def _read(self, message: Message) -> list[Event]:
         if self.state is ConnectionState.CONNECTING:
             return self._opening(message)
         ref = getattr(message, "ref", None)
         if isinstance(ref, int) and ref in self._unanswered:
+            events = self._applied_before(ref)
             self._again.discard(ref)
-            return self._answer(ref, self._unanswered.pop(ref), message)
+            self._silent.discard(ref)
+            return events + self._answer(ref, self._unanswered.pop(ref), message)
         if isinstance(message, Offer):
             self.follow(message.task)
             return [Offered(message)]
@@ -342,6 +414,23 @@ class ClientProtocol:
             return [HubError(error_for(message.code, str(message.detail)))]
         log.debug("taskhub: a %s message answers no command of ours", message.type)
         return []
+
+    def _applied_before(self, ref: int) -> list[Event]:
+        """The commands that asked for no answer and were sent before ``ref``, whose
+        answer came: the hub applied them (it answers a connection's commands in order,
+        and would have refused them by now)."""
+        events: list[Event] = []
+        if not self._silent:
+            return events
+        for earlier in list(self._unanswered):
+            if earlier == ref:
+                break
+            if earlier in self._silent:
+                command = self._unanswered.pop(earlier)
+                self._silent.discard(earlier)
+                self._again.discard(earlier)
+                events.append(Answered(earlier, command, Ack(ref=earlier, task=getattr(command, "task", MISSING))))
+        return events
 
     def _opening(self, message: Message) -> list[Event]:
         if isinstance(message, Error):
@@ -368,8 +457,7 @@ class ClientProtocol:
             except InvalidMessage as exc:
                 events.append(Refused(ref, command, exc))
                 continue
-            self._unanswered[ref] = command
-            self._outbox.append(frame)
+            self._put(ref, command, frame)
         return events
 
     def _answer(self, ref: int, command: Command, message: Message) -> list[Event]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from taskhub.core.codes import ErrorCode
-from taskhub.core.commands import COMMANDS, MISSING, GetPayload, Pickup, Touch
+from taskhub.core.commands import COMMANDS, MISSING, Command, GetPayload, Pickup, Touch
 from taskhub.core.commands import Update as UpdateCommand
 from taskhub.core.errors import InvalidMessage, InvalidTransition, UnknownTask
 from taskhub.core.frames import decode_frame, encode
@@ -26,6 +26,8 @@ from taskhub.core.messages import (
     TaskSuccess,
     TaskUpdate,
 )
+
+from .protocol import ConnectionLost
 
 if TYPE_CHECKING:
     from .client import Client
@@ -137,8 +139,10 @@ class Task:
         self._unacked: collections.deque[asyncio.Future[Message]] = collections.deque()
 
     async def _command(self, type_: str, **fields: Any) -> Message:
-        command = COMMANDS[type_].build(task=self.id, attempt=self.attempt, **fields)
-        return await self._client.request(command)
+        return await self._client.request(self._build(type_, **fields))
+
+    def _build(self, type_: str, **fields: Any) -> Command:
+        return COMMANDS[type_].build(task=self.id, attempt=self.attempt, **fields)
 
     async def pickup(self) -> None:
         """Tell the hub this service works on the task.
@@ -152,7 +156,7 @@ class Task:
                 task is no longer this service's to work on) is raised by the next
                 :meth:`update` or :meth:`drop`, or logged when the handler returns.
         """
-        await self._send_windowed(Pickup.build(task=self.id, attempt=self.attempt))
+        await self._send_windowed(Pickup.build(task=self.id, attempt=self.attempt, ack=False))
 
     async def get_payload(self) -> Any:
         """The task's payload (fetched from the hub when it was too large to come inline)."""
@@ -185,7 +189,7 @@ class Task:
         """
         # The hub's own checks, before anything is sent.
         command = UpdateCommand.build(
-            task=self.id, attempt=self.attempt, data=data, progress=MISSING if progress is None else progress
+            task=self.id, attempt=self.attempt, data=data, progress=MISSING if progress is None else progress, ack=False
         )
         sendable(data, "update data", self._client.protocol.max_payload_size)
         await self._send_windowed(command)
@@ -198,15 +202,20 @@ class Task:
         Raises:
             ProtocolError (a subclass by code): as :meth:`update`.
         """
-        await self._send_windowed(Touch.build(task=self.id, attempt=self.attempt))
+        await self._send_windowed(Touch.build(task=self.id, attempt=self.attempt, ack=False))
 
     async def _send_windowed(self, command: Pickup | UpdateCommand | Touch) -> None:
-        """Send a command without waiting for its answer, once fewer than
-        :data:`UPDATE_WINDOW` of this task's answers are outstanding."""
+        """Send a command that asks for no answer (the hub answers only a refusal, and the
+        answer to a later command acknowledges it), once fewer than :data:`UPDATE_WINDOW`
+        of this task's commands are not known to be applied."""
         await self._settle_updates(keep=UPDATE_WINDOW - 1)
         answer = await self._client.submit(command)
         answer.add_done_callback(self._refused)
         self._unacked.append(answer)
+        if not len(self._unacked) % (UPDATE_WINDOW // 2):
+            # Ask for the answer that acknowledges them: halfway, and once the window is
+            # full, so that the next waits at most for the answer to a ping sent already.
+            await self._client.sync()
 
     def _refused(self, answer: asyncio.Future[Message]) -> None:
         """A refusal that means this part is over (``stale_attempt``, say) ends it."""
@@ -221,7 +230,7 @@ class Task:
 
     async def _settle_updates(self, keep: int = 0) -> None:
         """Read the answers to this task's updates that came, and wait for the oldest
-        until at most ``keep`` are left.
+        until at most ``keep`` are left (none waited for with ``keep`` at their number).
 
         Raises:
             ProtocolError (a subclass by code): the hub refused one of them.
@@ -231,10 +240,15 @@ class Task:
             await self._unacked.popleft()
 
     def _forget_updates(self) -> None:
-        """The handler is gone: answers that come are dropped (and not logged as unread)."""
+        """The handler is gone: a refusal that comes is logged."""
         for future in self._unacked:
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            future.add_done_callback(self._log_refusal)
         self._unacked.clear()
+
+    def _log_refusal(self, answer: asyncio.Future[Message]) -> None:
+        error = None if answer.cancelled() else answer.exception()
+        if error is not None and not isinstance(error, ConnectionLost):
+            log.warning("taskhub: an update of %s was not accepted: %s", self.id, error)
 
     async def drop(self) -> None:
         """Finish without a result; the handler's return value is then ignored.
@@ -243,6 +257,8 @@ class Task:
             ProtocolError (a subclass by code): the hub refused an update of this task
                 that still awaited its answer, or the drop itself.
         """
+        if self._unacked:
+            await self._client.sync()  # the answer that says whether the hub applied them
         await self._settle_updates()
         self.done = True
         await self._command("drop")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from taskhub.core.commands import MAX_ERROR_LENGTH
 from taskhub.core.errors import InvalidMessage, TaskHubError
-from taskhub.core.messages import Offer, TaskEventMessage
+from taskhub.core.messages import Message, Offer, TaskEventMessage
 
 from .tasks import Task, sendable
 
@@ -131,31 +131,41 @@ class Worker:
             task._forget_updates()
 
     async def _finish(self, task: Task, type_: str, **fields: Any) -> bool:
-        """Send the handler's ``return`` or ``fail``, after the updates it sent. A result
-        the hub refuses fails the task instead, so that it ends.
+        """Send the handler's ``return`` or ``fail``, after what it sent before (the hub
+        applies a connection's commands in order), asking for no answer: a refusal comes
+        later and is logged, and a result the hub refuses fails the task instead, so that
+        it ends.
 
         Returns:
-            Whether it was sent and accepted: not if the part was over (dropped, or the
-            task ended), nor if the hub refused it.
+            Whether it was sent: not if the part was over (dropped, the task ended, or the
+            hub refused an earlier command of the part).
         """
         try:
-            await task._settle_updates()
+            await task._settle_updates(keep=len(task._unacked))  # the answers that came
         except TaskHubError as exc:
             log.warning("taskhub: an update of %s was not accepted: %s", task.id, exc)
         if task.done:
             return False
         task.done = True
         try:
-            await task._command(type_, **fields)
+            answer = await self.client.submit(task._build(type_, ack=False, **fields))
         except InvalidMessage as exc:  # a result the client could not check: over the frame limit, say
             log.warning("taskhub: %s of %s not accepted: %s", type_, task.id, exc)
             if type_ == "return":
                 await self._send_fail(task, f"result could not be sent: {exc.detail}")
             return False
-        except TaskHubError as exc:
-            log.warning("taskhub: %s of %s not accepted: %s", type_, task.id, exc)
-            return False
+        answer.add_done_callback(functools.partial(self._answered, task, type_))
         return True
+
+    def _answered(self, task: Task, type_: str, answer: asyncio.Future[Message]) -> None:
+        """The hub applied a ``return`` or ``fail``, or refused it: a result it could not
+        take fails the task instead."""
+        error = None if answer.cancelled() else answer.exception()
+        if error is None:
+            return
+        log.warning("taskhub: %s of %s not accepted: %s", type_, task.id, error)
+        if type_ == "return" and isinstance(error, InvalidMessage):
+            self.client.spawn(self._send_fail(task, f"result could not be sent: {error.detail}"))
 
     async def _send_fail(self, task: Task, error: str) -> None:
         try:

@@ -228,6 +228,9 @@ class Hello(Command):
     ``monitor`` (true) asks for read-only monitor rights instead (the dashboard): the hub
     takes them from the connection's Django session, which must be a staff user's, and
     reads neither ``name`` nor ``key`` (they may be left out).
+
+    ``inline_end`` (true) says the client reads an ``end`` carried inside the task event
+    before it (``"end": {...}``), so that the hub sends the two in one frame.
     """
 
     type = "hello"
@@ -237,12 +240,14 @@ class Hello(Command):
         ("resume", "text", False),
         ("concurrency", "concurrency", False),
         ("monitor", "flag", False),
+        ("inline_end", "flag", False),
     )
     name: str
     key: str
     resume: str
     concurrency: int | None
     monitor: bool = MISSING
+    inline_end: bool = MISSING
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any], ref: str | int | None) -> Command:
@@ -305,8 +310,11 @@ class Pub(Command):
 
 # A worker's commands name the task and the attempt they concern; ``again`` says the
 # command is sent again after a reconnect: the hub applies it unless it already did.
+# ``ack`` false asks for no answer unless the command is refused: the hub answers a
+# connection's commands in order, so the answer to any later command says it was applied.
 _WORK = (("task", "task", True), ("attempt", "attempt", True))
 _AGAIN = ("again", "flag", False)
+_ACK = ("ack", "flag", False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,10 +322,11 @@ class Pickup(Command):
     """The service works on the task: the hub waits for it (the complete timeout starts)."""
 
     type = "pickup"
-    fields = (*_WORK, _AGAIN)
+    fields = (*_WORK, _AGAIN, _ACK)
     task: str
     attempt: int
     again: bool
+    ack: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,12 +334,13 @@ class Update(Command):
     """Progress: any JSON ``data`` and an optional ``progress`` fraction."""
 
     type = "update"
-    fields = (*_WORK, ("data", "json", False), ("progress", "progress", False), _AGAIN)
+    fields = (*_WORK, ("data", "json", False), ("progress", "progress", False), _AGAIN, _ACK)
     task: str
     attempt: int
     data: Any
     progress: float | None
     again: bool
+    ack: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,39 +348,43 @@ class Touch(Command):
     """The service is alive and still on the task: its heartbeat timeout starts again."""
 
     type = "touch"
-    fields = (*_WORK, _AGAIN)
+    fields = (*_WORK, _AGAIN, _ACK)
     task: str
     attempt: int
     again: bool
+    ack: bool
 
 
 @dataclass(frozen=True, slots=True)
 class Return(Command):
     type = "return"
-    fields = (*_WORK, ("result", "json", False), _AGAIN)
+    fields = (*_WORK, ("result", "json", False), _AGAIN, _ACK)
     task: str
     attempt: int
     result: Any
     again: bool
+    ack: bool
 
 
 @dataclass(frozen=True, slots=True)
 class Drop(Command):
     type = "drop"
-    fields = (*_WORK, _AGAIN)
+    fields = (*_WORK, _AGAIN, _ACK)
     task: str
     attempt: int
     again: bool
+    ack: bool
 
 
 @dataclass(frozen=True, slots=True)
 class Fail(Command):
     type = "fail"
-    fields = (*_WORK, ("error", "text", True), _AGAIN)
+    fields = (*_WORK, ("error", "text", True), _AGAIN, _ACK)
     task: str
     attempt: int
     error: str
     again: bool
+    ack: bool
 
 
 #: The commands a worker sends about its part in a task.

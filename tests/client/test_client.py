@@ -21,10 +21,14 @@ ACTION = "mail:send"
 
 class ScriptedHub:
     """A hub the test plays: it welcomes one connection at a time, answers ``sub``, ``ping``
-    and ``bye`` itself, and records every other frame for the test to answer."""
+    and ``bye`` itself, and records every other frame for the test to answer. The first
+    ``hold_pings`` pings are recorded too, and not answered; with ``record_pings``, the
+    pings it answers are recorded too."""
 
     def __init__(self) -> None:
         self.frames: list[dict[str, Any]] = []
+        self.hold_pings = 0
+        self.record_pings = False
         self.ws: Any = None
         self._more = asyncio.Event()
         self.url = ""
@@ -45,9 +49,12 @@ class ScriptedHub:
         await ws.send(json.dumps(welcome))
         async for raw in ws:
             frame = json.loads(raw)
-            if frame["type"] == "ping":
+            if frame["type"] == "ping" and self.hold_pings:
+                self.hold_pings -= 1
+            elif frame["type"] == "ping":
                 await ws.send(json.dumps({"type": "pong", "ref": frame["ref"]}))
-                continue
+                if not self.record_pings:
+                    continue
             if frame["type"] in ("sub", "bye"):
                 await ws.send(json.dumps({"type": "ack", "ref": frame["ref"], "action": frame.get("action")}))
                 continue
@@ -67,6 +74,9 @@ class ScriptedHub:
     async def answer(self, index: int, **fields: Any) -> None:
         frame = self.frames[index]
         await self.send({"type": "ack", "task": frame.get("task"), **fields, "ref": frame["ref"]})
+
+    async def pong(self, index: int) -> None:
+        await self.send({"type": "pong", "ref": self.frames[index]["ref"]})
 
     async def refuse(self, index: int, code: str) -> None:
         await self.answer(index, type="error", code=code, detail=f"refused: {code}")
@@ -120,14 +130,20 @@ async def test_update_waits_for_the_oldest_answer_once_the_window_is_full(hub):
             await task.update(i)
         await asyncio.Event().wait()
 
+    hub.hold_pings = 3
     client = await worker(hub, handler)
     await hub.offer()
-    await hub.sent(UPDATE_WINDOW)
-    assert await client.ping() >= 0  # a round trip later, the window still holds the last one
-    assert len(hub.frames) == UPDATE_WINDOW
-    await hub.answer(0)
-    frames = await hub.sent(UPDATE_WINDOW + 1)
-    assert frames[-1]["data"] == UPDATE_WINDOW
+    half = ["update"] * (UPDATE_WINDOW // 2)  # then a ping asks for the answer to them
+    assert [f["type"] for f in await hub.sent(UPDATE_WINDOW + 2)] == half + ["ping"] + half + ["ping"]
+    probe = asyncio.ensure_future(client.ping())  # held too: the window is still full after it
+    await hub.sent(UPDATE_WINDOW + 3)
+    await hub.pong(UPDATE_WINDOW // 2)  # acknowledges the first half: the next update goes
+    frames = await hub.sent(UPDATE_WINDOW + 4)
+    assert [f["type"] for f in frames[-3:]] == ["ping", "ping", "update"]
+    await hub.pong(UPDATE_WINDOW + 2)
+    assert await asyncio.wait_for(probe, TIMEOUT) >= 0
+    assert [f["data"] for f in frames if f["type"] == "update"] == list(range(UPDATE_WINDOW + 1))
+    assert all(f["ack"] is False for f in frames if f["type"] == "update")
     await client.close()
 
 
@@ -215,7 +231,8 @@ async def test_pickup_returns_once_sent_and_what_follows_goes_after_it(hub):
     await hub.offer()
     frames = await hub.sent(2)
     assert [f["type"] for f in frames] == ["pickup", "update"]
-    assert frames[0] == {"type": "pickup", "task": TASK, "attempt": 1, "ref": frames[0]["ref"]}
+    # It asks for no answer: the hub answers it only to refuse it.
+    assert frames[0] == {"type": "pickup", "task": TASK, "attempt": 1, "ack": False, "ref": frames[0]["ref"]}
     await client.close()
 
 
@@ -229,12 +246,14 @@ async def test_a_refused_update_is_raised_by_drop(hub):
         except ProtocolError as exc:
             raised.set_result(exc.code)
 
+    hub.hold_pings = 1
     client = await worker(hub, handler)
     await hub.offer()
-    await hub.sent(1)
+    assert [f["type"] for f in await hub.sent(2)] == ["update", "ping"]  # asks for the update's answer
     await hub.refuse(0, "internal_error")
+    await hub.pong(1)
     assert await asyncio.wait_for(raised, TIMEOUT) == "internal_error"
-    assert [f["type"] for f in hub.frames] == ["update"]  # the drop was not sent
+    assert [f["type"] for f in hub.frames] == ["update", "ping"]  # the drop was not sent
     await client.close()
 
 

@@ -312,3 +312,86 @@ def test_a_message_with_fields_of_the_wrong_type_is_skipped(message, caplog):
     protocol.follow(TASK)
     assert receive(protocol, message) == []
     assert "wrong" in caplog.text
+
+
+# -- commands that ask for no answer, and an end inside the event before it ----------
+
+
+def silent_update(data: Any) -> Update:
+    return Update.build(task=TASK, attempt=1, data=data, ack=False)
+
+
+def test_the_answer_to_a_later_command_acknowledges_those_that_asked_for_none():
+    protocol = opened()
+    first, second = protocol.send(silent_update(1)), protocol.send(silent_update(2))
+    assert protocol.unacknowledged == 2
+    fetch = protocol.send(GetPayload.build(task=TASK))
+    assert [f.get("ack") for f in sent(protocol)] == [False, False, None]
+    events = receive(protocol, {"type": "payload", "ref": fetch, "task": TASK, "payload": 5})
+    assert [(type(e), e.ref) for e in events] == [(Answered, first), (Answered, second), (Answered, fetch)]
+    assert events[0].message.type == "ack" and events[0].message.task == TASK
+    assert protocol.unacknowledged == 0
+
+
+def test_a_refusal_of_one_that_asked_for_no_answer_acknowledges_those_before_it():
+    protocol = opened()
+    first, second = protocol.send(silent_update(1)), protocol.send(silent_update(2))
+    third = protocol.send(silent_update(3))
+    sent(protocol)
+    events = receive(protocol, {"type": "error", "code": "stale_attempt", "detail": "over", "ref": second})
+    assert [(type(e), e.ref) for e in events] == [(Answered, first), (Refused, second)]
+    assert protocol.unacknowledged == 1  # the third: the hub may still refuse it
+    assert protocol.sync() and [f["type"] for f in sent(protocol)] == ["ping"]
+    assert not protocol.sync()  # the ping asks for the answer already
+    (ping,) = [ref for ref, command in protocol._unanswered.items() if command.type == "ping"]
+    events = receive(protocol, {"type": "pong", "ref": ping})
+    assert [(type(e), e.ref) for e in events] == [(Answered, third), (Answered, ping)]
+
+
+def test_a_ping_goes_after_every_run_of_commands_that_asked_for_no_answer():
+    from taskhub.client.protocol import SYNC_EVERY
+
+    protocol = opened()
+    for i in range(2 * SYNC_EVERY):
+        protocol.send(silent_update(i))
+    types = [f["type"] for f in sent(protocol)]
+    assert types == (["update"] * SYNC_EVERY + ["ping"]) * 2
+    assert not protocol.sync()
+
+
+def test_after_a_reconnect_those_not_known_to_be_applied_go_again_still_asking_for_no_answer():
+    protocol = opened()
+    applied, pending = protocol.send(silent_update(1)), None
+    fetch = protocol.send(GetPayload.build(task=TASK))
+    receive(protocol, {"type": "payload", "ref": fetch, "task": TASK, "payload": 5})
+    pending = protocol.send(silent_update(2))
+    sent(protocol)
+    assert protocol.connection_lost() == []
+    protocol.connection_made()
+    receive(protocol, WELCOME)
+    (again,) = sent(protocol)
+    assert (again["ref"], again["again"], again["ack"], again["data"]) == (pending, True, False, 2)
+    assert applied != pending and protocol.unacknowledged == 1
+
+
+def test_an_end_inside_the_event_before_it_is_two_events():
+    protocol = opened()
+    protocol.follow(TASK)
+    success = {"type": "success", "task": TASK, "seq": 4, "attempt": 1, "service": "w", "result": 7}
+    events = receive(protocol, {**success, "end": {"seq": 5, "attempt": 1, "status": "success"}})
+    assert [(e.message.type, e.message.seq) for e in events] == [("success", 4), ("end", 5)]
+    assert events[0].message == TaskSuccess(task=TASK, seq=4, attempt=1, service="w", result=7)
+    assert events[1].message.status == "success" and protocol.last_seq(TASK) == 5
+    # Heard already: neither comes twice when the sweeper sends them again apart.
+    assert receive(protocol, success) == []
+    assert receive(protocol, {"type": "end", "task": TASK, "seq": 5, "status": "success"}) == []
+
+
+def test_an_end_inside_that_cannot_be_read_is_skipped_and_the_event_kept(caplog):
+    protocol = opened()
+    protocol.follow(TASK)
+    update = {"type": "update", "task": TASK, "seq": 4, "attempt": 1, "service": "w", "data": 1}
+    events = receive(protocol, {**update, "end": {"seq": "five"}})
+    assert [(e.message.type, e.message.seq) for e in events] == [("update", 4)]
+    assert "skipped a message from the hub" in caplog.text
+    assert [e.message.type for e in receive(protocol, {**update, "seq": 5, "end": None})] == ["update"]

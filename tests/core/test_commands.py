@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from taskhub.core.commands import MISSING, Fail, Pub, Touch, Update, parse_command, read_ref
+from taskhub.core.commands import MISSING, Fail, Pub, Return, Touch, Update, parse_command, read_ref
 from taskhub.core.errors import InvalidMessage
 from taskhub.core.frames import decode_frame, encode
 from taskhub.core.messages import Error
@@ -158,13 +158,18 @@ def test_field_errors(obj, code):
 
 def test_update_and_fail_parse():
     assert parse_command({"type": "update", "task": TASK, "attempt": 2, "data": {"n": 1}, "progress": 1}) == Update(
-        None, TASK, 2, {"n": 1}, 1.0, MISSING
+        None, TASK, 2, {"n": 1}, 1.0, MISSING, MISSING
     )
     assert parse_command({"type": "fail", "task": TASK, "attempt": 1, "error": "boom", "ref": 9}) == Fail(
-        9, TASK, 1, "boom", MISSING
+        9, TASK, 1, "boom", MISSING, MISSING
     )
     again = parse_command({"type": "touch", "task": TASK, "attempt": 1, "again": True, "ref": 3})
-    assert again == Touch(3, TASK, 1, True)
+    assert again == Touch(3, TASK, 1, True, MISSING)
+    silent = parse_command({"type": "return", "task": TASK, "attempt": 1, "result": 1, "ack": False, "ref": 4})
+    assert silent == Return(4, TASK, 1, 1, MISSING, False)
+    with pytest.raises(InvalidMessage, match="'ack' must be true or false") as refused:
+        parse_command({"type": "pickup", "task": TASK, "attempt": 1, "ack": 0})
+    assert refused.value.code == "invalid_field"
 
 
 def test_unknown_fields_are_ignored():

@@ -141,7 +141,7 @@ describe('connecting', () => {
     const client = makeClient({ concurrency: 2 });
     const connected = client.connect();
     const socket = await welcome();
-    assert.deepEqual(socket.sent[0], { type: 'hello', name: 'mailer', key: 'k'.repeat(20), concurrency: 2 });
+    assert.deepEqual(socket.sent[0], { type: 'hello', name: 'mailer', key: 'k'.repeat(20), inline_end: true, concurrency: 2 });
     assert.deepEqual(await connected, WELCOME);
     assert.equal(client.connected, true);
     assert.equal(client.instance, 'i1');
@@ -406,7 +406,7 @@ describe('reconnecting', () => {
     socket.drop(1006);
     await assert.rejects(cancelled, ConnectionLost); // a cancel is never sent twice
     socket = await welcome({ resumed: true });
-    assert.deepEqual(socket.sent[0], { type: 'hello', name: 'mailer', key: 'k'.repeat(20), resume: 'i1.token' });
+    assert.deepEqual(socket.sent[0], { type: 'hello', name: 'mailer', key: 'k'.repeat(20), inline_end: true, resume: 'i1.token' });
     const types = socket.sent.slice(1).map((f) => f.type);
     assert.equal(types[0], 'sub'); // subscriptions first
     assert.deepEqual(socket.frames('pub'), [pub]); // the same ref and task id: the hub creates it once
@@ -577,6 +577,77 @@ describe('handlers', () => {
     assert.throws(() => task.update({ n: NaN }), { code: 'invalid_value' });
     assert.deepEqual(socket.frames('update'), []);
     assert.deepEqual(await task.getPayload(), [1]); // inline: no round trip
+  });
+
+  /** A task offered and its handler running until the test ends. */
+  async function running() {
+    let task;
+    const { socket } = await worker(async (t) => {
+      task = t;
+      await new Promise(() => {});
+    });
+    offer(socket);
+    await until(() => task, 'the handler');
+    return { task, socket };
+  }
+
+  test("a worker's commands ask for no answer; a later answer acknowledges them", async () => {
+    const { task, socket } = await running();
+    const pickup = task.pickup();
+    const update = task.update('half', 0.5);
+    const [sentPickup] = socket.frames('pickup');
+    const [sentUpdate] = socket.frames('update');
+    assert.equal(sentPickup.ack, false);
+    assert.equal(sentUpdate.ack, false);
+    const payload = task._client._submit({ type: 'get_payload', task: TASK }).promise;
+    const fetch = socket.frames('get_payload')[0];
+    socket.receive({ type: 'payload', ref: fetch.ref, task: TASK, payload: [1] });
+    assert.deepEqual(await pickup, { type: 'ack', ref: sentPickup.ref, task: TASK });
+    assert.deepEqual(await update, { type: 'ack', ref: sentUpdate.ref, task: TASK });
+    assert.deepEqual((await payload).payload, [1]);
+  });
+
+  test('a ping follows every run of commands sent without an answer; a refusal still ends the part', async () => {
+    const { task, socket } = await running();
+    const updates = [];
+    for (let i = 0; i < 64; i += 1) updates.push(task.update(i)); // SYNC_EVERY
+    const types = socket.sent.filter((f) => ['update', 'ping'].includes(f.type)).map((f) => f.type);
+    assert.deepEqual(types, [...Array(64).fill('update'), 'ping']);
+    const [ping] = socket.frames('ping');
+    const third = socket.frames('update')[2];
+    socket.receive({ type: 'error', code: 'stale_attempt', detail: 'over', ref: third.ref });
+    socket.receive({ type: 'pong', ref: ping.ref });
+    const settled = await Promise.allSettled(updates);
+    assert.deepEqual(settled.map((r) => r.status), ['fulfilled', 'fulfilled', 'rejected', ...Array(61).fill('fulfilled')]);
+    assert.equal(task.signal.aborted, true);
+  });
+
+  test('a return asks for no answer, and a result the hub refuses fails the task', async () => {
+    const { client, socket } = await worker(async () => 'result');
+    offer(socket);
+    await until(() => socket.frames('return').length, 'the return');
+    const [ret] = socket.frames('return');
+    assert.equal(ret.ack, false);
+    socket.receive({ type: 'error', code: 'invalid_value', detail: 'too deep', ref: ret.ref });
+    await until(() => socket.frames('fail').length, 'the fail');
+    assert.match(socket.frames('fail')[0].error, /result could not be sent: too deep/);
+    assert.ok(client.log.lines.some(([, text]) => /succeeded/.test(text)));
+  });
+
+  test("an end inside the event before it is heard as the two events", async () => {
+    const client = makeClient();
+    await Promise.all([client.connect(), welcome()]);
+    const socket = FakeSocket.last;
+    const handle = client.pub('mail:send', 1);
+    const [pub] = socket.frames('pub');
+    socket.receive({ type: 'ack', ref: pub.ref, task: pub.task_id, created: true });
+    const heard = [];
+    handle.on('success', (result) => heard.push(['success', result])).on('end', (status) => heard.push(['end', status]));
+    socket.receive({ type: 'success', task: pub.task_id, seq: 4, attempt: 1, service: 'w', result: 7, end: { seq: 5, attempt: 1, status: 'success' } });
+    assert.equal(await handle.getResult(), 7);
+    await until(() => heard.length === 2, 'both events');
+    assert.deepEqual(heard, [['success', 7], ['end', 'success']]);
+    assert.equal(handle.status, 'success');
   });
 
   test('close() says bye, rejects what waits with ConnectionLost and aborts handlers', async () => {

@@ -77,6 +77,15 @@ const CLOSE_CODES = new Map([
   [4404, 'not_found'],
 ]);
 const TASK_EVENTS = new Set(['update', 'success', 'retry', 'fail', 'end']);
+/**
+ * Commands that asked for no answer (`ack: false`, a worker's) sent in a row, after which
+ * a `ping` asks for the answer that acknowledges them all (the hub answers them only to
+ * refuse them, and answers a connection's commands in order), so that a reconnect sends
+ * no more than these again.
+ */
+const SYNC_EVERY = 64;
+/** Ms after such a command before a `ping` asks for that answer, if nothing else did. */
+const SYNC_AFTER = 1000;
 const TERMINAL = new Set(['success', 'failed', 'ended']);
 const STATUSES = new Set(['pending', 'started', 'success', 'failed', 'ended']);
 const ACTION_RE = /^[a-z0-9._-]+(?:\/[a-z0-9._-]+)*:[a-z0-9._-]+$/;
@@ -335,6 +344,19 @@ function webSocketUrl(url) {
 }
 
 /** The live message a logged event of a `watch` answer was (`null` for a kind that is not relayed). */
+/**
+ * A frame from the hub as the messages it holds: a task event with its task's `end`
+ * inside (`inline_end`) is two, the event and then the end; anything else is itself.
+ */
+export function unfoldEnd(message) {
+  const inner = message.end;
+  if (!TASK_EVENTS.has(message.type) || message.type === 'end' || !inner || typeof inner !== 'object' || Array.isArray(inner)) {
+    return [message];
+  }
+  const { end: _, ...event } = message;
+  return [event, { ...inner, type: 'end', task: message.task }];
+}
+
 function eventMessage(task, event) {
   if (!event || !Number.isInteger(event.seq) || typeof event.kind !== 'string' || !TASK_EVENTS.has(event.kind)) return null;
   const data = event.data && typeof event.data === 'object' ? event.data : {};
@@ -665,7 +687,8 @@ export class Client {
   /** The first frame: a monitor's, or the credential with the instance to resume. */
   _hello() {
     if (this.monitor) return { type: 'hello', monitor: true };
-    const hello = { type: 'hello', name: this.name, key: this._key };
+    // inline_end: this client reads an end carried inside the task event before it.
+    const hello = { type: 'hello', name: this.name, key: this._key, inline_end: true };
     if (this._resume) hello.resume = this._resume;
     if (this.concurrency != null) hello.concurrency = this.concurrency;
     return hello;
@@ -698,6 +721,9 @@ export class Client {
     this._ws = null;
     clearTimeout(this._timers.open);
     clearInterval(this._timers.ping);
+    clearTimeout(this._timers.sync);
+    this._timers.sync = null;
+    this._silentRun = 0;
     this._pingOut = null;
     this._ready = false;
     const code = event?.code ?? 1006;
@@ -791,13 +817,15 @@ export class Client {
       this._log('warn', 'taskhub: skipped a frame from the hub that is not a message');
       return;
     }
-    try {
-      if (this._state === 'connecting') this._opening(message);
-      else if (this._state === 'open') this._dispatch(message);
-    } catch (error) {
-      this._log('error', 'taskhub: could not handle a message from the hub:', error);
+    for (const one of unfoldEnd(message)) {
+      try {
+        if (this._state === 'connecting') this._opening(one);
+        else if (this._state === 'open') this._dispatch(one);
+      } catch (error) {
+        this._log('error', 'taskhub: could not handle a message from the hub:', error);
+      }
+      this._emit('message', one);
     }
-    this._emit('message', message);
   }
 
   _opening(message) {
@@ -884,6 +912,7 @@ export class Client {
   _dispatch(message) {
     const record = message.ref === undefined ? undefined : this._unanswered.get(message.ref);
     if (record) {
+      this._appliedBefore(record);
       this._unanswered.delete(message.ref);
       this._answer(record, message);
       return;
@@ -894,6 +923,30 @@ export class Client {
       this._taskEvents([message], true);
     } else if (message.type === 'error') {
       this._log('error', `taskhub: ${message.code}: ${message.detail}`);
+    }
+  }
+
+  /**
+   * The commands that asked for no answer and were sent before `record`, whose answer
+   * came: the hub applied them (it answers in order, and would have refused them by now).
+   */
+  _appliedBefore(record) {
+    for (const [ref, earlier] of this._unanswered) {
+      if (earlier === record) return;
+      if (earlier.silent) {
+        this._unanswered.delete(ref);
+        earlier.resolve({ type: 'ack', ref, task: earlier.message.task });
+      }
+    }
+  }
+
+  /** Ask for the answer that acknowledges the commands sent without one, if none will come. */
+  _sync() {
+    this._timers.sync = null;
+    if (this._state !== 'open') return;
+    if (this._silentRun) this._submit({ type: 'ping' });
+    else if ([...this._unanswered.values()].some((r) => r.silent)) {
+      this._timers.sync = setTimeout(() => this._sync(), SYNC_AFTER);
     }
   }
 
@@ -927,12 +980,14 @@ export class Client {
    * its error, or with ConnectionLost.
    */
   _submit(message, { resend = RESENT.has(message.type), raw = false, pages = false, chain = null } = {}) {
+    const silent = message.ack === false;
     const done = chain ?? deferred();
     const record = {
       ref: ++this._refs,
       message,
       resend,
       raw,
+      silent,
       again: false,
       pages: chain ? chain.pages : pages ? [] : null,
       promise: done.promise,
@@ -940,7 +995,8 @@ export class Client {
       reject: done.reject,
     };
     if (this._state === 'closed') {
-      record.reject(new ConnectionLost('the client was closed'));
+      record.error = new ConnectionLost('the client was closed');
+      record.reject(record.error);
       return record;
     }
     this._start();
@@ -966,11 +1022,19 @@ export class Client {
       }
     } catch (error) {
       if (record.message.type === 'watch') this._watchAnswered(record.message.task, []);
-      record.reject(error instanceof TaskHubError ? error : new TaskHubError('invalid_value', error.message));
+      record.error = error instanceof TaskHubError ? error : new TaskHubError('invalid_value', error.message);
+      record.reject(record.error);
       return;
     }
     this._unanswered.set(record.ref, record);
     this._sendText(this._ws, text);
+    if (!record.silent) {
+      this._silentRun = 0;
+      return;
+    }
+    this._silentRun = (this._silentRun ?? 0) + 1;
+    if (this._silentRun >= SYNC_EVERY) this._submit({ type: 'ping' });
+    else this._timers.sync ??= setTimeout(() => this._sync(), SYNC_AFTER);
   }
 
   /**
@@ -1360,18 +1424,26 @@ export class Client {
     }
   }
 
-  /** Send the handler's `return` or `fail`; whether the hub accepted it. A result that cannot go fails the task. */
+  /**
+   * Send the handler's `return` or `fail`, asking for no answer (the hub answers only a
+   * refusal, logged when it comes); whether it was sent. A result that cannot go (over
+   * the frame limit, or refused by the hub) fails the task instead.
+   */
   async _finishTask(task, type, fields) {
-    try {
-      await this._submit({ type, task: task.id, attempt: task.attempt, ...fields }).promise;
-      return true;
-    } catch (error) {
-      if (type === 'return' && error.code === 'message_too_large') {
+    const record = this._submit({ type, task: task.id, attempt: task.attempt, ...fields, ack: false });
+    const refused = (error) => {
+      if (type === 'return' && ['message_too_large', 'invalid_value', 'payload_too_large'].includes(error.code)) {
         return this._finishTask(task, 'fail', { error: cutText(`result could not be sent: ${error.detail}`) });
       }
       if (!(error instanceof ConnectionLost)) this._log('warn', `taskhub: ${type} of ${task.id} not accepted: ${error.message}`);
       return false;
+    };
+    if (record.error) { // refused before it was sent (over the frame limit): said now
+      record.promise.catch(() => {});
+      return refused(record.error);
     }
+    record.promise.then(undefined, refused);
+    return true;
   }
 }
 
@@ -1648,7 +1720,9 @@ export class Task {
   }
 
   _command(type, fields) {
-    const record = this._client._submit({ type, task: this.id, attempt: this.attempt, ...fields });
+    // pickup, update and touch ask for no answer: the hub answers them only to refuse them.
+    const silent = type === 'drop' ? {} : { ack: false };
+    const record = this._client._submit({ type, task: this.id, attempt: this.attempt, ...fields, ...silent });
     record.promise.then(undefined, (error) => {
       if (PART_OVER.has(error.code)) this._end(`the hub refused ${type}: ${error.detail}`);
       else if (!(error instanceof ConnectionLost)) this._client._log('warn', `taskhub: ${type} of ${this.id} not accepted: ${error.message}`);
