@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import functools
 import json
@@ -243,14 +244,16 @@ async def frames_per_round_trip(setup: Setup) -> float:
 
 
 async def settled(workers: list[Client], task_id: str) -> None:
-    """Wait until every worker is done with the task: its return acknowledged by the hub
-    (persisted), or skipped because it heard of another service's success first.
+    """Wait until every worker is done with the task: its return persisted by the hub, or
+    skipped because it heard of another service's success first.
 
     The task ends at the first return; the other services' returns (``late_return``)
-    come after its ``end``, and the next task must not queue behind them.
+    come after its ``end``, and the next task must not queue behind them. A return asks
+    for no answer: a ``ping`` of each worker, answered after it, says it was persisted.
     """
     while any(task.id == task_id for w in workers for task in w.running):
         await asyncio.sleep(0.001)  # pacing between polls of the clients; not part of any measurement
+    await asyncio.gather(*(w.ping() for w in workers))
 
 
 async def fanout(setup: Setup, n: int, services: int = 20, *, one_at_a_time: bool = False) -> tuple[Result, Result]:
@@ -326,9 +329,15 @@ async def idle(setup: Setup, n: int) -> Result:
     sockets: list[Any] = []
     latencies: list[float] = []
 
+    failed: collections.Counter[str] = collections.Counter()
+
     async def connect() -> None:
         t0 = time.perf_counter()
-        ws = await websockets.connect(hub.url, additional_headers=headers, compression=None, open_timeout=60)
+        try:
+            ws = await websockets.connect(hub.url, additional_headers=headers, compression=None, open_timeout=60)
+        except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
+            failed[type(exc).__name__ if not isinstance(exc, websockets.InvalidStatus) else str(exc)] += 1
+            return  # counted and said: the figures are of the connections that opened
         await ws.recv()  # welcome
         await ws.send(json.dumps({"type": "sub", "action": action, "ref": 1}))
         answer = json.loads(await ws.recv())
@@ -343,14 +352,15 @@ async def idle(setup: Setup, n: int) -> Result:
     seconds = time.perf_counter() - start
     after = rss_kib(hub.process.pid)
     await asyncio.gather(*(ws.close() for ws in sockets))
-    per = (after - before) / n
+    per = (after - before) / max(len(sockets), 1)
+    refused = "".join(f"; {count} not opened: {why}" for why, count in failed.most_common())
     return Result(
         "5 idle connections",
         setup.system,
-        n,
+        len(sockets),
         seconds,
         latencies,
-        f"{per:.1f} KiB RSS per connection ({before / 1024:.0f} → {after / 1024:.0f} MiB)",
+        f"{per:.1f} KiB RSS per connection ({before / 1024:.0f} → {after / 1024:.0f} MiB){refused}",
     )
 
 

@@ -92,7 +92,7 @@ class Client(Connection):
 
     @property
     def running(self) -> list[Task]:
-        """The tasks whose handlers run now (their return not yet acknowledged)."""
+        """The tasks whose handlers run now (their return or failure not yet sent)."""
         return list(self._worker.tasks.values())
 
     # -- lifecycle ------------------------------------------------------------------------

@@ -115,6 +115,9 @@ class Connection:
         self._started_at = 0.0
         self._closing = False
         self._sync_timer: asyncio.TimerHandle | None = None
+        # One flush at a time: a send that waits for the socket's buffer must not let a
+        # later flush's frames pass its own (an answer acknowledges what was sent before).
+        self._sending: asyncio.Lock | None = None
 
     @property
     def instance(self) -> str | None:
@@ -359,17 +362,20 @@ class Connection:
     async def _flush(self) -> None:
         """Send what the protocol queued. A frame lost to a closing connection is the
         protocol's to send again or to fail (:meth:`ClientProtocol.connection_lost`)."""
-        ws = self._ws
-        frames = self.protocol.data_to_send()
-        if self.protocol.unacknowledged and self._sync_timer is None:
-            self._sync_timer = asyncio.get_running_loop().call_later(SYNC_AFTER, self._sync)
-        if ws is None:
-            return
-        try:
-            for frame in frames:
-                await ws.send(frame)
-        except ConnectionClosed:
-            pass
+        if self._sending is None:
+            self._sending = asyncio.Lock()
+        async with self._sending:
+            ws = self._ws
+            frames = self.protocol.data_to_send()
+            if self.protocol.unacknowledged and self._sync_timer is None:
+                self._sync_timer = asyncio.get_running_loop().call_later(SYNC_AFTER, self._sync)
+            if ws is None:
+                return
+            try:
+                for frame in frames:
+                    await ws.send(frame)
+            except ConnectionClosed:
+                pass
 
     async def sync(self) -> None:
         """Ask now for the answer that acknowledges the commands sent without one (a

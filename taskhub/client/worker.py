@@ -28,6 +28,7 @@ from taskhub.core.commands import MAX_ERROR_LENGTH
 from taskhub.core.errors import InvalidMessage, TaskHubError
 from taskhub.core.messages import Message, Offer, TaskEventMessage
 
+from .protocol import ConnectionLost
 from .tasks import Task, sendable
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ class Worker:
         """The hub applied a ``return`` or ``fail``, or refused it: a result it could not
         take fails the task instead."""
         error = None if answer.cancelled() else answer.exception()
-        if error is None:
+        if error is None or isinstance(error, ConnectionLost):  # lost: the client closed
             return
         log.warning("taskhub: %s of %s not accepted: %s", type_, task.id, error)
         if type_ == "return" and isinstance(error, InvalidMessage):

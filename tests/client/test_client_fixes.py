@@ -305,3 +305,28 @@ async def test_a_pub_goes_out_before_a_request_made_after_it(hub):
     await client.close()
     with pytest.raises(ConnectionLost):
         await state
+
+
+async def test_a_flush_that_waits_for_the_socket_keeps_later_frames_behind_its_own():
+    # The answer to a command acknowledges those sent before it without an answer: a
+    # frame must never pass one queued before it, even while the socket's buffer is full.
+    client = Client("ws://127.0.0.1:9/ws/taskhub/", name="svc", key="k" * 20)
+    sent: list[str] = []
+    entered, drained = asyncio.Event(), asyncio.Event()
+
+    class FullSocket:
+        async def send(self, frame: str) -> None:
+            if frame == "first":
+                entered.set()
+                await drained.wait()  # the buffer is full: the send waits for the client
+            sent.append(frame)
+
+    client._ws = FullSocket()
+    client.protocol._outbox += ["first", "second"]
+    earlier = asyncio.ensure_future(client._flush())
+    await asyncio.wait_for(entered.wait(), TIMEOUT)
+    client.protocol._outbox.append("third")
+    later = asyncio.ensure_future(client._flush())
+    drained.set()
+    await asyncio.wait_for(asyncio.gather(earlier, later), TIMEOUT)
+    assert sent == ["first", "second", "third"]

@@ -607,6 +607,19 @@ describe('handlers', () => {
     assert.deepEqual((await payload).payload, [1]);
   });
 
+  test('awaiting a command sent without an answer asks for it at once', async () => {
+    const { task, socket } = await running();
+    const update = task.update(1);
+    task.update(2); // not awaited: no ping for it
+    assert.deepEqual(socket.frames('ping'), []);
+    const waited = update.then((ack) => ack);
+    const [ping] = socket.frames('ping');
+    assert.ok(ping, 'a ping went at once');
+    socket.receive({ type: 'pong', ref: ping.ref });
+    assert.equal((await waited).ref, socket.frames('update')[0].ref);
+    assert.equal(socket.frames('ping').length, 1);
+  });
+
   test('a ping follows every run of commands sent without an answer; a refusal still ends the part', async () => {
     const { task, socket } = await running();
     const updates = [];

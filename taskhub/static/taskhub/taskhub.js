@@ -774,6 +774,7 @@ export class Client {
     clearTimeout(this._timers.reconnect);
     clearTimeout(this._timers.open);
     clearInterval(this._timers.ping);
+    clearTimeout(this._timers.sync);
     const ws = this._ws;
     this._ws = null;
     this._finalWs = ws;
@@ -938,6 +939,24 @@ export class Client {
         earlier.resolve({ type: 'ack', ref, task: earlier.message.task });
       }
     }
+  }
+
+  /**
+   * The promise of a command sent without an answer, as a thenable: whoever awaits it
+   * (or calls `then`) asks for the answer that acknowledges it at once (a `ping`, unless
+   * a command sent since asks for an answer anyway); one that is not awaited costs no frame.
+   */
+  _acknowledgement(record) {
+    const ask = () => {
+      if (this._state === 'open' && this._silentRun && this._unanswered.has(record.ref)) this._submit({ type: 'ping' });
+      return record.promise;
+    };
+    return {
+      then: (onFulfilled, onRejected) => ask().then(onFulfilled, onRejected),
+      catch: (onRejected) => ask().catch(onRejected),
+      finally: (onFinally) => ask().finally(onFinally),
+      [Symbol.toStringTag]: 'Promise',
+    };
   }
 
   /** Ask for the answer that acknowledges the commands sent without one, if none will come. */
@@ -1721,13 +1740,13 @@ export class Task {
 
   _command(type, fields) {
     // pickup, update and touch ask for no answer: the hub answers them only to refuse them.
-    const silent = type === 'drop' ? {} : { ack: false };
-    const record = this._client._submit({ type, task: this.id, attempt: this.attempt, ...fields, ...silent });
+    const silent = type !== 'drop';
+    const record = this._client._submit({ type, task: this.id, attempt: this.attempt, ...fields, ...(silent ? { ack: false } : {}) });
     record.promise.then(undefined, (error) => {
       if (PART_OVER.has(error.code)) this._end(`the hub refused ${type}: ${error.detail}`);
       else if (!(error instanceof ConnectionLost)) this._client._log('warn', `taskhub: ${type} of ${this.id} not accepted: ${error.message}`);
     });
-    return record.promise;
+    return silent ? this._client._acknowledgement(record) : record.promise;
   }
 
   /** The hub gave up on this part (or the client closed): abort the handler's signal. */
