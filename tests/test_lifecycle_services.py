@@ -58,6 +58,29 @@ def test_a_command_sent_again_is_applied_once(offered):
     assert TaskEvent.objects.filter(task_id=task_id, kind="update").count() == 2
 
 
+def test_a_touch_sent_again_once_the_part_is_over_changes_nothing_and_is_not_refused(offered):
+    # A touch records no event: one sent again after a reconnect may have been applied.
+    task_id, a, instance, _ = offered
+    now = timezone.now()
+    ret = task_command({"type": "return", "task": task_id, "attempt": 1, "ref": 3})
+    services.act(a, ret, now, "chan-a", instance.pk)
+    touch = {"type": "touch", "task": task_id, "attempt": 1, "ref": 2}
+    assert services.act(a, task_command({**touch, "again": True}), now, "chan-a", instance.pk) == []
+    with pytest.raises(InvalidTransition):  # sent once, it is refused as before
+        services.act(a, task_command(touch), now, "chan-a", instance.pk)
+    assert list(TaskRecord.objects.get(pk=task_id).events.values_list("kind", flat=True))[-2:] == ["success", "end"]
+
+
+def test_a_command_sent_again_for_a_task_that_is_gone_changes_nothing(offered):
+    task_id, a, instance, _ = offered
+    TaskRecord.objects.filter(pk=task_id).delete()  # removed after its end (autoremove, retention)
+    ret = {"type": "return", "task": task_id, "attempt": 1, "result": 1, "ref": 4}
+    assert services.act(a, task_command({**ret, "again": True}), timezone.now(), "chan-a", instance.pk) == []
+    with pytest.raises(UnknownTask):
+        services.act(a, task_command(ret), timezone.now(), "chan-a", instance.pk)
+    assert not TaskRecord.objects.filter(pk=task_id).exists()
+
+
 def test_a_command_of_an_instance_the_task_was_taken_from_is_refused(offered):
     task_id, a, instance, _ = offered
     other = live_instance(a, "chan-other", subscribe=False)

@@ -19,7 +19,7 @@ from taskhub.core import machine
 from taskhub.core.actions import permits
 from taskhub.core.codes import ErrorCode, EventKind
 from taskhub.core.commands import MISSING, Drop, Fail, Pickup, Pub, Return, Touch, Update, WorkCommand
-from taskhub.core.errors import InvalidMessage, PermissionDenied, UnknownTask
+from taskhub.core.errors import InvalidMessage, InvalidTransition, PermissionDenied, UnknownTask
 from taskhub.core.frames import encoded_size
 from taskhub.core.states import TaskStatus
 from taskhub.models import Credential, Subscription, TaskEvent, TaskRecord
@@ -146,7 +146,9 @@ def act(
     ``channel`` and ``instance`` are the sending connection's (see
     :func:`~taskhub.services.routing.listeners`): a command of an instance the task was
     taken from is refused. A command sent ``again`` after a reconnect that the hub
-    already applied (an event of the task records its instance and ref) changes nothing.
+    already applied (an event of the task records its instance and ref) changes nothing,
+    nor does one whose task is gone (removed after its end), nor a ``touch`` sent again
+    once the part is over (it records no event, so it may have been applied before).
 
     Raises:
         UnknownTask: no such task, or not offered to this service.
@@ -177,7 +179,16 @@ def act(
             decide = lambda task: machine.drop(task, service, attempt, now, me)  # noqa: E731
         case Fail(error=error):
             decide = lambda task: machine.fail(task, service, attempt, error, now, me)  # noqa: E731
-    return transition(cmd.task, decide, now, sender=channel, service=service, ref=ref)
+    try:
+        return transition(cmd.task, decide, now, sender=channel, service=service, ref=ref)
+    except UnknownTask:
+        if cmd.again is True and not TaskRecord.objects.filter(pk=uuid.UUID(cmd.task)).exists():
+            return []
+        raise
+    except InvalidTransition:
+        if cmd.again is True and isinstance(cmd, Touch):
+            return []
+        raise
 
 
 def _applied(task_id: str, instance: uuid.UUID, ref: str) -> bool:
