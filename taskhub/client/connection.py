@@ -117,7 +117,7 @@ class Connection:
         self._sync_timer: asyncio.TimerHandle | None = None
         # One flush at a time: a send that waits for the socket's buffer must not let a
         # later flush's frames pass its own (an answer acknowledges what was sent before).
-        self._sending: asyncio.Lock | None = None
+        self._sending = asyncio.Lock()
 
     @property
     def instance(self) -> str | None:
@@ -362,8 +362,6 @@ class Connection:
     async def _flush(self) -> None:
         """Send what the protocol queued. A frame lost to a closing connection is the
         protocol's to send again or to fail (:meth:`ClientProtocol.connection_lost`)."""
-        if self._sending is None:
-            self._sending = asyncio.Lock()
         async with self._sending:
             ws = self._ws
             frames = self.protocol.data_to_send()

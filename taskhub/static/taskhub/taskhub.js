@@ -467,11 +467,12 @@ export class Client {
 
     this._listeners = new Map();
     this._refs = 0;
+    this._silentRun = 0; // commands sent without an answer since the last that asks for one
     this._state = 'idle'; // idle → connecting ⇄ open → closed
     this._ws = null;
     this._resume = null;
     this._tries = 0;
-    this._timers = { reconnect: null, open: null, ping: null };
+    this._timers = { reconnect: null, open: null, ping: null, sync: null };
     this._pingOut = null;
     this._lastError = 'no answer yet';
     this._socketError = null; // what this socket's error event, or the hub's refusal, said
@@ -948,7 +949,7 @@ export class Client {
    */
   _acknowledgement(record) {
     const ask = () => {
-      if (this._state === 'open' && this._silentRun && this._unanswered.has(record.ref)) this._submit({ type: 'ping' });
+      if (this._unanswered.has(record.ref)) this._askForAck();
       return record.promise;
     };
     return {
@@ -959,12 +960,21 @@ export class Client {
     };
   }
 
-  /** Ask for the answer that acknowledges the commands sent without one, if none will come. */
+  /**
+   * Send a `ping` if commands were sent without an answer since the last command that
+   * asks for one: its answer acknowledges them. Whether one went.
+   */
+  _askForAck() {
+    if (this._state !== 'open' || !this._silentRun) return false;
+    this._submit({ type: 'ping' });
+    return true;
+  }
+
+  /** A while after a command sent without an answer: ask for it, if none will come. */
   _sync() {
     this._timers.sync = null;
-    if (this._state !== 'open') return;
-    if (this._silentRun) this._submit({ type: 'ping' });
-    else if ([...this._unanswered.values()].some((r) => r.silent)) {
+    if (this._state !== 'open' || this._askForAck()) return;
+    if ([...this._unanswered.values()].some((r) => r.silent)) {
       this._timers.sync = setTimeout(() => this._sync(), SYNC_AFTER);
     }
   }
@@ -1051,8 +1061,8 @@ export class Client {
       this._silentRun = 0;
       return;
     }
-    this._silentRun = (this._silentRun ?? 0) + 1;
-    if (this._silentRun >= SYNC_EVERY) this._submit({ type: 'ping' });
+    this._silentRun += 1;
+    if (this._silentRun >= SYNC_EVERY) this._askForAck();
     else this._timers.sync ??= setTimeout(() => this._sync(), SYNC_AFTER);
   }
 
