@@ -35,7 +35,8 @@ waits for a lock (``busy_timeout`` 0): if another connection holds SQLite's writ
 (the admin, a ``manage.py`` command), the call fails at once with "database is locked"
 and is handed to the database thread, which waits. So a call must be safe to run again
 after that error; the services layer's are (each write either takes the lock first or
-is idempotent).
+is idempotent), and a call that carries on past one item's error must not carry on past
+that one (:func:`is_locked`).
 
 On SQLite in WAL mode, the hub's threads do not checkpoint the WAL themselves: a
 checkpoint writes pages back to the database file and syncs it, which stalled the one
@@ -262,7 +263,7 @@ async def _run(partial: functools.partial[R], *, later: bool) -> R:
         try:
             return _run_inline(partial)
         except OperationalError as exc:
-            if "locked" not in str(exc):
+            if not is_locked(exc):
                 raise
             log.debug("SQLite is locked by another connection: %r goes to the database thread", partial.func)
     call = _Call(partial, asyncio.get_running_loop(), later=later)
@@ -273,6 +274,18 @@ async def _run(partial: functools.partial[R], *, later: bool) -> R:
     finally:
         pool.pending -= 1
     return result
+
+
+def is_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked": another connection holds the
+    write lock.
+
+    Call it in work that catches an item's error to go on with the next item (the
+    sweeper's batches): such an error, raised inline, must propagate, so that the call
+    runs again on the database thread, which waits for the lock, instead of every
+    later item failing too.
+    """
+    return isinstance(exc, OperationalError) and "locked" in str(exc)
 
 
 def _run_inline(func: Callable[[], R]) -> R:

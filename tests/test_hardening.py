@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
+from django.db import OperationalError
 from django.test import override_settings
 from django.utils import timezone
 
@@ -506,6 +507,69 @@ async def test_an_instance_that_cannot_be_released_does_not_stop_the_sweep(monke
     monkeypatch.setattr(sweeping, "release", release)
     await asyncio.wait_for(sweeper.sweep_once(now + timedelta(seconds=5)), TIMEOUT)
     assert (await database_sync_to_async(TaskRecord.objects.get)(pk=task_id)).status == "failed"
+
+
+def locked() -> OperationalError:
+    return OperationalError("database is locked")  # what SQLite says, inline, while another connection writes
+
+
+@override_settings(TASKHUB_RESUME_GRACE=1.0)
+def test_sqlite_locked_mid_batch_ends_the_release_batch_with_what_it_did(monkeypatch):
+    """The lock is not one instance's trouble: the batch stops instead of logging every
+    later instance as broken, and the next batch starts after the last one released."""
+    from taskhub.services import sweeping
+
+    w, _ = make_credential("w", sub=["mail"], max_instances=3)
+    now = timezone.now()
+    for channel in ("chan-1", "chan-2", "chan-3"):
+        services.detach(services.connect(w, channel, "p", "", now).instance.pk, channel, now)
+    first, second, third = services.instances.lapsed(now + timedelta(seconds=5), 10)
+    real = services.release
+
+    def release(instance_id: Any, when: Any, **kwargs: Any) -> Any:
+        if instance_id == second:
+            raise locked()
+        return real(instance_id, when, **kwargs)
+
+    monkeypatch.setattr(sweeping, "release", release)
+    assert services.release_lapsed(now + timedelta(seconds=5), 10) == ([], first)
+    assert set(Instance.objects.values_list("pk", flat=True)) == {second, third}
+
+
+@override_settings(TASKHUB_RESUME_GRACE=1.0)
+def test_sqlite_locked_at_the_first_instance_is_raised_so_the_batch_runs_again(monkeypatch):
+    from taskhub.services import sweeping
+
+    w, _ = make_credential("w", sub=["mail"])
+    now = timezone.now()
+    services.detach(services.connect(w, "chan-1", "p", "", now).instance.pk, "chan-1", now)
+    monkeypatch.setattr(sweeping, "release", lambda *args, **kwargs: (_ for _ in ()).throw(locked()))
+    with pytest.raises(OperationalError):
+        services.release_lapsed(now + timedelta(seconds=5), 10)
+    assert Instance.objects.count() == 1
+
+
+@pytest.mark.parametrize("where", [0, 1])
+def test_sqlite_locked_while_expiring_is_raised_first_and_ends_the_batch_after(monkeypatch, where):
+    app, _ = make_credential("app", pub=["mail"])
+    now = timezone.now()
+    command = pub_command({"type": "pub", "action": "mail:send", "pickup_timeout": 1})
+    ids = [uuid.UUID(services.publish(app, command, now)[0]) for _ in range(3)]
+    real = machine.expire
+
+    def expire(task: Any, when: Any) -> Any:
+        if str(task.id) == str(ids[where]):
+            raise locked()
+        return real(task, when)
+
+    monkeypatch.setattr(machine, "expire", expire)
+    if where == 0:
+        with pytest.raises(OperationalError):
+            services.expire(ids, now + timedelta(seconds=2))
+    else:
+        services.expire(ids, now + timedelta(seconds=2))
+    statuses = [TaskRecord.objects.get(pk=task_id).status for task_id in ids]
+    assert statuses == (["pending"] * 3 if where == 0 else ["failed", "pending", "pending"])
 
 
 # -- handshake headers ----------------------------------------------------------------------

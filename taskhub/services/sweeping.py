@@ -22,6 +22,7 @@ from django.db.models import Q
 
 from taskhub.core import machine
 from taskhub.core.states import TaskStatus
+from taskhub.db import is_locked
 from taskhub.models import TaskRecord
 
 from .dispatch import DISPATCH_BATCH, dispatch_waiting
@@ -44,16 +45,24 @@ def release_lapsed(
     ago; their tasks go to other instances. One that cannot be released is logged and
     skipped (the next pass tries again).
 
+    SQLite's lock held by another connection (run inline, see :mod:`taskhub.db`) ends
+    the batch early instead: it is raised if nothing was released yet, so that the call
+    runs again on the database thread, and otherwise the batch returns what it did.
+
     Returns:
         ``(notices, where the next batch starts)``; ``None`` once none is left.
     """
     notices: list[Notice] = []
     gone = lapsed(now, limit, after)
-    for instance_id in gone:
+    for i, instance_id in enumerate(gone):
         log.info("instance %s is gone (resume grace over); releasing its tasks", instance_id)
         try:
             notices += release(instance_id, now, only_if_gone=True)
-        except Exception:
+        except Exception as exc:
+            if is_locked(exc):
+                if i == 0:
+                    raise
+                return notices, gone[i - 1]
             log.exception("could not release instance %s", instance_id)
     return notices, (gone[-1] if len(gone) == limit else None)
 
@@ -77,12 +86,21 @@ def overdue(now: datetime, limit: int, after: Cursor | None = None) -> list[Curs
 def expire(task_ids: Collection[uuid.UUID], now: datetime) -> list[Notice]:
     """Apply the deadlines of these tasks (a timeout, a retry, a heartbeat missed); a
     task that moved on meanwhile is left as it is, and one whose transition fails is
-    logged and skipped (it stays overdue: the next pass tries again)."""
+    logged and skipped (it stays overdue: the next pass tries again).
+
+    SQLite's lock held by another connection (run inline, see :mod:`taskhub.db`) is
+    raised if no task was expired yet, so that the call runs again on the database
+    thread; after that, the rest stay overdue for the next pass.
+    """
     notices: list[Notice] = []
-    for task_id in task_ids:
+    for i, task_id in enumerate(task_ids):
         try:
             notices += transition(task_id, lambda task: machine.expire(task, now), now)
-        except Exception:
+        except Exception as exc:
+            if is_locked(exc):
+                if i == 0:
+                    raise
+                break
             # One task's trouble (a bug) must not stop every other deadline.
             log.exception("could not expire task %s", task_id)
     return notices
