@@ -105,6 +105,8 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
     inline_end = False
     #: A task (autoremove) whose result the answer being sent gives its publisher.
     _remove_after_reply: str | None = None
+    #: The last command applied that asked for no answer, until a frame says so.
+    _applied: str | int | None = None
 
     async def connect(self) -> None:
         sweeper.ensure_started()
@@ -250,8 +252,18 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
                     await self.close(int(CloseCode.INTERNAL_ERROR))
 
     async def reply(self, message: Message | dict[str, Any]) -> None:
-        """Send a message (or a message's dict, as relays carry them)."""
-        await self.send(text_data=encode(message.to_dict() if isinstance(message, Message) else message))
+        """Send a message (or a message's dict, as relays carry them).
+
+        The first frame without a ``ref`` of its own (an offer, a task event) after
+        commands that asked for no answer says, in ``applied``, the last of them: the
+        client needs no ``ping`` to learn they were applied.
+        """
+        obj = message.to_dict() if isinstance(message, Message) else message
+        if self._applied is not None:
+            if obj.get("ref") is None:
+                obj = {**obj, "applied": self._applied}  # relays' dicts are shared: a copy
+            self._applied = None  # an answer with a ref acknowledges them as well
+        await self.send(text_data=encode(obj))
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.closing:  # refused: what the client sent after that is not heard
@@ -332,8 +344,10 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
                 answer = Ack(ref=cmd.ref, task=task_id, created=created)
             case Pickup() | Update() | Touch() | Return() | Drop() | Fail():
                 notices = await db.run(services.act, credential, cmd, now, self.channel_name, instance_id)
-                # Asked for no answer: the answer to a later command will say it was applied.
+                # Asked for no answer: the next frame will say it was applied (see reply).
                 answer = None if cmd.ack is False else Ack(ref=cmd.ref, task=cmd.task)
+                if answer is None:
+                    self._applied = cmd.ref
                 await self._heard_own(cmd, notices)
                 if self.concurrency is not None and isinstance(cmd, Return | Drop | Fail) and self.subscriptions:
                     # Room for another task: offer what waits for one.

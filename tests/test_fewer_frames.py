@@ -5,6 +5,8 @@ takes six frames, and nothing is persisted or delivered differently."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from channels.db import database_sync_to_async
 
@@ -45,6 +47,38 @@ async def test_a_round_trip_takes_six_frames_and_persists_every_event():
     assert await status(task_id) == "success"
     # The answer to a later command is what acknowledges them: it comes after them.
     assert (await w.call({"type": "ping", "ref": 3}))["type"] == "pong"
+    await w.close()
+    await c.close()
+
+
+async def test_the_next_offer_names_the_last_command_applied_that_asked_for_no_answer():
+    """A busy worker needs no ``ping``: the offer after its silent commands says they were
+    applied, once; an answer with a ref says it as well, and a caller never hears of it."""
+    w = await worker()
+    c = await caller(inline=True)
+
+    async def offered() -> dict[str, Any]:
+        task_id = (await c.call({"type": "pub", "action": "mail:send"}))["task"]
+        offer: dict[str, Any] = await w.recv()
+        assert offer["task"] == task_id
+        return offer
+
+    first = await offered()
+    assert "applied" not in first  # nothing was sent without an answer yet
+    await w.send({"type": "pickup", "task": first["task"], "attempt": 1, "ack": False, "ref": 1})
+    await w.send({"type": "return", "task": first["task"], "attempt": 1, "ack": False, "ref": "r"})
+    assert (await c.recv())["type"] == "success"  # the return was applied
+    second = await offered()
+    assert second["applied"] == "r"
+    assert "applied" not in await offered()  # said once
+    await w.send({"type": "pickup", "task": second["task"], "attempt": 1, "ack": False, "ref": 7})
+    pong = await w.call({"type": "ping", "ref": 8})
+    assert (pong["ref"], "applied" in pong) == (8, False)
+    assert "applied" not in await offered()  # the pong said it
+    refused = {"type": "update", "task": second["task"], "attempt": 9, "ack": False, "ref": 9}
+    assert (await w.call(refused))["code"] == "stale_attempt"
+    assert "applied" not in await offered()  # refused: not applied
+    assert await c.nothing()
     await w.close()
     await c.close()
 

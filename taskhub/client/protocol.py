@@ -22,9 +22,10 @@ What it keeps:
 - commands submitted while disconnected, sent once the session is open again;
 - the worker's commands that asked for no answer (``"ack": false``): the hub answers
   them only to refuse them, and answers a connection's commands in order, so the answer
-  to any later command acknowledges them all. :meth:`~ClientProtocol.sync` (and every
-  :data:`SYNC_EVERY` of them in a row) sends a ``ping`` whose answer does it when no
-  other command follows.
+  to any later command acknowledges them all, and so does the next offer or task event,
+  whose ``applied`` names the last of them. :meth:`~ClientProtocol.sync` (and every
+  :data:`SYNC_EVERY` of them in a row) sends a ``ping`` whose answer does it when
+  nothing else comes.
 
 A task event that carries its task's ``end`` inside it (``inline_end``, which this client
 asks for) is read as the two events it holds.
@@ -388,6 +389,9 @@ class ClientProtocol:
             return []
         events: list[Event] = []
         for obj in objects:
+            applied = obj.get("applied") if isinstance(obj, dict) else None
+            if isinstance(applied, int) and applied in self._silent:
+                events += self._applied_before(applied, inclusive=True)
             try:
                 message = parse_message(obj)
             except InvalidMessage as exc:
@@ -415,21 +419,26 @@ class ClientProtocol:
         log.debug("taskhub: a %s message answers no command of ours", message.type)
         return []
 
-    def _applied_before(self, ref: int) -> list[Event]:
+    def _applied_before(self, ref: int, *, inclusive: bool = False) -> list[Event]:
         """The commands that asked for no answer and were sent before ``ref``, whose
-        answer came: the hub applied them (it answers a connection's commands in order,
-        and would have refused them by now)."""
+        answer came (or up to ``ref`` itself, ``inclusive``, which a frame's ``applied``
+        named): the hub applied them (it answers a connection's commands in order, and
+        would have refused them by now)."""
         events: list[Event] = []
         if not self._silent:
             return events
         for earlier in list(self._unanswered):
-            if earlier == ref:
+            if earlier == ref and not inclusive:
                 break
             if earlier in self._silent:
                 command = self._unanswered.pop(earlier)
                 self._silent.discard(earlier)
                 self._again.discard(earlier)
                 events.append(Answered(earlier, command, Ack(ref=earlier, task=getattr(command, "task", MISSING))))
+            if earlier == ref:
+                break
+        # Those still unknown were sent after: no more of them in a row than are left.
+        self._silent_run = min(self._silent_run, len(self._silent))
         return events
 
     def _opening(self, message: Message) -> list[Event]:

@@ -359,6 +359,37 @@ def test_a_ping_goes_after_every_run_of_commands_that_asked_for_no_answer():
     assert not protocol.sync()
 
 
+def test_an_offers_applied_acknowledges_those_sent_up_to_it_and_no_ping_is_needed():
+    from taskhub.client.protocol import SYNC_EVERY
+
+    protocol = opened()
+    refs = [protocol.send(silent_update(i)) for i in range(SYNC_EVERY - 2)]
+    last = protocol.send(silent_update("after"))
+    assert "ping" not in [f["type"] for f in sent(protocol)]
+    offer = {"type": "task", "task": TASK, "action": "a:b", "attempt": 1, "applied": refs[-1]}
+    events = receive(protocol, offer)
+    assert [(type(e), getattr(e, "ref", None)) for e in events] == [(Answered, ref) for ref in refs] + [(Offered, None)]
+    assert protocol.unacknowledged == 1  # the one sent after: the hub may still refuse it
+    # The run starts again: 64 more in a row before a ping, not one.
+    for i in range(SYNC_EVERY - 2):
+        protocol.send(silent_update(i))
+    assert "ping" not in [f["type"] for f in sent(protocol)]
+    assert protocol.sync()  # unknown still: a ping asks
+    events = receive(protocol, {"type": "update", "task": TASK, "seq": 1, "data": 1, "applied": last})
+    assert [(type(e), e.ref) for e in events[:1]] == [(Answered, last)]
+
+
+def test_an_applied_naming_no_command_sent_without_an_answer_changes_nothing():
+    protocol = opened()
+    silent = protocol.send(silent_update(1))
+    fetch = protocol.send(GetPayload.build(task=TASK))
+    sent(protocol)
+    for applied in (fetch, 999, "x", None):
+        events = receive(protocol, {"type": "task", "task": TASK, "action": "a:b", "attempt": 1, "applied": applied})
+        assert [type(e) for e in events] == [Offered]
+    assert protocol.unacknowledged == 1 and fetch in protocol._unanswered and silent in protocol._unanswered
+
+
 def test_after_a_reconnect_those_not_known_to_be_applied_go_again_still_asking_for_no_answer():
     protocol = opened()
     applied, pending = protocol.send(silent_update(1)), None

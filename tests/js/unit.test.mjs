@@ -635,6 +635,23 @@ describe('handlers', () => {
     assert.equal(task.signal.aborted, true);
   });
 
+  test("a frame's applied acknowledges the commands sent up to it; the run before a ping starts again", { timeout: 5000 }, async () => {
+    const { task, socket } = await running();
+    const updates = [];
+    for (let i = 0; i < 62; i += 1) updates.push(task.update(i));
+    task.update('after'); // not awaited: no ping asked for it
+    const sent = socket.frames('update');
+    socket.receive({ type: 'update', task: TASK, seq: 9, data: 1, applied: sent[61].ref });
+    assert.deepEqual(socket.frames('ping'), []);
+    const acks = await Promise.all(updates); // asks for a ping for any not acknowledged
+    assert.deepEqual(socket.frames('ping'), [], 'acknowledged already: awaiting asked for nothing');
+    assert.deepEqual(acks.map((ack) => ack.ref), sent.slice(0, 62).map((f) => f.ref));
+    for (let i = 0; i < 62; i += 1) task.update(i); // 63 in a row not acknowledged: still no ping
+    assert.deepEqual(socket.frames('ping'), []);
+    task.update('64th');
+    assert.equal(socket.frames('ping').length, 1);
+  });
+
   test('a return asks for no answer, and a result the hub refuses fails the task', async () => {
     const { client, socket } = await worker(async () => 'result');
     offer(socket);

@@ -81,7 +81,7 @@ const TASK_EVENTS = new Set(['update', 'success', 'retry', 'fail', 'end']);
  * Commands that asked for no answer (`ack: false`, a worker's) sent in a row, after which
  * a `ping` asks for the answer that acknowledges them all (the hub answers them only to
  * refuse them, and answers a connection's commands in order), so that a reconnect sends
- * no more than these again.
+ * no more than these again. An offer's or a task event's `applied` acknowledges them too.
  */
 const SYNC_EVERY = 64;
 /** Ms after such a command before a `ping` asks for that answer, if nothing else did. */
@@ -822,7 +822,10 @@ export class Client {
     for (const one of unfoldEnd(message)) {
       try {
         if (this._state === 'connecting') this._opening(one);
-        else if (this._state === 'open') this._dispatch(one);
+        else if (this._state === 'open') {
+          if (Number.isInteger(one.applied)) this._appliedThrough(one.applied);
+          this._dispatch(one);
+        }
       } catch (error) {
         this._log('error', 'taskhub: could not handle a message from the hub:', error);
       }
@@ -932,14 +935,28 @@ export class Client {
    * The commands that asked for no answer and were sent before `record`, whose answer
    * came: the hub applied them (it answers in order, and would have refused them by now).
    */
-  _appliedBefore(record) {
+  _appliedBefore(record, inclusive = false) {
     for (const [ref, earlier] of this._unanswered) {
-      if (earlier === record) return;
+      if (earlier === record && !inclusive) break;
       if (earlier.silent) {
         this._unanswered.delete(ref);
         earlier.resolve({ type: 'ack', ref, task: earlier.message.task });
       }
+      if (earlier === record) break;
     }
+    // Those still unknown were sent after: no more of them in a row than are left.
+    let left = 0;
+    for (const r of this._unanswered.values()) if (r.silent) left += 1;
+    this._silentRun = Math.min(this._silentRun, left);
+  }
+
+  /**
+   * A frame's `applied`: the hub applied the command of that ref, sent without an
+   * answer, and those before it.
+   */
+  _appliedThrough(ref) {
+    const record = this._unanswered.get(ref);
+    if (record?.silent) this._appliedBefore(record, true);
   }
 
   /**
