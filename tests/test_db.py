@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import uuid
 from datetime import datetime, timedelta
@@ -110,14 +111,69 @@ async def test_sqlite_hub_threads_leave_checkpoints_to_the_checkpointer():
             cursor.execute("PRAGMA wal_autocheckpoint")
             return int(cursor.fetchone()[0])
 
+    def wal_size_limit() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA journal_size_limit")
+            return int(cursor.fetchone()[0])
+
     assert await db.run(autocheckpoint) == 0
     assert await asyncio.to_thread(autocheckpoint) > 0  # other connections (manage.py, admin) keep SQLite's default
+    assert await db.run(wal_size_limit) == db.WAL_SIZE_LIMIT
     await db.run(make_credential, "svc")
     busy, frames, done = await db.run(db.checkpoint)
     assert (busy, done) == (0, frames)
 
 
 sqlite_only = pytest.mark.skipif(connection.vendor != "sqlite", reason="inline calls are SQLite's")
+
+
+@sqlite_only
+def test_under_a_steady_writer_the_checkpointer_lets_the_wal_start_over():
+    """A busy hub commits while a checkpoint copies a second's frames back. With passive
+    checkpoints alone the WAL then never started over and grew without end (tens of MB
+    here); the checkpointer now makes sure it does, without waiting for the writers."""
+    import sqlite3
+    import time
+
+    name = connection.settings_dict["NAME"]
+    setup = sqlite3.connect(name, isolation_level=None)
+    setup.execute("CREATE TABLE scratch (x BLOB)")
+    stop, written = threading.Event(), threading.Semaphore(0)
+
+    def write() -> None:
+        writer = sqlite3.connect(name, isolation_level=None, timeout=TIMEOUT)
+        writer.execute("PRAGMA wal_autocheckpoint=0")
+        try:
+            while not stop.is_set():
+                writer.execute("BEGIN IMMEDIATE")
+                writer.executemany("INSERT INTO scratch VALUES (?)", [(b"x" * 3000,)] * 5)
+                writer.execute("COMMIT")
+                written.release()
+                time.sleep(0.0005)  # the shape of the load: a hub's writes come between network waits
+        finally:
+            writer.close()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    frames: list[int] = []
+    try:
+        with connection.cursor() as c:
+            c.execute("PRAGMA busy_timeout")
+            timeout = c.fetchone()[0]
+        for _ in range(8):
+            for _ in range(250):  # some 1,800 frames
+                assert written.acquire(timeout=TIMEOUT)
+            busy, count, done = db.checkpoint()
+            frames.append(count)
+    finally:
+        stop.set()
+        thread.join()
+        setup.execute("DROP TABLE scratch")
+        setup.close()
+    assert any(later < earlier for earlier, later in itertools.pairwise(frames)), frames  # started over
+    with connection.cursor() as c:
+        c.execute("PRAGMA busy_timeout")
+        assert c.fetchone()[0] == timeout  # this connection waits for locks as before
 
 
 def _credential_exists(name: str) -> bool:
