@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from channels.db import database_sync_to_async
 
+from taskhub import sweeper
 from taskhub.models import TaskRecord
 
 from .conftest import Peer, make_credential, open_peer
@@ -56,6 +57,9 @@ async def test_the_next_offer_names_the_last_command_applied_that_asked_for_no_a
     applied, once; an answer with a ref says it as well, and a caller never hears of it."""
     w = await worker()
     c = await caller(inline=True)
+    # Its first pass may read the tasks while they move and send w what it thinks w
+    # missed: the frame that then says "applied" would not be the offer.
+    await sweeper.stop()
 
     async def offered() -> dict[str, Any]:
         task_id = (await c.call({"type": "pub", "action": "mail:send"}))["task"]
