@@ -6,7 +6,9 @@ HTTP goes to Django (admin, the dashboard at ``/taskhub/``); WebSockets at
 
 WebSockets pass Channels' ``AuthMiddlewareStack``, inside the ``Origin`` check: it reads
 the Django session of a browser's handshake, from which the dashboard's monitor rights
-come (a staff user). Services authenticate with their key and carry no session cookie.
+come (a staff user). Services authenticate with their key and carry no session cookie
+and no ``Origin``: :class:`~taskhub.routing.ServiceHandshakes` takes their handshakes
+straight to the hub.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from taskhub.asgi import hub_application  # noqa: E402
-from taskhub.routing import websocket_urlpatterns  # noqa: E402
+from taskhub.routing import ServiceHandshakes, websocket_urlpatterns  # noqa: E402
 from taskhub.security import BrowserOriginValidator  # noqa: E402
 
 application = hub_application(
@@ -30,7 +32,9 @@ application = hub_application(
         {
             "http": django_asgi_app,
             # The Origin check first: a foreign page cannot ride on an operator's session.
-            "websocket": BrowserOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+            "websocket": ServiceHandshakes(
+                BrowserOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+            ),
         }
     )
 )

@@ -27,6 +27,7 @@ from typing import Any
 from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from django.utils import timezone
 
 from . import db, layers, notify, services, sweeper, throttle
@@ -91,13 +92,34 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
         # the instance would stay registered, its lease renewed, its slot taken. Whatever
         # ends the consumer, the connection's instance is detached.
         try:
-            await super().__call__(scope, receive, send)
+            if notify.in_process(get_channel_layer(self.channel_layer_alias)):
+                await self._serve_in_process(scope, receive, send)
+            else:
+                await super().__call__(scope, receive, send)
         finally:
             if not self._cleaned_up:
                 # A task of its own: a cancelled consumer could not await the database.
                 cleanup = asyncio.ensure_future(self._cleanup())
                 _cleanups.add(cleanup)
                 cleanup.add_done_callback(_cleanups.discard)
+
+    async def _serve_in_process(self, scope: Any, receive: Any, send: Any) -> None:
+        """Channels' ``AsyncConsumer.__call__`` without the layer's receive.
+
+        With the in-memory layer every notice reaches this consumer's ``dispatch``
+        directly (:mod:`taskhub.notify`), so nothing ever arrives on its channel. Channels
+        would still wait on it beside the client's frames: a queue, a task and an
+        ``asyncio.wait`` per connection, and a new task per frame. An idle connection
+        held 37.6 KiB of memory with them, 31.7 without.
+        """
+        self.scope = scope
+        self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        assert self.channel_layer is not None  # in_process said it is the in-memory layer
+        self.channel_name = await self.channel_layer.new_channel()
+        self.base_send = send
+        with contextlib.suppress(StopConsumer):
+            while True:
+                await self.dispatch(await receive())
 
     _cleaned_up = False
     closing = False
@@ -116,8 +138,6 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
         self.followed: set[str] = set()
         self.ledger = Ledger()
         self.subscriptions: set[str] = set()
-        # A monitor's watched tasks, and what was forwarded of each (oldest first).
-        self.monitor_follows = Ledger()
         self.auth_timer: asyncio.TimerHandle | None = None
         notify.register(self.channel_name, self)
         await self.accept()

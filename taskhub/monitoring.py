@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -65,9 +66,13 @@ class MonitorSession:
     #: A monitor's row (:class:`~taskhub.models.Monitor`) and its user's name.
     monitor_id: uuid.UUID | None = None
     monitor_user: str | None = None
-    #: The tasks a monitor's ``watch`` follows, and what was forwarded of each.
-    monitor_follows: Ledger
     monitor_keeper: asyncio.Future[None]
+
+    @functools.cached_property
+    def monitor_follows(self) -> Ledger:
+        """The tasks a monitor's ``watch`` follows, and what was forwarded of each; made
+        on first use, since most connections are services'."""
+        return Ledger()
 
     if TYPE_CHECKING:  # the consumer's, which this mixin uses
         scope: Any

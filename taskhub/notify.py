@@ -59,13 +59,15 @@ def unregister(channel_name: str) -> None:
     _local.pop(channel_name, None)
 
 
-def _in_process(layer: BaseChannelLayer | None) -> bool:
+def in_process(layer: BaseChannelLayer | None) -> bool:
+    """Whether every consumer ``layer`` reaches is in this process (the in-memory
+    layer): then notices never go through it."""
     return isinstance(layer, InMemoryChannelLayer)
 
 
 async def group_add(layer: BaseChannelLayer | None, group: str, channel: str) -> None:
     """Add ``channel`` to ``group``: in this process for the in-memory layer, else on the layer."""
-    if _in_process(layer):
+    if in_process(layer):
         _groups.setdefault(group, set()).add(channel)
     elif layer is not None:
         await layer.group_add(group, channel)
@@ -73,7 +75,7 @@ async def group_add(layer: BaseChannelLayer | None, group: str, channel: str) ->
 
 async def group_discard(layer: BaseChannelLayer | None, group: str, channel: str) -> None:
     """Remove ``channel`` from ``group``; a group without members is forgotten."""
-    if _in_process(layer):
+    if in_process(layer):
         members = _groups.get(group)
         if members is not None:
             members.discard(channel)
@@ -86,7 +88,7 @@ async def group_discard(layer: BaseChannelLayer | None, group: str, channel: str
 async def send_notices(layer: BaseChannelLayer | None, notices: Iterable[Notice]) -> None:
     """Send each notice, in order; a failure is logged, not raised (the database has the truth)."""
     for kind, name, message in notices:
-        if kind == "group" and _in_process(layer):
+        if kind == "group" and in_process(layer):
             for channel in list(_groups.get(name, ())):  # a member may leave while it is told
                 await _send(layer, channel, message)
             continue
@@ -105,7 +107,7 @@ async def _send(layer: BaseChannelLayer | None, channel: str, message: dict[str,
     try:
         if consumer is not None:
             await consumer.dispatch(message)
-        elif layer is not None and not _in_process(layer):  # in memory, it is gone
+        elif layer is not None and not in_process(layer):  # in memory, it is gone
             await layer.send(channel, message)
     except ChannelFull:
         # A consumer that stopped reading, or one that is gone and whose messages wait

@@ -612,3 +612,23 @@ async def test_bye_frees_the_slot_before_answering():
     assert (await peer.comm.receive_output(timeout=5))["type"] == "websocket.close"
     again = await open_peer("svc", key)
     await again.close()
+
+
+async def test_with_the_in_memory_layer_a_connection_waits_on_its_frames_alone():
+    """Every notice reaches a consumer of this process directly, so under the in-memory
+    layer nothing waits on the connection's channel: no layer queue, no task of its own
+    beside the application's (Channels' loop kept two, and a queue, per connection)."""
+    from channels.layers import get_channel_layer
+
+    peers = [await worker("w0")]  # the first starts the sweeper
+    before = len(asyncio.all_tasks())
+    peers += [await worker(f"w{i}") for i in range(1, 6)]
+    assert len(asyncio.all_tasks()) - before == 5  # the applications themselves
+    layer = get_channel_layer()
+    assert not layer.channels  # type: ignore[union-attr]  # InMemoryChannelLayer's queues
+    # Each still hears its offers and answers its commands.
+    app = await caller()
+    task_id = (await app.call({"type": "pub", "action": "mail:send"}))["task"]
+    assert [(await peer.recv())["task"] for peer in peers] == [task_id] * len(peers)
+    for peer in [*peers, app]:
+        await peer.close()
