@@ -201,7 +201,8 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
             return
         if self.auth_timer is not None:
             self.auth_timer.cancel()
-        self.credential, self.instance_id, self.concurrency = credential, session.instance.pk, options.concurrency
+        self.credential, self.instance_id = services.shared(credential), session.instance.pk
+        self.concurrency = options.concurrency
         self.inline_end = options.inline_end
         await self.reply(
             Welcome(

@@ -14,7 +14,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from taskhub import sweeper
-from taskhub.models import Assignment, Instance, Subscription, TaskEvent, TaskRecord
+from taskhub.models import Assignment, Credential, Instance, Subscription, TaskEvent, TaskRecord
 
 from .conftest import TIMEOUT, make_credential, open_peer
 
@@ -631,4 +631,33 @@ async def test_with_the_in_memory_layer_a_connection_waits_on_its_frames_alone()
     task_id = (await app.call({"type": "pub", "action": "mail:send"}))["task"]
     assert [(await peer.recv())["task"] for peer in peers] == [task_id] * len(peers)
     for peer in [*peers, app]:
+        await peer.close()
+
+
+async def test_the_instances_of_a_service_share_one_credential_until_it_changes():
+    from taskhub import notify
+
+    first = await worker("mailer", max_instances=3)
+    (one,) = [c for c in notify.consumers() if c.credential is not None]
+    credential = one.credential
+
+    @database_sync_to_async
+    def rekey() -> str:
+        from taskhub.auth import generate_key, hash_key
+
+        key = generate_key()
+        row = Credential.objects.get(pk=credential.pk)
+        row.key_hash = hash_key(key)
+        row.save()  # updated_at moves: a new version of the credential
+        return key
+
+    key = await rekey()
+    second = await open_peer("mailer", key)
+    third = await open_peer("mailer", key)
+    held = {c.channel_name: c.credential for c in notify.consumers() if c.credential is not None}
+    assert held[one.channel_name] is credential  # the first keeps what it authenticated with
+    newer = [cred for name, cred in held.items() if name != one.channel_name]
+    assert len(newer) == 2 and newer[0] is newer[1] and newer[0] is not credential
+    assert newer[0].updated_at > credential.updated_at
+    for peer in (first, second, third):
         await peer.close()

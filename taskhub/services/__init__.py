@@ -11,7 +11,7 @@ module        job
 routing       who hears what: notices, listeners, the watchers' groups
 transitions   a task's transitions, each applied once (the only writer of tasks)
 dispatch      which instance of each subscribed service gets a task
-instances     credentials checked, connections registered, slots and leases
+instances     credentials checked (and shared), connections registered, slots and leases
 queries       the read side: visible tasks, snapshots, events
 commands      each client command, checked and applied
 sweeping      each process's periodic pass: leases, deadlines, waiting tasks
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from .commands import act, cancel, check_size, get_payload, publish, retry, subscribe, unsubscribe, watch
 from .dispatch import dispatch_waiting
-from .instances import Session, authenticate, connect, detach, disconnect, orphaned, release, renew_leases
+from .instances import Session, authenticate, connect, detach, disconnect, orphaned, release, renew_leases, shared
 from .retention import Purged, expire_history, purge
 from .routing import Notice, task_group
 from .sweeping import SWEEP_BATCH, expire, offer_waiting, overdue, release_lapsed, sweep
@@ -58,6 +58,7 @@ __all__ = [
     "release",
     "release_lapsed",
     "renew_leases",
+    "shared",
     "retry",
     "subscribe",
     "sweep",

@@ -16,6 +16,7 @@ import hmac
 import logging
 import secrets
 import uuid
+import weakref
 from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import NamedTuple
@@ -58,6 +59,21 @@ def authenticate(name: str, key: str) -> Credential:
     if not active:
         raise AuthenticationFailed(f"credential {name!r} is disabled", ErrorCode.CREDENTIAL_DISABLED)
     return Credential.objects.get(pk=pk)
+
+
+_shared: weakref.WeakValueDictionary[tuple[int, datetime], Credential] = weakref.WeakValueDictionary()
+
+
+def shared(credential: Credential) -> Credential:
+    """The one instance of this version of ``credential`` (its ``updated_at``) that this
+    process's connections keep, from the first that authenticated with it.
+
+    Call from the event loop's thread once a connection authenticated. The many instances
+    of a service then hold one model instance for their lives, not one each (about 1 KiB
+    each, more with a long description); one that authenticates after an operator changed
+    the credential holds the new version. The hub never changes the instance it holds.
+    """
+    return _shared.setdefault((credential.pk, credential.updated_at), credential)
 
 
 class Session(NamedTuple):
