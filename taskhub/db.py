@@ -47,9 +47,9 @@ steady load that alone let the WAL grow without end (220 MB in 10 s of progress 
 trips): SQLite starts the WAL over only for a writer that begins once every frame is
 written back, and the writes made during a second's checkpoint never were. So a
 checkpoint that finds :data:`RESTART_FRAMES` or more follows with a ``RESTART`` that
-takes the writer's lock for the few frames written meanwhile, if no one holds it, and
-the hub's connections cut the WAL back to :data:`WAL_SIZE_LIMIT` bytes when they start it
-over.
+takes the writer's lock for the few frames written meanwhile, if no one holds it (else
+it is tried again :data:`RESTART_RETRY` seconds later), and the hub's connections cut the
+WAL back to :data:`WAL_SIZE_LIMIT` bytes when they start it over.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ CHECKPOINT_INTERVAL = 1.0
 #: Frames in the WAL (4 KiB pages; SQLite's own threshold) from which a checkpoint
 #: makes sure the next writer starts the WAL over.
 RESTART_FRAMES = 1000
+#: Seconds before a restart that found a writer in the way is tried again.
+RESTART_RETRY = 0.05
 #: Bytes the WAL file is cut back to when it starts over (``journal_size_limit``).
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
 #: Default number of database threads on databases other than SQLite.
@@ -356,10 +358,13 @@ class _Checkpointer(threading.Thread):
         self._stopping = threading.Event()
 
     def run(self) -> None:
+        wait = CHECKPOINT_INTERVAL
         try:
-            while not self._stopping.wait(CHECKPOINT_INTERVAL):
+            while not self._stopping.wait(wait):
+                wait = CHECKPOINT_INTERVAL
                 try:
-                    checkpoint()
+                    if checkpoint()[0]:
+                        wait = RESTART_RETRY  # a writer was in the way of the restart
                 except Exception:
                     log.exception("WAL checkpoint failed; retrying")
         finally:
@@ -375,7 +380,8 @@ def checkpoint() -> tuple[int, int, int]:
     :data:`RESTART_FRAMES`, make the next writer start it over (see the module's
     docstring); busy if a writer or a reader was in the way (the next call tries again).
 
-    Returns SQLite's ``(busy, frames in the WAL, frames checkpointed)``, of the first step.
+    Returns SQLite's ``(busy, frames in the WAL, frames checkpointed)``: the frames
+    of the first step, and whether the restart, if due, found someone in the way.
     """
     with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
         cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -386,7 +392,7 @@ def checkpoint() -> tuple[int, int, int]:
             cursor.execute("PRAGMA busy_timeout=0")  # never wait: the hub's writers would
             try:
                 cursor.execute("PRAGMA wal_checkpoint(RESTART)")
-                cursor.fetchone()
+                busy = cursor.fetchone()[0]
             finally:
                 cursor.execute(f"PRAGMA busy_timeout={int(timeout)}")
     return busy, log_frames, done
