@@ -103,7 +103,8 @@ def test_an_offer_chosen_on_a_stale_read_of_the_instances_room_is_queued(monkeyp
     (``tests/test_races.py`` races it for real): the write's own count queues the part."""
     a, instance, app = busy_worker()
     stale = [("a", str(instance.pk))]
-    monkeypatch.setattr("taskhub.services.commands.choose_offers", lambda *args: (stale, {str(instance.pk): "chan-a"}))
+    chosen = (stale, {str(instance.pk): "chan-a"}, frozenset([str(instance.pk)]))  # it has a concurrency
+    monkeypatch.setattr("taskhub.services.commands.choose_offers", lambda *args: chosen)
     task_id, _, notices = services.publish(app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now())
     assert offers_in(notices) == []
     assert TaskRecord.objects.get(pk=task_id).assignments.get().state == "queued"

@@ -408,3 +408,22 @@ def test_a_command_on_a_task_deleted_between_read_and_write_finds_no_task(offere
 
     with pytest.raises(UnknownTask):
         services.transition(task_id, decide, timezone.now(), service="b")
+
+
+@pytest.mark.usefixtures("store_backend")
+def test_the_offers_chosen_name_the_instances_that_announced_a_concurrency():
+    """Publishing reserves an offer to such an instance under a lock; the choice says which
+    they are from the same read as their room (it was a query of its own per publish)."""
+    from taskhub.services.dispatch import choose_offers, limited
+
+    now = timezone.now()
+    sessions = {}
+    for name, concurrency in (("a", 2), ("b", None)):
+        credential, _ = make_credential(name, sub=["mail"])
+        session = services.connect(credential, f"chan-{name}", "p", "", now, concurrency=concurrency)
+        services.subscribe(session.instance.pk, credential, "mail:send", now)
+        sessions[name] = str(session.instance.pk)
+    offers, channels, bounded = choose_offers(get_store(), "mail:send", now)
+    assert sorted(offers) == [("a", sessions["a"]), ("b", sessions["b"])]
+    assert channels == {sessions["a"]: "chan-a", sessions["b"]: "chan-b"}
+    assert bounded == {sessions["a"]} == limited(sessions.values())

@@ -26,7 +26,7 @@ from taskhub.models import Credential, Subscription, TaskEvent, TaskRecord
 from taskhub.store import get_store
 
 from . import queries
-from .dispatch import choose_offers, dispatch_waiting, limited, reserve, start
+from .dispatch import choose_offers, dispatch_waiting, reserve, start
 from .routing import Notice, notices_for
 from .transitions import transition, unit_of_work, write_new
 
@@ -92,8 +92,7 @@ def publish(
         autoremove=cmd.autoremove is True,
     )
     store = get_store()
-    offers, channels = choose_offers(store, action, now)
-    bounded = limited(instance for _, instance in offers)
+    offers, channels, bounded = choose_offers(store, action, now)
     try:
         # An offer to an instance with a concurrency is reserved in the insert's transaction.
         with unit_of_work(store, lock=bool(bounded)):

@@ -30,6 +30,7 @@ from taskhub.core.actions import permits
 from taskhub.core.states import HELD_ASSIGNMENT_STATES, UNHELD_ASSIGNMENT_STATES, TaskStatus
 from taskhub.models import Assignment, Instance, Subscription, TaskRecord
 from taskhub.store import Store, get_store
+from taskhub.store.base import Subscriber
 
 from .routing import Notice
 from .transitions import transition
@@ -40,19 +41,21 @@ DISPATCH_BATCH = 200
 Offers = list[tuple[str, str | None]]
 
 
-def choose_offers(store: Store, action: str, now: datetime) -> tuple[Offers, dict[str, str]]:
+def choose_offers(store: Store, action: str, now: datetime) -> tuple[Offers, dict[str, str], frozenset[str]]:
     """One live instance with room per subscribed service, least recently assigned
     first; ``None`` for a service whose instances are all busy (its part is queued).
 
     The room is read without a lock: reserve the offers to instances with a concurrency
-    (:func:`limited`, :func:`reserve`) in the transaction that writes them.
+    (:func:`reserve`) in the transaction that writes them.
 
     Returns:
-        ``(offers, channels)``: ``(service, instance id or None)`` pairs for
-        :func:`taskhub.core.machine.start`, and the instances' channel names by id.
-        The transition's write marks them assigned (from their ``start`` events).
+        ``(offers, channels, bounded)``: ``(service, instance id or None)`` pairs for
+        :func:`taskhub.core.machine.start`, the instances' channel names by id, and
+        those of the instances that announced a concurrency (as :func:`limited` says,
+        from the same read). The transition's write marks them assigned (from their
+        ``start`` events).
     """
-    chosen: dict[int, tuple[str, str | None, str]] = {}
+    chosen: dict[int, tuple[str, Subscriber | None]] = {}
     for sub in store.live_subscribers(action, now):
         current = chosen.get(sub.credential_id)
         if current is not None and current[1] is not None:
@@ -60,11 +63,13 @@ def choose_offers(store: Store, action: str, now: datetime) -> tuple[Offers, dic
         if not permits(sub.sub_permissions, action):
             continue
         if sub.busy:
-            chosen.setdefault(sub.credential_id, (sub.name, None, ""))
+            chosen.setdefault(sub.credential_id, (sub.name, None))
         else:
-            chosen[sub.credential_id] = (sub.name, str(sub.instance), sub.channel_name)
-    offers = [(service, instance) for service, instance, _ in chosen.values()]
-    return offers, {instance: channel for _, instance, channel in chosen.values() if instance is not None}
+            chosen[sub.credential_id] = (sub.name, sub)
+    offers: Offers = [(name, None if sub is None else str(sub.instance)) for name, sub in chosen.values()]
+    picked = [sub for _, sub in chosen.values() if sub is not None]
+    channels = {str(sub.instance): sub.channel_name for sub in picked}
+    return offers, channels, frozenset(str(sub.instance) for sub in picked if sub.limited)
 
 
 def successor(
@@ -129,10 +134,9 @@ def reserve(offers: Offers, bounded: Collection[str]) -> Offers:
 
 def start(task_id: uuid.UUID | str, action: str, now: datetime) -> list[Notice]:
     """Offer a pending task to its action's subscribers, if it has any and is pending."""
-    offers, channels = choose_offers(get_store(), action, now)
+    offers, channels, bounded = choose_offers(get_store(), action, now)
     if not offers:
         return []
-    bounded = limited(instance for _, instance in offers)
 
     def decide(task: machine.Task) -> list[machine.Event]:
         if task.status is not TaskStatus.PENDING or (task.retry_at is not None and task.retry_at > now):

@@ -62,7 +62,7 @@ class LoadedTask(NamedTuple):
 
 class Subscriber(NamedTuple):
     """A live instance subscribed to an action, and its service. ``busy``: it has as many
-    unfinished tasks as its concurrency allows."""
+    unfinished tasks as its concurrency allows; ``limited``: it announced a concurrency."""
 
     instance: uuid.UUID
     channel_name: str
@@ -70,6 +70,7 @@ class Subscriber(NamedTuple):
     name: str
     sub_permissions: list[str]
     busy: bool = False
+    limited: bool = False
 
 
 @dataclass

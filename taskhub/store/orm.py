@@ -113,6 +113,14 @@ class OrmStore(Store):
             )
         )
         return [
-            Subscriber(instance, channel, credential, name, patterns, concurrency is not None and held >= concurrency)
+            Subscriber(
+                instance,
+                channel,
+                credential,
+                name,
+                patterns,
+                concurrency is not None and held >= concurrency,
+                concurrency is not None,
+            )
             for instance, channel, credential, name, patterns, concurrency, held in rows
         ]

@@ -226,7 +226,7 @@ class SqlStore(Store):
             fields = [_field(Instance, n) for n in ("id", "channel_name")]
             fields += [_field(Credential, n) for n in ("id", "name", "sub_permissions")]
             read = self._subscriber_reader = Reader(self.conn, fields)
-        return [Subscriber._make([*read(row[:-1]), bool(row[-1])]) for row in rows]
+        return [Subscriber._make([*read(row[:-2]), bool(row[-2]), bool(row[-1])]) for row in rows]
 
     def _select_subscribers(self) -> str:
         q, c = self.quote, self.column
@@ -242,7 +242,8 @@ class SqlStore(Store):
         return (
             f"SELECT i.{c(Instance, 'id')}, i.{c(Instance, 'channel_name')}, c.{c(Credential, 'id')}, "
             f"c.{c(Credential, 'name')}, c.{c(Credential, 'sub_permissions')}, "
-            f"CASE WHEN {concurrency} IS NULL THEN 0 WHEN ({held}) >= {concurrency} THEN 1 ELSE 0 END "
+            f"CASE WHEN {concurrency} IS NULL THEN 0 WHEN ({held}) >= {concurrency} THEN 1 ELSE 0 END, "
+            f"CASE WHEN {concurrency} IS NULL THEN 0 ELSE 1 END "
             f"FROM {q(schema.subscriptions().name)} s "
             f"JOIN {q(by_instance.target.name)} i ON s.{q(by_instance.local)} = i.{q(by_instance.remote)} "
             f"JOIN {q(by_credential.target.name)} c ON i.{q(by_credential.local)} = c.{q(by_credential.remote)} "
