@@ -104,7 +104,8 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
                 cleanup.add_done_callback(_cleanups.discard)
 
     async def _serve_in_process(self, scope: Any, receive: Any, send: Any) -> None:
-        """Channels' ``AsyncConsumer.__call__`` without the layer's receive.
+        """Channels' ``AsyncConsumer.__call__`` (as of Channels 4.3) without the layer's
+        receive.
 
         With the in-memory layer every notice reaches this consumer's ``dispatch``
         directly (:mod:`taskhub.notify`), so nothing ever arrives on its channel. Channels
@@ -367,7 +368,7 @@ class TaskHubConsumer(MonitorSession, layers.ResilientReceive, AsyncWebsocketCon
                 notices = await db.run(services.act, credential, cmd, now, self.channel_name, instance_id)
                 # Asked for no answer: the next frame will say it was applied (see reply).
                 answer = None if cmd.ack is False else Ack(ref=cmd.ref, task=cmd.task)
-                if answer is None:
+                if answer is None and cmd.ref is not None:  # no ref: nothing to name
                     self._applied = cmd.ref
                 await self._heard_own(cmd, notices)
                 if self.concurrency is not None and isinstance(cmd, Return | Drop | Fail) and self.subscriptions:

@@ -48,8 +48,9 @@ trips): SQLite starts the WAL over only for a writer that begins once every fram
 written back, and the writes made during a second's checkpoint never were. So a
 checkpoint that finds :data:`RESTART_FRAMES` or more follows with a ``RESTART`` that
 takes the writer's lock for the few frames written meanwhile, if no one holds it (else
-it is tried again :data:`RESTART_RETRY` seconds later), and the hub's connections cut the
-WAL back to :data:`WAL_SIZE_LIMIT` bytes when they start it over.
+it is tried again, :data:`RESTART_RETRIES` times :data:`RESTART_RETRY` seconds apart), and
+the hub's connections cut the WAL back to :data:`WAL_SIZE_LIMIT` bytes when they start it
+over.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ CHECKPOINT_INTERVAL = 1.0
 #: Frames in the WAL (4 KiB pages; SQLite's own threshold) from which a checkpoint
 #: makes sure the next writer starts the WAL over.
 RESTART_FRAMES = 1000
-#: Seconds before a restart that found a writer in the way is tried again.
-RESTART_RETRY = 0.05
+#: Seconds before a restart that found someone in the way is tried again, and how many
+#: times it is, per checkpoint.
+RESTART_RETRY, RESTART_RETRIES = 0.05, 5
 #: Bytes the WAL file is cut back to when it starts over (``journal_size_limit``).
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
 #: Default number of database threads on databases other than SQLite.
@@ -292,14 +294,19 @@ async def _run(partial: functools.partial[R], *, later: bool) -> R:
 
 def is_locked(exc: BaseException) -> bool:
     """Whether ``exc`` is SQLite's "database is locked": another connection holds the
-    write lock.
+    write lock."""
+    return isinstance(exc, OperationalError) and "locked" in str(exc)
+
+
+def refused_inline(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's lock met by a call running inline, which then runs
+    again on the database thread (which waits for the lock).
 
     Call it in work that catches an item's error to go on with the next item (the
-    sweeper's batches): such an error, raised inline, must propagate, so that the call
-    runs again on the database thread, which waits for the lock, instead of every
-    later item failing too.
+    sweeper's batches): such an error must propagate instead, or every later item would
+    fail too. On the database thread the lock outlasted its wait: an item's failure.
     """
-    return isinstance(exc, OperationalError) and "locked" in str(exc)
+    return getattr(_local, "inline", False) and is_locked(exc)
 
 
 def _run_inline(func: Callable[[], R]) -> R:
@@ -358,13 +365,16 @@ class _Checkpointer(threading.Thread):
         self._stopping = threading.Event()
 
     def run(self) -> None:
-        wait = CHECKPOINT_INTERVAL
         try:
-            while not self._stopping.wait(wait):
-                wait = CHECKPOINT_INTERVAL
+            while not self._stopping.wait(CHECKPOINT_INTERVAL):
                 try:
-                    if checkpoint()[0]:
-                        wait = RESTART_RETRY  # a writer was in the way of the restart
+                    busy = checkpoint()[0]
+                    # The pages are written back: only the restart is tried again, a few
+                    # times, while the writers pause between transactions.
+                    for _ in range(RESTART_RETRIES):
+                        if not busy or self._stopping.wait(RESTART_RETRY):
+                            break
+                        busy = restart()
                 except Exception:
                     log.exception("WAL checkpoint failed; retrying")
         finally:
@@ -377,22 +387,31 @@ class _Checkpointer(threading.Thread):
 
 def checkpoint() -> tuple[int, int, int]:
     """Checkpoint the SQLite WAL without waiting for anyone, and once it holds
-    :data:`RESTART_FRAMES`, make the next writer start it over (see the module's
-    docstring); busy if a writer or a reader was in the way (the next call tries again).
+    :data:`RESTART_FRAMES`, make the next writer start it over (:func:`restart`).
 
     Returns SQLite's ``(busy, frames in the WAL, frames checkpointed)``: the frames
-    of the first step, and whether the restart, if due, found someone in the way.
+    of the first step, and whether the restart, if due, found a writer, or a reader of
+    an older snapshot, in the way.
     """
     with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
         cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
         busy, log_frames, done = cursor.fetchone()
-        if log_frames >= RESTART_FRAMES:
-            cursor.execute("PRAGMA busy_timeout")
-            (timeout,) = cursor.fetchone()
-            cursor.execute("PRAGMA busy_timeout=0")  # never wait: the hub's writers would
-            try:
-                cursor.execute("PRAGMA wal_checkpoint(RESTART)")
-                busy = cursor.fetchone()[0]
-            finally:
-                cursor.execute(f"PRAGMA busy_timeout={int(timeout)}")
+    if log_frames >= RESTART_FRAMES:
+        busy = restart()
     return busy, log_frames, done
+
+
+def restart() -> int:
+    """Write back what the WAL holds beyond the last checkpoint and make the next writer
+    start it over, unless a writer, or a reader of an older snapshot, is in the way:
+    then nothing waits, and it returns 1 (0 once done)."""
+    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+        cursor.execute("PRAGMA busy_timeout")
+        (timeout,) = cursor.fetchone()
+        cursor.execute("PRAGMA busy_timeout=0")  # never wait: the hub's writers would
+        try:
+            cursor.execute("PRAGMA wal_checkpoint(RESTART)")
+            busy: int = cursor.fetchone()[0]
+        finally:
+            cursor.execute(f"PRAGMA busy_timeout={int(timeout)}")
+    return busy

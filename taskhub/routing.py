@@ -33,16 +33,16 @@ class NoSuchEndpoint(AsyncWebsocketConsumer):
         await self.close(int(CloseCode.NOT_FOUND))  # autobahn refuses an IntEnum
 
 
+#: The path :data:`websocket_urlpatterns` serves the hub at.
+HUB_PATH = "/ws/taskhub/"
+
 # Typed loosely: Channels routes ASGI apps with Django's path(), which its stubs do not
 # express (URLRouter wants a list of a stub-only URLPattern subclass).
 websocket_urlpatterns: list[Any] = [
-    path("ws/taskhub/", TaskHubConsumer.as_asgi()),  # type: ignore[arg-type]  # an ASGI app, as Channels routes them
+    path(HUB_PATH.lstrip("/"), TaskHubConsumer.as_asgi()),  # type: ignore[arg-type]  # an ASGI app, as Channels routes them
     re_path(r"", NoSuchEndpoint.as_asgi()),  # type: ignore[arg-type]
 ]
 
-
-#: The path :data:`websocket_urlpatterns` serves the hub at.
-HUB_PATH = "/ws/taskhub/"
 
 _anonymous = AnonymousUser()  # holds no state: one serves every service
 
@@ -61,6 +61,9 @@ class ServiceHandshakes:
     rights is refused the same way. A browser always sends an ``Origin``, so what the
     ``Origin`` check and the session are for still goes through ``app``.
     """
+
+    #: An ASGI 3 application although ``__call__`` is a plain function (asgiref's test).
+    _asgi_single_callable = True
 
     def __init__(self, app: Any, path: str = HUB_PATH) -> None:
         self.app, self.path = app, path

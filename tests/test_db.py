@@ -127,6 +127,56 @@ async def test_sqlite_hub_threads_leave_checkpoints_to_the_checkpointer():
 sqlite_only = pytest.mark.skipif(connection.vendor != "sqlite", reason="inline calls are SQLite's")
 
 
+@pytest.mark.parametrize(("restarts", "tried"), [([1, 0], 2), ([1] * 9, 5)])
+def test_the_checkpointer_tries_a_busy_restart_again_a_few_times(monkeypatch, restarts, tried):
+    calls: list[str] = []
+    again = threading.Event()
+
+    def checkpoint() -> tuple[int, int, int]:
+        calls.append("checkpoint")
+        if calls.count("checkpoint") == 2:
+            again.set()
+        return 1, db.RESTART_FRAMES, db.RESTART_FRAMES  # its restart found a writer
+
+    answers = itertools.chain(restarts, itertools.repeat(0))
+
+    def restart() -> int:
+        calls.append("restart")
+        return int(next(answers))
+
+    monkeypatch.setattr(db, "checkpoint", checkpoint)
+    monkeypatch.setattr(db, "restart", restart)
+    monkeypatch.setattr(db, "CHECKPOINT_INTERVAL", 0.001)
+    monkeypatch.setattr(db, "RESTART_RETRY", 0.001)
+    checkpointer = db._Checkpointer()
+    checkpointer.start()
+    try:
+        assert again.wait(TIMEOUT)
+    finally:
+        checkpointer.stop()
+    assert calls[: tried + 2] == ["checkpoint", *["restart"] * tried, "checkpoint"]
+
+
+@sqlite_only
+def test_a_restart_with_a_writer_in_the_way_says_busy_at_once_and_done_after():
+    import sqlite3
+
+    writer = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None)
+    writer.execute("CREATE TABLE scratch (x BLOB)")
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("INSERT INTO scratch VALUES (x'00')")
+        assert db.restart() == 1  # at once: its connection waited 20 s for a lock before
+        writer.execute("COMMIT")
+        assert db.restart() == 0
+        with connection.cursor() as c:
+            c.execute("PRAGMA busy_timeout")
+            assert c.fetchone()[0] > 0  # waits for locks again, as Django set it up
+    finally:
+        writer.execute("DROP TABLE scratch")
+        writer.close()
+
+
 @sqlite_only
 def test_under_a_steady_writer_the_checkpointer_lets_the_wal_start_over():
     """A busy hub commits while a checkpoint copies a second's frames back. With passive

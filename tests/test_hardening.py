@@ -513,7 +513,15 @@ def locked() -> OperationalError:
     return OperationalError("database is locked")  # what SQLite says, inline, while another connection writes
 
 
+@pytest.fixture
+def inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch runs inline, on the event loop's thread (taskhub.db), where the lock is
+    not waited for."""
+    monkeypatch.setattr(db._local, "inline", True, raising=False)
+
+
 @override_settings(TASKHUB_RESUME_GRACE=1.0)
+@pytest.mark.usefixtures("inline")
 def test_sqlite_locked_mid_batch_ends_the_release_batch_with_what_it_did(monkeypatch):
     """The lock is not one instance's trouble: the batch stops instead of logging every
     later instance as broken, and the next batch starts after the last one released."""
@@ -537,6 +545,7 @@ def test_sqlite_locked_mid_batch_ends_the_release_batch_with_what_it_did(monkeyp
 
 
 @override_settings(TASKHUB_RESUME_GRACE=1.0)
+@pytest.mark.usefixtures("inline")
 def test_sqlite_locked_at_the_first_instance_is_raised_so_the_batch_runs_again(monkeypatch):
     from taskhub.services import sweeping
 
@@ -549,12 +558,13 @@ def test_sqlite_locked_at_the_first_instance_is_raised_so_the_batch_runs_again(m
     assert Instance.objects.count() == 1
 
 
-@pytest.mark.parametrize("where", [0, 1])
-def test_sqlite_locked_while_expiring_is_raised_first_and_ends_the_batch_after(monkeypatch, where):
+def overdue_locked_at(monkeypatch: pytest.MonkeyPatch, count: int, where: int) -> tuple[list[uuid.UUID], Any]:
+    """``count`` tasks past their pickup timeout, the ``where``-th of which finds SQLite
+    locked when it is expired; and when to expire them."""
     app, _ = make_credential("app", pub=["mail"])
     now = timezone.now()
     command = pub_command({"type": "pub", "action": "mail:send", "pickup_timeout": 1})
-    ids = [uuid.UUID(services.publish(app, command, now)[0]) for _ in range(3)]
+    ids = [uuid.UUID(services.publish(app, command, now)[0]) for _ in range(count)]
     real = machine.expire
 
     def expire(task: Any, when: Any) -> Any:
@@ -563,13 +573,27 @@ def test_sqlite_locked_while_expiring_is_raised_first_and_ends_the_batch_after(m
         return real(task, when)
 
     monkeypatch.setattr(machine, "expire", expire)
+    return ids, now + timedelta(seconds=2)
+
+
+@pytest.mark.parametrize("where", [0, 1])
+@pytest.mark.usefixtures("inline")
+def test_sqlite_locked_while_expiring_is_raised_first_and_ends_the_batch_after(monkeypatch, where):
+    ids, now = overdue_locked_at(monkeypatch, 3, where)
     if where == 0:
         with pytest.raises(OperationalError):
-            services.expire(ids, now + timedelta(seconds=2))
+            services.expire(ids, now)
     else:
-        services.expire(ids, now + timedelta(seconds=2))
+        services.expire(ids, now)
     statuses = [TaskRecord.objects.get(pk=task_id).status for task_id in ids]
     assert statuses == (["pending"] * 3 if where == 0 else ["failed", "pending", "pending"])
+
+
+def test_on_the_database_thread_a_lock_that_outlasted_its_wait_is_one_tasks_failure(monkeypatch, caplog):
+    ids, now = overdue_locked_at(monkeypatch, 2, 0)
+    services.expire(ids, now)
+    assert [TaskRecord.objects.get(pk=task_id).status for task_id in ids] == ["pending", "failed"]
+    assert "could not expire task" in caplog.text
 
 
 # -- handshake headers ----------------------------------------------------------------------

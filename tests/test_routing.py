@@ -47,6 +47,13 @@ def routed(path: str, headers: list[tuple[bytes, bytes]], kind: str = "websocket
 AUTH = (b"authorization", b"Basic c3ZjOmtleQ==")
 
 
+def test_servers_call_it_as_an_asgi_3_application():
+    from asgiref.compatibility import guarantee_single_callable
+
+    handshakes = ServiceHandshakes(Stack())
+    assert guarantee_single_callable(handshakes) is handshakes  # not wrapped as ASGI 2
+
+
 def test_a_services_handshake_goes_straight_to_the_hub_as_an_anonymous_user():
     where, scope = routed(HUB_PATH, [AUTH, (b"user-agent", b"taskhub-python")])
     assert where == "hub"

@@ -22,7 +22,7 @@ from django.db.models import Q
 
 from taskhub.core import machine
 from taskhub.core.states import TaskStatus
-from taskhub.db import is_locked
+from taskhub.db import refused_inline
 from taskhub.models import TaskRecord
 
 from .dispatch import DISPATCH_BATCH, dispatch_waiting
@@ -45,9 +45,9 @@ def release_lapsed(
     ago; their tasks go to other instances. One that cannot be released is logged and
     skipped (the next pass tries again).
 
-    SQLite's lock held by another connection (run inline, see :mod:`taskhub.db`) ends
-    the batch early instead: it is raised if nothing was released yet, so that the call
-    runs again on the database thread, and otherwise the batch returns what it did.
+    SQLite's lock held by another connection, met inline (:mod:`taskhub.db`), ends the
+    batch early instead: it is raised at the batch's first instance, so that the call
+    runs again on the database thread, and later the batch returns what it did.
 
     Returns:
         ``(notices, where the next batch starts)``; ``None`` once none is left.
@@ -59,7 +59,7 @@ def release_lapsed(
         try:
             notices += release(instance_id, now, only_if_gone=True)
         except Exception as exc:
-            if is_locked(exc):
+            if refused_inline(exc):
                 if i == 0:
                     raise
                 return notices, gone[i - 1]
@@ -88,16 +88,16 @@ def expire(task_ids: Collection[uuid.UUID], now: datetime) -> list[Notice]:
     task that moved on meanwhile is left as it is, and one whose transition fails is
     logged and skipped (it stays overdue: the next pass tries again).
 
-    SQLite's lock held by another connection (run inline, see :mod:`taskhub.db`) is
-    raised if no task was expired yet, so that the call runs again on the database
-    thread; after that, the rest stay overdue for the next pass.
+    SQLite's lock held by another connection, met inline (:mod:`taskhub.db`), is raised
+    at the batch's first task, so that the call runs again on the database thread;
+    later, the batch ends, and the rest stay overdue for the next pass.
     """
     notices: list[Notice] = []
     for i, task_id in enumerate(task_ids):
         try:
             notices += transition(task_id, lambda task: machine.expire(task, now), now)
         except Exception as exc:
-            if is_locked(exc):
+            if refused_inline(exc):
                 if i == 0:
                     raise
                 break

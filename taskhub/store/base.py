@@ -69,8 +69,8 @@ class Subscriber(NamedTuple):
     credential_id: int
     name: str
     sub_permissions: list[str]
-    busy: bool = False
-    limited: bool = False
+    busy: bool
+    limited: bool
 
 
 @dataclass
