@@ -199,7 +199,11 @@ def test_under_a_steady_writer_the_checkpointer_lets_the_wal_start_over():
                 writer.executemany("INSERT INTO scratch VALUES (?)", [(b"x" * 3000,)] * 5)
                 writer.execute("COMMIT")
                 written.release()
-                time.sleep(0.0005)  # the shape of the load: a hub's writes come between network waits
+                # Not a synchronisation: the pause between transactions is the thing under
+                # test. A hub's writer pauses between network waits, and a restart can only
+                # get in then; a writer that never paused would keep the WAL growing with
+                # or without the fix.
+                time.sleep(0.0005)
         finally:
             writer.close()
 
@@ -284,7 +288,9 @@ async def test_a_sweep_batch_that_finds_sqlite_locked_waits_for_the_lock_and_log
     other.execute("BEGIN IMMEDIATE")
     try:
         call = asyncio.ensure_future(db.run(services.release_lapsed, later))
-        await asyncio.sleep(0)  # yields once: the call runs inline, meets the lock, and queues
+        # Not a timed wait: sleep(0) yields exactly once, in which the call runs inline,
+        # meets the lock and queues for the database thread.
+        await asyncio.sleep(0)
         assert not call.done()
     finally:
         other.execute("ROLLBACK")

@@ -13,6 +13,7 @@ from django.utils import timezone
 from taskhub import services
 from taskhub.models import Instance, TaskRecord
 from taskhub.services import dispatch, queries
+from taskhub.store.base import Subscriber
 
 from .conftest import make_credential, pub_command, task_command
 from .test_services import live_instance, relayed_to
@@ -109,7 +110,8 @@ def test_an_offer_chosen_on_a_stale_read_of_the_instances_room_is_queued(monkeyp
     assert offers_in(notices) == []
     assert TaskRecord.objects.get(pk=task_id).assignments.get().state == "queued"
     # So is a queued part handed to an instance found with room a moment before.
-    monkeypatch.setattr(dispatch, "successor", lambda *args, **kwargs: (str(instance.pk), "chan-a"))
+    stale_heir = Subscriber(instance.pk, "chan-a", a.pk, "a", ["mail"], busy=False, limited=True)
+    monkeypatch.setattr(dispatch, "successor", lambda *args, **kwargs: stale_heir)
     assert services.dispatch_waiting(timezone.now()) == (0, [])
     assert TaskRecord.objects.get(pk=task_id).assignments.get().state == "queued"
 
@@ -123,7 +125,8 @@ def test_a_released_part_is_not_handed_to_an_heir_that_became_full(monkeypatch):
     Instance.objects.filter(pk=heir.pk).update(concurrency=1)
     publish(app)  # the heir's one slot is taken (least recently assigned goes next)
     assert heir.assignments.filter(state="offered").count() == 1
-    monkeypatch.setattr(dispatch, "successor", lambda *args, **kwargs: (str(heir.pk), "chan-a2"))
+    stale_heir = Subscriber(heir.pk, "chan-a2", heir.credential_id, "a", ["mail"], busy=False, limited=True)
+    monkeypatch.setattr(dispatch, "successor", lambda *args, **kwargs: stale_heir)
     notices = dispatch.release_task(task_id, "mail:send", "a", first.pk, timezone.now())
     assert offers_in(notices) == []
     assert TaskRecord.objects.get(pk=task_id).assignments.get().state == "waiting"

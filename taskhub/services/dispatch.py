@@ -51,8 +51,8 @@ def choose_offers(store: Store, action: str, now: datetime) -> tuple[Offers, dic
     Returns:
         ``(offers, channels, bounded)``: ``(service, instance id or None)`` pairs for
         :func:`taskhub.core.machine.start`, the instances' channel names by id, and
-        those of the instances that announced a concurrency (as :func:`limited` says,
-        from the same read). The transition's write marks them assigned (from their
+        those of the instances that announced a concurrency (:attr:`Subscriber.limited`,
+        read with their room). The transition's write marks them assigned (from their
         ``start`` events).
     """
     chosen: dict[int, tuple[str, Subscriber | None]] = {}
@@ -74,24 +74,15 @@ def choose_offers(store: Store, action: str, now: datetime) -> tuple[Offers, dic
 
 def successor(
     store: Store, action: str, service: str, now: datetime, *, exclude: uuid.UUID | None = None
-) -> tuple[str, str] | None:
+) -> Subscriber | None:
     """The live instance of ``service`` with room that should take over a part of a task
-    of ``action``: ``(instance id, channel name)``, or ``None``."""
+    of ``action``, or ``None``. An offer to it must be reserved (:func:`reserve`) if it
+    announced a concurrency (``limited``, read without a lock: an instance's concurrency
+    changes only when it is resumed)."""
     for sub in store.live_subscribers(action, now):
         if sub.name == service and not sub.busy and sub.instance != exclude and permits(sub.sub_permissions, action):
-            return str(sub.instance), sub.channel_name
+            return sub
     return None
-
-
-def limited(instances: Iterable[str | None]) -> frozenset[str]:
-    """Those of ``instances`` that announced a concurrency: an offer to one must be
-    reserved (:func:`reserve`). Read without a lock: an instance's concurrency changes only
-    when it is resumed."""
-    ids = [uuid.UUID(i) for i in instances if i is not None]
-    if not ids:
-        return frozenset()
-    found = Instance.objects.filter(pk__in=ids, concurrency__isnull=False).values_list("pk", flat=True)
-    return frozenset(str(pk) for pk in found)
 
 
 def full(instances: Collection[str]) -> frozenset[str]:
@@ -126,7 +117,7 @@ def full(instances: Collection[str]) -> frozenset[str]:
 
 
 def reserve(offers: Offers, bounded: Collection[str]) -> Offers:
-    """``offers`` with those to a full instance among ``bounded`` (:func:`limited`)
+    """``offers`` with those to a full instance among ``bounded`` (:func:`choose_offers`)
     queued instead. Call as :func:`full` says."""
     taken = full([i for _, i in offers if i is not None and i in bounded])
     return [(service, None if instance in taken else instance) for service, instance in offers]
@@ -153,8 +144,8 @@ def release_task(
     live instance of the service with room, or waits for one
     (:func:`taskhub.core.machine.release_instance`)."""
     heir = successor(get_store(), action, service, now, exclude=instance)
-    heirs, channels = ({service: heir[0]}, {heir[0]: heir[1]}) if heir else ({}, {})
-    bounded = limited(heirs.values())
+    heirs, channels = ({service: str(heir.instance)}, {str(heir.instance): heir.channel_name}) if heir else ({}, {})
+    bounded = frozenset(heirs.values()) if heir is not None and heir.limited else frozenset()
 
     def decide(task: machine.Task) -> list[machine.Event]:
         room = heirs if not bounded or not full(bounded) else {}
@@ -196,8 +187,7 @@ def dispatch_waiting(now: datetime, actions: Iterable[str] | None = None) -> tup
         heir = successor(store, action, service, now)
         if heir is None:
             continue
-        instance, channel = heir
-        bounded = bool(limited([instance]))
+        instance, channel, bounded = str(heir.instance), heir.channel_name, heir.limited
         decide = _offering(service, instance, now, bounded)
         more = transition(task_id, decide, now, {instance: channel}, with_payload=True, lock=bounded)
         started += bool(more)
