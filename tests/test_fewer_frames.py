@@ -83,6 +83,8 @@ async def test_the_next_offer_names_the_last_command_applied_that_asked_for_no_a
     # One without a ref cannot be named: the last one with a ref still is.
     await w.send({"type": "update", "task": second["task"], "attempt": 1, "data": 1, "ack": False, "ref": "u"})
     await w.send({"type": "update", "task": second["task"], "attempt": 1, "data": 2, "ack": False})
+    # The offer can only name what was applied before it: the caller hears of both first.
+    assert [(await c.recv())["data"] for _ in range(2)] == [1, 2]
     assert (await offered())["applied"] == "u"
     await w.close()
     await c.close()
