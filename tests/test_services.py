@@ -53,6 +53,31 @@ def relayed_to(notices):
     }
 
 
+def test_an_instance_whose_credential_no_longer_permits_the_action_is_not_offered_it():
+    """Subscribed while it was allowed; an operator then narrowed its patterns. Each
+    publish reads them anew (their parse is remembered by their text only)."""
+    a, _ = make_credential("a", sub=["mail"])
+    b, _ = make_credential("b", sub=["mail:*"])
+    app, _ = make_credential("app", pub=["mail"])
+    live_instance(a, "chan-a")
+    live_instance(b, "chan-b")
+    publisher = live_instance(app, "chan-app", subscribe=False)
+
+    def offered_to() -> list[str]:
+        _, _, notices = services.publish(
+            app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk
+        )
+        return sorted(name for kind, name, m in notices if kind == "channel" and m["type"] == "taskhub.offer")
+
+    assert offered_to() == ["chan-a", "chan-b"]
+    a.sub_permissions = ["geo"]
+    a.save()
+    assert offered_to() == ["chan-b"]
+    a.sub_permissions = ["mail"]
+    a.save()
+    assert offered_to() == ["chan-a", "chan-b"]
+
+
 def test_task_events_go_to_the_publisher_the_services_on_the_task_and_the_watchers_if_any():
     a, _ = make_credential("a", sub=["mail"])
     b, _ = make_credential("b", sub=["mail"])

@@ -18,6 +18,7 @@ waits for the first and finds the instance full.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Collection, Iterable
 from datetime import datetime
@@ -60,7 +61,7 @@ def choose_offers(store: Store, action: str, now: datetime) -> tuple[Offers, dic
         current = chosen.get(sub.credential_id)
         if current is not None and current[1] is not None:
             continue  # this service has its instance
-        if not permits(sub.sub_permissions, action):
+        if not _grants(tuple(sub.sub_permissions), action):
             continue
         if sub.busy:
             chosen.setdefault(sub.credential_id, (sub.name, None))
@@ -72,6 +73,13 @@ def choose_offers(store: Store, action: str, now: datetime) -> tuple[Offers, dic
     return offers, channels, frozenset(str(sub.instance) for sub in picked if sub.limited)
 
 
+@functools.lru_cache(maxsize=4096)
+def _grants(patterns: tuple[str, ...], action: str) -> bool:
+    """:func:`~taskhub.core.actions.permits`, remembered: a publish asks it of every
+    subscriber, and a service's patterns seldom change."""
+    return permits(patterns, action)
+
+
 def successor(
     store: Store, action: str, service: str, now: datetime, *, exclude: uuid.UUID | None = None
 ) -> Subscriber | None:
@@ -80,7 +88,9 @@ def successor(
     announced a concurrency (``limited``, read without a lock: an instance's concurrency
     changes only when it is resumed)."""
     for sub in store.live_subscribers(action, now):
-        if sub.name == service and not sub.busy and sub.instance != exclude and permits(sub.sub_permissions, action):
+        if sub.name != service or sub.busy or sub.instance == exclude:
+            continue
+        if _grants(tuple(sub.sub_permissions), action):
             return sub
     return None
 

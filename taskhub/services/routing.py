@@ -217,9 +217,13 @@ def notices_for(
     notices: list[Notice] = []
     relayed: list[dict[str, Any]] = []
     exclude: str | None = None
+    offers: dict[int, dict[str, Any]] = {}  # by attempt: a fan-out's services get one offer
     for event, seq in zip(events, seqs, strict=True):
         if event.kind is EventKind.START and event.instance in offer_channels:
-            offer = {"type": OFFER, "message": offer_message(record, event.attempt), "prev": prev, "since": seqs[0] - 1}
+            offer = offers.get(event.attempt)
+            if offer is None:
+                offered = offer_message(record, event.attempt)
+                offer = offers[event.attempt] = {"type": OFFER, "message": offered, "prev": prev, "since": seqs[0] - 1}
             notices.append(Notice("channel", offer_channels[event.instance], offer))
         elif event.kind in RELAYED_KINDS:
             message = event_message(task_id, seq, event.kind, event.service, event.attempt, event.data)

@@ -120,6 +120,18 @@ def changes_of(
     caused them), and the instances it was offered to."""
     existing = {(a.service, a.attempt): a for a in rows}
     changes = Changes(record, fields, now)
+    # An instance's id appears in its assignment, its event and its mark: parse it once
+    # (a fan-out to 20 services names 20 instances three times each).
+    ids: dict[str, uuid.UUID] = {}
+
+    def instance_id(text: str | None) -> uuid.UUID | None:
+        if not text:
+            return None
+        found = ids.get(text)
+        if found is None:
+            found = ids[text] = uuid.UUID(text)
+        return found
+
     for a in task.assignments:
         if not a.changed:
             continue
@@ -129,7 +141,7 @@ def changes_of(
                 {
                     "task_id": record.pk,
                     "service": a.service,
-                    "instance_id": uuid.UUID(a.instance) if a.instance else None,
+                    "instance_id": instance_id(a.instance),
                     "attempt": a.attempt,
                     "state": a.state.value,
                     "detail": a.detail,
@@ -138,14 +150,13 @@ def changes_of(
                 }
             )
         else:
-            instance = uuid.UUID(a.instance) if a.instance else None
-            changes.assignment_updates.append((row.pk, a.state.value, a.detail, instance))
+            changes.assignment_updates.append((row.pk, a.state.value, a.detail, instance_id(a.instance)))
     changes.events = [
         {
             "task_id": record.pk,
             "kind": e.kind.value,
             "service": e.service,
-            "instance": uuid.UUID(e.instance) if e.instance else None,
+            "instance": instance_id(e.instance),
             "attempt": e.attempt,
             "data": e.data,
             "ref": ref,
@@ -154,7 +165,7 @@ def changes_of(
         for e in events
     ]
     # The instances offered the task (its start events) were just assigned one.
-    changes.assigned = [uuid.UUID(e.instance) for e in events if e.kind is EventKind.START and e.instance]
+    changes.assigned = [ids[e.instance] for e in events if e.kind is EventKind.START and e.instance]
     return changes
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -68,7 +69,7 @@ class Subscriber(NamedTuple):
     channel_name: str
     credential_id: int
     name: str
-    sub_permissions: list[str]
+    sub_permissions: Sequence[str]
     busy: bool
     limited: bool
 

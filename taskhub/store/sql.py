@@ -224,9 +224,9 @@ class SqlStore(Store):
         read = getattr(self, "_subscriber_reader", None)
         if read is None:
             fields = [_field(Instance, n) for n in ("id", "channel_name")]
-            fields += [_field(Credential, n) for n in ("id", "name", "sub_permissions")]
+            fields += [_field(Credential, n) for n in ("id", "name")]
             read = self._subscriber_reader = Reader(self.conn, fields)
-        return [Subscriber._make([*read(row[:-2]), bool(row[-2]), bool(row[-1])]) for row in rows]
+        return [Subscriber._make([*read(row[:-3]), _patterns(row[-3]), bool(row[-2]), bool(row[-1])]) for row in rows]
 
     def _select_subscribers(self) -> str:
         q, c = self.quote, self.column
@@ -330,6 +330,18 @@ class SqlStore(Store):
             at = prep(Instance, "last_assigned_at")(changes.now)
             steps.append(Step(self.mark_assigned(len(changes.assigned)), [at, *(prep_id(i) for i in changes.assigned)]))
         return steps, self.inserts(TaskEvent, changes.events, returning=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(stored: str) -> tuple[str, ...]:
+    return tuple(json.loads(stored))
+
+
+def _patterns(stored: str | list[str]) -> tuple[str, ...]:
+    """A credential's patterns from their column (JSON text; a list where the driver
+    parses it), parsed once per text: every publish reads them for each subscriber, and
+    they seldom change."""
+    return _parsed(stored) if isinstance(stored, str) else tuple(stored)
 
 
 @functools.cache
