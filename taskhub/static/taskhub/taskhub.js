@@ -944,7 +944,9 @@ export class Client {
       }
       if (earlier === record) break;
     }
-    // Those still unknown were sent after: no more of them in a row than are left.
+    // Those still unknown were sent after: no more of them in a row than are left. None
+    // in a row (a caller's every answer): nothing to count.
+    if (!this._silentRun) return;
     let left = 0;
     for (const r of this._unanswered.values()) if (r.silent) left += 1;
     this._silentRun = Math.min(this._silentRun, left);
