@@ -53,15 +53,22 @@ def relayed_to(notices):
     }
 
 
-def test_an_instance_whose_credential_no_longer_permits_the_action_is_not_offered_it():
-    """Subscribed while it was allowed; an operator then narrowed its patterns. Each
-    publish reads them anew (their parse is remembered by their text only)."""
+def two_services_and_a_publisher():
+    """Services ``a`` and ``b``, each with a live instance subscribed to ``mail:send``
+    (on ``chan-a`` and ``chan-b``), and ``app``'s publishing instance: ``(a, b, app,
+    publisher)``."""
     a, _ = make_credential("a", sub=["mail"])
-    b, _ = make_credential("b", sub=["mail:*"])
+    b, _ = make_credential("b", sub=["mail"])
     app, _ = make_credential("app", pub=["mail"])
     live_instance(a, "chan-a")
     live_instance(b, "chan-b")
-    publisher = live_instance(app, "chan-app", subscribe=False)
+    return a, b, app, live_instance(app, "chan-app", subscribe=False)
+
+
+def test_an_instance_whose_credential_no_longer_permits_the_action_is_not_offered_it():
+    """Subscribed while it was allowed; an operator then narrowed its patterns. Each
+    publish reads them anew (their parse is remembered by their text only)."""
+    a, _, app, publisher = two_services_and_a_publisher()
 
     def offered_to() -> list[str]:
         _, _, notices = services.publish(
@@ -79,12 +86,7 @@ def test_an_instance_whose_credential_no_longer_permits_the_action_is_not_offere
 
 
 def test_task_events_go_to_the_publisher_the_services_on_the_task_and_the_watchers_if_any():
-    a, _ = make_credential("a", sub=["mail"])
-    b, _ = make_credential("b", sub=["mail"])
-    app, _ = make_credential("app", pub=["mail"])
-    live_instance(a, "chan-a")
-    live_instance(b, "chan-b")
-    publisher = live_instance(app, "chan-app", subscribe=False)
+    a, b, app, publisher = two_services_and_a_publisher()
     task_id, created, notices = services.publish(
         app, pub_command({"type": "pub", "action": "mail:send"}), timezone.now(), publisher.pk
     )
